@@ -1,0 +1,1875 @@
+#!/usr/bin/env python3
+"""aeordb.py: a single-file server that hosts WebAssembly plugins behind an HTTP API.
+
+Deploy a ``.wasm`` module per ``{db}/{schema}/{table}``, invoke it over HTTP,
+list and remove it. Plugins speak the ABI of the original AeorDB (its Rust SDK
+runs unchanged): the request arrives as a JSON envelope, the answer goes back
+as one, and host functions in the ``aeordb`` import module let a plugin read
+and write its database's files and run queries and aggregations over them.
+
+    pip install -r requirements.txt && python aeordb.py
+
+starts a server on 127.0.0.1:3000 with its data in ``plugins_data/`` beside
+this file and prints the bearer token to use. ``python aeordb.py --help``
+lists every setting. ``create_app(settings)`` returns the WSGI application for
+tests and embedding.
+
+The file reads top to bottom: configuration, errors, names and paths, atomic
+files, the plugin registry, the file store, the WASM runtime with its host
+functions, the envelope, the HTTP routes and finally the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import email.utils
+import errno
+import hashlib
+import hmac
+import importlib.metadata
+import json
+import logging
+import math
+import mimetypes
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import bottle
+import wasmtime
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("aeordb")
+plugin_log = logging.getLogger("aeordb.plugin")
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+###############################################################################
+# Configuration ################################################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything configurable, filled from the command line and AEORDB_* variables."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    data_dir: Path = Path(__file__).resolve().parent / "plugins_data"
+    token: Optional[str] = None          # None: generate once, keep in data_dir/token
+    threads: int = 8                     # waitress worker threads
+    timeout: float = 5.0                 # wall-clock seconds per invocation
+    memory_limit: int = 64 * MiB         # linear memory per invocation
+    table_limit: int = 100_000           # table elements per invocation
+    max_module_size: int = 64 * MiB      # deploy body
+    max_request_size: int = 16 * MiB     # invoke body
+    max_response_size: int = 16 * MiB    # what a plugin may answer
+    max_file_size: int = 16 * MiB        # one stored file
+    query_limit: int = 100               # items a query answers when it sets no limit
+    access_log: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def max_body_size(self) -> int:
+        """The outer bound handed to waitress: no route takes more."""
+        return max(self.max_module_size, self.max_request_size, self.max_file_size) + 64 * KiB
+
+
+# (field, type, help); the environment variable is AEORDB_<FIELD>.
+_SETTING_HELP = [
+    ("host", str, "address to listen on"),
+    ("port", int, "port to listen on"),
+    ("data_dir", Path, "where plugins, files and the token live"),
+    ("token", str, "bearer token (default: generated on first start, kept in DATA_DIR/token)"),
+    ("threads", int, "waitress worker threads"),
+    ("timeout", float, "wall-clock limit of one invocation, seconds"),
+    ("memory_limit", int, "linear memory limit of one invocation, bytes"),
+    ("table_limit", int, "table elements limit of one invocation"),
+    ("max_module_size", int, "largest module a deploy accepts, bytes"),
+    ("max_request_size", int, "largest invoke body, bytes"),
+    ("max_response_size", int, "largest answer a plugin may return, bytes"),
+    ("max_file_size", int, "largest stored file, bytes"),
+    ("query_limit", int, "items a query answers when it sets no limit"),
+    ("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) -> Settings:
+    """Settings from defaults, then the environment, then the command line (which wins)."""
+    environ = os.environ if environ is None else environ
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="aeordb.py",
+        description="Host WebAssembly plugins behind an HTTP API. Every option can also be "
+                    "set with the environment variable AEORDB_<OPTION> (e.g. AEORDB_PORT); "
+                    "the command line wins.")
+    for field, kind, text in _SETTING_HELP:
+        env_name = "AEORDB_" + field.upper()
+        parse = kind if kind in (str, Path) else _positive(kind)
+        default = getattr(defaults, field)
+        if env_name in environ:
+            try:
+                default = parse(environ[env_name])
+            except ValueError as exc:
+                parser.error(f"{env_name}: {exc}")
+        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=parse, default=default,
+                            help=f"{text} (env {env_name}; default: {getattr(defaults, field)})")
+    parser.add_argument("--access-log", action="store_true",
+                        default=environ.get("AEORDB_ACCESS_LOG", "") not in ("", "0", "false"),
+                        help="log one line per request (env AEORDB_ACCESS_LOG)")
+    parser.add_argument("--version", action="version", version=f"aeordb.py {__version__}")
+    args = parser.parse_args(argv)
+    return dataclasses.replace(defaults, **vars(args))
+
+
+###############################################################################
+# Errors #######################################################################
+###############################################################################
+
+class ApiError(Exception):
+    """The one error type: becomes ``{"error": message}`` with its HTTP status."""
+
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def storage_error(action: str, exc: BaseException) -> ApiError:
+    """Disk full, read-only or locked storage: the server is fine, the disk is not."""
+    return ApiError(503, f"storage unavailable while {action}: {exc}")
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return any(word in text for word in ("disk", "readonly", "read-only", "locked", "busy",
+                                             "unable to open", "i/o"))
+    return False
+
+
+###############################################################################
+# Names and paths ##############################################################
+###############################################################################
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,128}")
+MAX_PATH_LENGTH = 1024
+
+
+def check_segment(value: str, what: str) -> str:
+    """Validate one URL name segment ({db}, {schema}, {table}, {function})."""
+    if not _SEGMENT.fullmatch(value or "") or value in (".", "..") or value.startswith("_"):
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise ApiError(400, f"invalid {what} {shown!r}: use 1-128 letters, digits, '-', '_' or '.', "
+                            "not starting with '_' (reserved) and not '.' or '..'")
+    return value
+
+
+def normalize_file_path(raw: Any, *, allow_root: bool = False) -> str:
+    """The one validator of file paths: absolute, '/'-separated, no '.', '..' or empty segments.
+
+    A trailing '/' is accepted and dropped. Answers the canonical form '/a/b'
+    (or '/' for the root when ``allow_root``).
+    """
+    if not isinstance(raw, str):
+        raise ApiError(400, "path must be a string")
+    if len(raw) > MAX_PATH_LENGTH:
+        raise ApiError(400, f"path longer than {MAX_PATH_LENGTH} characters")
+    if not raw.startswith("/"):
+        raise ApiError(400, f"path must be absolute (start with '/'): {raw!r}")
+    body = raw[1:-1] if raw.endswith("/") and len(raw) > 1 else raw[1:]
+    if body == "":
+        if allow_root:
+            return "/"
+        raise ApiError(400, "path names the root directory, not a file")
+    for segment in body.split("/"):
+        if segment in ("", ".", ".."):
+            raise ApiError(400, f"invalid path {raw!r}: empty, '.' or '..' segment")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in segment):
+            raise ApiError(400, f"invalid path {raw!r}: control character")
+        if len(segment.encode("utf-8", "surrogatepass")) > 255:
+            raise ApiError(400, "path segment longer than 255 bytes")
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "path is not valid UTF-8") from None
+    return "/" + body
+
+
+def parent_of(path: str) -> str:
+    head = path.rsplit("/", 1)[0]
+    return head or "/"
+
+
+def descendant_range(directory: str) -> tuple:
+    """(low, high) such that every path strictly inside ``directory`` sorts in [low, high)."""
+    prefix = "/" if directory == "/" else directory + "/"
+    return prefix, prefix[:-1] + "0"   # '0' is the character after '/'
+
+
+###############################################################################
+# Atomic files #################################################################
+###############################################################################
+
+TEMP_MARK = ".tmp-"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=path.name + TEMP_MARK, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_temp_files(root: Path) -> int:
+    """Leftovers of writes a crash interrupted; none of them was ever acknowledged."""
+    removed = 0
+    if root.is_dir():
+        for temp in root.rglob(f"*{TEMP_MARK}*"):
+            with contextlib.suppress(OSError):
+                temp.unlink()
+                removed += 1
+    return removed
+
+
+def utc_now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def load_or_create_token(settings: Settings) -> tuple:
+    """(token, created): the configured token, or the one kept owner-only in the data dir."""
+    if settings.token:
+        return settings.token, False
+    token_file = settings.data_dir / "token"
+    if token_file.exists():
+        token = token_file.read_text(encoding="utf-8").strip()
+        if token:
+            return token, False
+    token = secrets.token_urlsafe(32)
+    atomic_write(token_file, token.encode("ascii") + b"\n", mode=0o600)
+    return token, True
+
+
+###############################################################################
+# WASM engine and modules ######################################################
+###############################################################################
+#
+# One Engine per distinct engine configuration in the process (in practice
+# one), with a daemon thread ticking its epoch so that a deadline set on each
+# Store interrupts runaway guests. Guest code runs in ctypes calls, which
+# release the GIL, so that thread keeps ticking while a plugin loops.
+
+EPOCH_TICK = 0.01   # seconds per epoch tick: the granularity of the time limit
+
+HOST_FUNCTION_NAMES = (
+    "aeordb_read_file", "aeordb_write_file", "aeordb_delete_file", "aeordb_file_metadata",
+    "aeordb_list_directory", "aeordb_extract_file", "aeordb_query", "aeordb_aggregate",
+    "aeordb_context",
+)
+LOG_FUNCTION_NAME = "log_message"
+
+
+class Wasm:
+    """The seam to wasmtime-py: engine set-up, the pooling allocator and the per-call fast path.
+
+    Everything below wasmtime-py's public API lives here, is feature-detected,
+    and falls back to the public API (``fast=False`` forces the fallback).
+    """
+
+    _engines: dict = {}
+    _engines_lock = threading.Lock()
+
+    def __init__(self, engine: wasmtime.Engine, pooling: bool, fast: bool):
+        self.engine = engine
+        self.pooling = pooling
+        self.fast = fast and _FastCalls.available()
+        self.calls = _FastCalls() if self.fast else None
+        version = importlib.metadata.version("wasmtime")
+        # Everything that makes a serialized artifact invalid goes into its key.
+        self.fingerprint = hashlib.sha256(
+            f"wasmtime={version};pooling={pooling};epoch=1;python={sys.implementation.cache_tag}".encode()
+        ).hexdigest()[:16]
+
+    @classmethod
+    def shared(cls, memory_limit: int, pooling: bool = True, fast: bool = True) -> "Wasm":
+        """The process's engine for these settings, created (with its epoch ticker) on first use."""
+        key = (memory_limit, pooling, fast)
+        with cls._engines_lock:
+            wasm = cls._engines.get(key)
+            if wasm is None:
+                wasm = cls._engines[key] = cls._create(memory_limit, pooling, fast)
+            return wasm
+
+    @classmethod
+    def _create(cls, memory_limit: int, pooling: bool, fast: bool) -> "Wasm":
+        engine, pooled = None, False
+        if pooling:
+            try:
+                engine = wasmtime.Engine(cls._config(memory_limit, pooled=True))
+                pooled = True
+            except Exception as exc:   # older wasmtime-py or an OS that refuses the reservation
+                log.info("pooling allocator unavailable (%s); using on-demand allocation", exc)
+        if engine is None:
+            engine = wasmtime.Engine(cls._config(memory_limit, pooled=False))
+        ticker = threading.Thread(target=cls._tick, args=(engine,), name="aeordb-epoch", daemon=True)
+        ticker.start()
+        return cls(engine, pooled, fast)
+
+    @staticmethod
+    def _config(memory_limit: int, pooled: bool) -> wasmtime.Config:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        if pooled:
+            from wasmtime import _ffi as ffi
+            pool = ffi.wasmtime_pooling_allocation_config_new()
+            # Slots are address-space reservations, not memory: each one only
+            # commits what its instance touches.
+            ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, 256)
+            ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, 256)
+            ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, 256)
+            ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, memory_limit)
+            ffi.wasmtime_pooling_allocation_config_max_unused_warm_slots_set(pool, 32)
+            ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
+            ffi.wasmtime_pooling_allocation_config_delete(pool)
+        return config
+
+    @staticmethod
+    def _tick(engine: wasmtime.Engine) -> None:
+        while True:
+            time.sleep(EPOCH_TICK)
+            engine.increment_epoch()
+
+    def compile(self, wasm_bytes: bytes) -> wasmtime.Module:
+        return wasmtime.Module(self.engine, wasm_bytes)
+
+
+class _FastCalls:
+    """Calls into wasmtime's C API directly, skipping wasmtime-py's per-call type lookups.
+
+    Only what a hot invocation needs: call a (i32, i32) -> i64 or (i32) -> i32
+    export with preallocated value arrays. Traps are still raised as
+    wasmtime-py's own ``Trap`` objects.
+    """
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            from wasmtime import _ffi as ffi
+            from wasmtime._func import enter_wasm  # noqa: F401
+            return all(hasattr(ffi, name) for name in (
+                "wasmtime_func_call", "wasmtime_val_t", "WASMTIME_I32", "WASMTIME_I64"))
+        except Exception:
+            return False
+
+    def __init__(self) -> None:
+        from wasmtime import _ffi as ffi
+        from wasmtime._func import enter_wasm
+        self.ffi = ffi
+        self.enter_wasm = enter_wasm
+        self.i32 = ffi.WASMTIME_I32
+        self.i64 = ffi.WASMTIME_I64
+
+    def call(self, store: Any, func: wasmtime.Func, args: tuple, result_kind: int) -> int:
+        ffi = self.ffi
+        params = (ffi.wasmtime_val_t * len(args))()
+        for index, value in enumerate(args):
+            params[index].kind = self.i32
+            params[index].of.i32 = value
+        results = (ffi.wasmtime_val_t * 1)()
+        with self.enter_wasm(store) as trap:
+            error = ffi.wasmtime_func_call(store._context(), ctypes.byref(func._func),
+                                           params, len(args), results, 1, trap)
+            if error:
+                raise wasmtime.WasmtimeError._from_ptr(error)
+        return results[0].of.i64 if result_kind == self.i64 else results[0].of.i32
+
+
+###############################################################################
+# Module validation ############################################################
+###############################################################################
+
+def _signature(func_type: wasmtime.FuncType) -> tuple:
+    return tuple(str(t) for t in func_type.params), tuple(str(t) for t in func_type.results)
+
+
+HOST_SIGNATURE = (("i32", "i32"), ("i64",))
+LOG_SIGNATURE = (("i32", "i32", "i32", "i32"), ())
+
+
+@dataclasses.dataclass
+class ModuleShape:
+    has_alloc: bool
+    imports_memory: bool
+    imported_memory_min_pages: int = 0
+
+
+def inspect_module(module: wasmtime.Module, settings: Settings) -> ModuleShape:
+    """Check a compiled module against the ABI without instantiating it."""
+    exports = {export.name: export.type for export in module.exports}
+    handle = exports.get("handle")
+    if not isinstance(handle, wasmtime.FuncType):
+        raise ApiError(400, "module does not export a function 'handle'")
+    if _signature(handle) != HOST_SIGNATURE:
+        raise ApiError(400, f"'handle' must be (i32, i32) -> i64, found {_describe(handle)}")
+    alloc = exports.get("alloc")
+    if alloc is not None and (not isinstance(alloc, wasmtime.FuncType)
+                              or _signature(alloc) != (("i32",), ("i32",))):
+        raise ApiError(400, "'alloc' must be a function (i32) -> i32")
+
+    unsupported, imports_memory, memory_min = [], False, 0
+    for item in module.imports:
+        kind = item.type
+        name = f"{item.module}.{item.name}"
+        if item.module == "env" and item.name == "memory" and isinstance(kind, wasmtime.MemoryType):
+            imports_memory, memory_min = True, kind.limits.min
+        elif item.module == "aeordb" and item.name in HOST_FUNCTION_NAMES \
+                and isinstance(kind, wasmtime.FuncType) and _signature(kind) == HOST_SIGNATURE:
+            pass
+        elif item.module == "aeordb" and item.name == LOG_FUNCTION_NAME \
+                and isinstance(kind, wasmtime.FuncType) and _signature(kind) == LOG_SIGNATURE:
+            pass
+        else:
+            unsupported.append(f"{name} ({_describe(kind)})")
+    if unsupported:
+        raise ApiError(400, "module imports what aeordb.py does not provide: " + ", ".join(unsupported))
+
+    memories = [t for t in exports.values() if isinstance(t, wasmtime.MemoryType)]
+    if not isinstance(exports.get("memory"), wasmtime.MemoryType) and not imports_memory:
+        raise ApiError(400, "module neither exports 'memory' nor imports 'env.memory'")
+    for memory in memories + ([wasmtime.MemoryType(wasmtime.Limits(memory_min, None))] if imports_memory else []):
+        if memory.limits.min * 65536 > settings.memory_limit:
+            raise ApiError(400, f"module asks for {memory.limits.min * 64} KiB of initial memory, "
+                                f"over the limit of {settings.memory_limit // KiB} KiB")
+    for export in exports.values():
+        if isinstance(export, wasmtime.TableType) and export.limits.min > settings.table_limit:
+            raise ApiError(400, f"module asks for a table of {export.limits.min} elements, "
+                                f"over the limit of {settings.table_limit}")
+    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory,
+                       imported_memory_min_pages=memory_min)
+
+
+def _describe(kind: Any) -> str:
+    if isinstance(kind, wasmtime.FuncType):
+        params, results = _signature(kind)
+        return f"func ({', '.join(params)}) -> ({', '.join(results)})"
+    return type(kind).__name__.replace("Type", "").lower()
+
+
+###############################################################################
+# Plugin registry ##############################################################
+###############################################################################
+#
+# On disk, one folder per plugin:  plugins/{db}/{schema}/{table}/
+#     plugin.json          metadata, the commit point of a deploy
+#     module-<sha256>.wasm the module as deployed
+# and compiled artifacts in cache/<sha256>-<engine fingerprint>.cwasm, each
+# prefixed with a hash of its payload so a torn or tampered artifact is
+# recompiled instead of trusted. A deploy writes the module, then the
+# metadata (rename), then removes the old module: a crash at any moment leaves
+# the old plugin or the new one.
+
+ARTIFACT_MAGIC = b"AEORDB-CWASM-1\n"
+
+
+@dataclasses.dataclass
+class Plugin:
+    meta: dict
+    module: wasmtime.Module
+    shape: ModuleShape
+    pre: Optional[wasmtime.InstancePre] = None   # None when the module imports env.memory
+
+    @property
+    def path(self) -> str:
+        return self.meta["path"]
+
+
+class PluginRegistry:
+    def __init__(self, settings: Settings, wasm: Wasm, linker_factory: Callable[[], wasmtime.Linker]):
+        self.settings = settings
+        self.wasm = wasm
+        self.root = settings.data_dir / "plugins"
+        self.cache = settings.data_dir / "cache"
+        self._linker = linker_factory()
+        self._plugins: dict = {}
+        self._lock = threading.Lock()
+        self.load_all()
+
+    # -- reading ---------------------------------------------------------------
+
+    def get(self, path: str) -> Plugin:
+        plugin = self._plugins.get(path)
+        if plugin is None:
+            raise ApiError(404, f"no plugin deployed at {path}")
+        return plugin
+
+    def list(self, db: str) -> list:
+        return [meta for meta in self.list_all() if meta["path"].split("/", 1)[0] == db]
+
+    def list_all(self) -> list:
+        return [dict(plugin.meta) for _, plugin in sorted(self._plugins.items())]
+
+    # -- writing ---------------------------------------------------------------
+
+    def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
+               plugin_type: str) -> dict:
+        path = f"{db}/{schema}/{table}"
+        try:
+            module = self.wasm.compile(wasm_bytes)
+        except wasmtime.WasmtimeError as exc:
+            raise ApiError(400, f"not a valid WebAssembly module: {_first_line(exc)}") from None
+        shape = inspect_module(module, self.settings)
+        sha = hashlib.sha256(wasm_bytes).hexdigest()
+        meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": path, "plugin_type": plugin_type,
+                "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
+        folder = self.root / db / schema / table
+        try:
+            self._store_artifact(sha, module)
+            atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
+            with self._lock:
+                atomic_write(folder / "plugin.json", json.dumps(meta, indent=2).encode())
+                self._plugins[path] = self._prepare(meta, module, shape)
+                self._remove_stale_modules(folder, keep=sha)
+        except OSError as exc:
+            if is_storage_fault(exc):
+                raise storage_error("deploying", exc) from None
+            raise
+        return dict(meta)
+
+    def remove(self, db: str, schema: str, table: str) -> None:
+        path = f"{db}/{schema}/{table}"
+        folder = self.root / db / schema / table
+        with self._lock:
+            if path not in self._plugins:
+                raise ApiError(404, f"no plugin deployed at {path}")
+            try:
+                (folder / "plugin.json").unlink()
+                fsync_dir(folder)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise storage_error("removing", exc) from None
+            del self._plugins[path]
+            self._remove_stale_modules(folder, keep=None)
+            for empty in (folder, folder.parent, folder.parent.parent):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+
+    # -- loading ---------------------------------------------------------------
+
+    def load_all(self) -> None:
+        """Load every deployed plugin; clean what interrupted writes left behind."""
+        removed = remove_temp_files(self.settings.data_dir)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted write", removed)
+        if not self.root.is_dir():
+            return
+        for meta_file in sorted(self.root.glob("*/*/*/plugin.json")):
+            folder = meta_file.parent
+            try:
+                meta = json.loads(meta_file.read_text(encoding="utf-8"))
+                module_file = folder / f"module-{meta['sha256']}.wasm"
+                module = self._load_module(meta["sha256"], module_file)
+                shape = inspect_module(module, self.settings)
+                self._plugins[meta["path"]] = self._prepare(meta, module, shape)
+                self._remove_stale_modules(folder, keep=meta["sha256"])
+            except Exception as exc:
+                log.error("cannot load plugin in %s: %s", folder, exc)
+
+    def _load_module(self, sha: str, module_file: Path) -> wasmtime.Module:
+        artifact = self.cache / f"{sha}-{self.wasm.fingerprint}.cwasm"
+        with contextlib.suppress(OSError):
+            blob = artifact.read_bytes()
+            header = len(ARTIFACT_MAGIC) + 64
+            if blob.startswith(ARTIFACT_MAGIC) and \
+                    blob[len(ARTIFACT_MAGIC):header].decode("ascii", "replace") == \
+                    hashlib.sha256(blob[header:]).hexdigest():
+                try:
+                    return wasmtime.Module.deserialize(self.wasm.engine, blob[header:])
+                except wasmtime.WasmtimeError as exc:
+                    log.warning("artifact %s rejected by wasmtime (%s); recompiling", artifact.name, exc)
+            else:
+                log.warning("artifact %s is damaged; recompiling", artifact.name)
+        wasm_bytes = module_file.read_bytes()
+        if hashlib.sha256(wasm_bytes).hexdigest() != sha:
+            raise ValueError(f"{module_file.name} does not match its recorded sha256")
+        module = self.wasm.compile(wasm_bytes)
+        with contextlib.suppress(OSError):
+            self._store_artifact(sha, module)
+        return module
+
+    def _store_artifact(self, sha: str, module: wasmtime.Module) -> None:
+        payload = module.serialize()
+        blob = ARTIFACT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload
+        atomic_write(self.cache / f"{sha}-{self.wasm.fingerprint}.cwasm", blob)
+
+    def _prepare(self, meta: dict, module: wasmtime.Module, shape: ModuleShape) -> Plugin:
+        pre = None if shape.imports_memory else self._linker.instantiate_pre(module)
+        return Plugin(meta=meta, module=module, shape=shape, pre=pre)
+
+    @staticmethod
+    def _remove_stale_modules(folder: Path, keep: Optional[str]) -> None:
+        for stale in folder.glob("module-*.wasm"):
+            if keep is None or stale.name != f"module-{keep}.wasm":
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+###############################################################################
+# File store ###################################################################
+###############################################################################
+#
+# One SQLite database (WAL) holds every database's files; each thread has its
+# own connection. A file whose bytes are a UTF-8 JSON object is kept as text
+# in `doc` so that queries run inside SQLite with json_extract; everything else
+# is kept as a BLOB in `data`.
+#
+# An invocation's writes form one transaction: `FileStore.batch()` marks the
+# thread, the first write begins it (BEGIN IMMEDIATE, so the write lock is
+# held only from then), and the batch commits when the plugin answered or
+# rolls back when it failed. Reads in the same thread see those writes; other
+# connections do not until the commit.
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    db TEXT NOT NULL,
+    path TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    doc TEXT,
+    data BLOB,
+    UNIQUE (db, path)
+);
+CREATE INDEX IF NOT EXISTS files_by_parent ON files (db, parent, path);
+"""
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class FileStore:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.path = settings.data_dir / "aeordb.sqlite3"
+        self.busy_timeout = settings.timeout + 5.0
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    # -- transactions ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group every write of the block into one transaction, begun at the first write.
+
+        Commits when the block ends normally, rolls back when it raises.
+        """
+        conn = self._conn()
+        self._local.batch = True
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            if conn.in_transaction:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise storage_error("committing", exc) from None
+        finally:
+            self._local.batch = False
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            if getattr(self._local, "batch", False):
+                if not conn.in_transaction:
+                    conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if is_storage_fault(exc):
+                raise storage_error("writing", exc) from None
+            raise
+
+    def _read(self, sql: str, params: tuple) -> list:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            if is_storage_fault(exc):
+                raise storage_error("reading", exc) from None
+            raise
+
+    # -- files -----------------------------------------------------------------
+
+    def write(self, db: str, path: str, data: bytes, content_type: Optional[str]) -> tuple:
+        """Store a file; answers (metadata, created)."""
+        path = normalize_file_path(path)
+        if len(data) > self.settings.max_file_size:
+            raise ApiError(413, f"file of {len(data)} bytes exceeds the limit of "
+                                f"{self.settings.max_file_size} bytes")
+        content_type = (content_type or mimetypes.guess_type(path)[0] or DEFAULT_CONTENT_TYPE).strip()
+        if any(ch in content_type for ch in "\r\n") or len(content_type) > 256:
+            raise ApiError(400, "invalid content type")
+        doc = _json_object_text(data)
+        etag = hashlib.sha256(data).hexdigest()[:32]
+        stamp = now_ms()
+        ancestors, parent = [], parent_of(path)
+        while parent != "/":
+            ancestors.append(parent)
+            parent = parent_of(parent)
+        with self._writing() as conn:
+            if ancestors:
+                marks = ",".join("?" * len(ancestors))
+                clash = conn.execute(f"SELECT path FROM files WHERE db=? AND path IN ({marks}) LIMIT 1",
+                                     (db, *ancestors)).fetchone()
+                if clash:
+                    raise ApiError(409, f"{clash[0]} is a file, so {path} cannot be inside it")
+            low, high = descendant_range(path)
+            if conn.execute("SELECT 1 FROM files WHERE db=? AND path>=? AND path<? LIMIT 1",
+                            (db, low, high)).fetchone():
+                raise ApiError(409, f"{path} is a directory")
+            created = conn.execute("SELECT 1 FROM files WHERE db=? AND path=?", (db, path)).fetchone() is None
+            conn.execute(
+                "INSERT INTO files (db, path, parent, content_type, size, etag, created_at, updated_at, doc, data)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (db, path) DO UPDATE SET content_type=excluded.content_type,"
+                " size=excluded.size, etag=excluded.etag, updated_at=excluded.updated_at,"
+                " doc=excluded.doc, data=excluded.data",
+                (db, path, parent_of(path), content_type, len(data), etag, stamp, stamp,
+                 doc, None if doc is not None else data))
+        return self.metadata(db, path), created
+
+    def read(self, db: str, path: str) -> tuple:
+        """(bytes, metadata) of a file; 404 when absent."""
+        path = normalize_file_path(path)
+        rows = self._read("SELECT path, size, content_type, created_at, updated_at, etag, doc, data"
+                          " FROM files WHERE db=? AND path=?", (db, path))
+        if not rows:
+            raise ApiError(404, f"no file at {path}")
+        row = rows[0]
+        data = row[7] if row[6] is None else row[6].encode("utf-8")
+        return bytes(data), _file_meta(row)
+
+    def metadata(self, db: str, path: str) -> dict:
+        path = normalize_file_path(path)
+        rows = self._read("SELECT path, size, content_type, created_at, updated_at, etag"
+                          " FROM files WHERE db=? AND path=?", (db, path))
+        if not rows:
+            raise ApiError(404, f"no file at {path}")
+        return _file_meta(rows[0])
+
+    def delete(self, db: str, path: str) -> None:
+        path = normalize_file_path(path)
+        with self._writing() as conn:
+            if conn.execute("DELETE FROM files WHERE db=? AND path=?", (db, path)).rowcount == 0:
+                raise ApiError(404, f"no file at {path}")
+
+    def is_directory(self, db: str, path: str) -> bool:
+        if path == "/":
+            return True
+        low, high = descendant_range(path)
+        return bool(self._read("SELECT 1 FROM files WHERE db=? AND path>=? AND path<? LIMIT 1",
+                               (db, low, high)))
+
+    def list_directory(self, db: str, path: str) -> list:
+        """Entries directly inside a directory: files, and subdirectories with their total size."""
+        directory = normalize_file_path(path, allow_root=True)
+        low, high = descendant_range(directory)
+        rows = self._read(
+            "SELECT CASE WHEN instr(substr(path, ?), '/') = 0 THEN substr(path, ?)"
+            "            ELSE substr(path, ?, instr(substr(path, ?), '/') - 1) END AS name,"
+            "       max(instr(substr(path, ?), '/') > 0) AS is_dir, sum(size)"
+            " FROM files WHERE db=? AND path>=? AND path<? GROUP BY name ORDER BY name",
+            (len(low) + 1,) * 5 + (db, low, high))
+        if not rows and directory != "/":
+            if self._read("SELECT 1 FROM files WHERE db=? AND path=?", (db, directory)):
+                raise ApiError(400, f"{directory} is a file, not a directory")
+            raise ApiError(404, f"no directory at {directory}")
+        return [{"name": name, "type": "directory" if is_dir else "file", "size": size}
+                for name, is_dir, size in rows]
+
+    def extract(self, db: str, args: dict) -> dict:
+        data, meta = self.read(db, _require(args, "path", str))
+        mode = args.get("mode") or "lines"
+        if mode not in ("lines", "chars", "bytes"):
+            raise ApiError(400, "mode must be 'lines', 'chars' or 'bytes'")
+        max_bytes = _optional_int(args, "max_bytes", 4 * MiB)
+        max_bytes = min(max(max_bytes, 1), 16 * MiB)
+        first = 1 if mode == "lines" else 0
+        start = _optional_int(args, "start", first)
+        if start < first:
+            raise ApiError(400, f"start must be at least {first} in {mode} mode")
+        if mode == "bytes":
+            end = min(_optional_int(args, "end", len(data)), len(data))
+            text, total = data[start:max(end, start)].decode("utf-8", "replace"), len(data)
+        elif mode == "chars":
+            content = data.decode("utf-8", "replace")
+            end = min(_optional_int(args, "end", len(content)), len(content))
+            text, total = content[start:max(end, start)], len(content)
+        else:
+            lines = data.decode("utf-8", "replace").splitlines(keepends=True)
+            end = min(_optional_int(args, "end", len(lines)), len(lines))
+            text, total = "".join(lines[start - 1:max(end, start - 1)]), len(lines)
+        encoded = text.encode("utf-8")
+        truncated = len(encoded) > max_bytes
+        if truncated:
+            # Cutting bytes may split a character; 'ignore' drops the partial tail only.
+            text = encoded[:max_bytes].decode("utf-8", "ignore")
+        return {"text": text, "content_type": meta["content_type"], "source_size": meta["size"],
+                "mode": mode, "start": start, "end": max(end, start - 1 if mode == "lines" else start),
+                "total": total, "truncated": truncated}
+
+    # -- queries ---------------------------------------------------------------
+
+    def query(self, db: str, spec: Any) -> dict:
+        plan = QueryPlan(spec, self.settings.query_limit)
+        rows = self._read(
+            f"SELECT path, size, content_type, created_at, updated_at FROM files"
+            f" WHERE db=? AND parent=? AND doc IS NOT NULL AND ({plan.where_sql})"
+            f" ORDER BY {plan.order_sql} LIMIT ? OFFSET ?",
+            (db, plan.directory, *plan.where_params, *plan.order_params, plan.limit + 1, plan.offset))
+        has_more = len(rows) > plan.limit
+        items = [{"path": r[0], "score": 1.0, "total_size": r[1], "content_type": r[2],
+                  "created_at": r[3], "updated_at": r[4], "matched_by": plan.fields}
+                 for r in rows[:plan.limit]]
+        answer = {"items": items, "results": items, "has_more": has_more}
+        if plan.include_total:
+            answer["total"] = self._read(
+                f"SELECT count(*) FROM files WHERE db=? AND parent=? AND doc IS NOT NULL"
+                f" AND ({plan.where_sql})", (db, plan.directory, *plan.where_params))[0][0]
+        return answer
+
+    def aggregate(self, db: str, spec: Any) -> dict:
+        plan = QueryPlan(spec, self.settings.query_limit)
+        agg = plan.aggregate
+        if agg is None:
+            raise ApiError(400, "an aggregate needs an 'aggregate' object")
+        columns, params = ["count(*)"], []
+        for kind in ("sum", "avg", "min", "max"):
+            for field in agg[kind]:
+                columns.append(f"{kind}(CASE WHEN json_type(doc, ?) IN ('integer','real')"
+                               f" THEN json_extract(doc, ?) END)")
+                params += [json_path(field)] * 2
+        group_cols, group_params = [], []
+        for field in agg["group_by"]:
+            group_cols += ["json_type(doc, ?)", "json_extract(doc, ?)"]
+            group_params += [json_path(field)] * 2
+        select = ", ".join(group_cols + columns)
+        base = (f" FROM files WHERE db=? AND parent=? AND doc IS NOT NULL AND ({plan.where_sql})")
+        base_params = (db, plan.directory, *plan.where_params)
+        total = self._read("SELECT count(*)" + base, base_params)[0][0]
+        if group_cols:
+            marks = ", ".join(str(i + 1) for i in range(len(group_cols)))
+            rows = self._read(f"SELECT {select}{base} GROUP BY {marks} ORDER BY {marks} LIMIT ? OFFSET ?",
+                              (*group_params, *params, *base_params, plan.limit + 1, plan.offset))
+        else:
+            rows = self._read(f"SELECT {select}{base}", (*params, *base_params))
+
+        def stats(values: list) -> dict:
+            out, position = {"count": values[0]}, 1
+            for kind in ("sum", "avg", "min", "max"):
+                out[kind] = {}
+                for field in agg[kind]:
+                    out[kind][field] = values[position]
+                    position += 1
+            return out
+
+        answer: dict = {"groups": [], "total_count": total, "has_more": False}
+        if group_cols:
+            answer["has_more"] = len(rows) > plan.limit
+            width = len(group_cols)
+            for row in rows[:plan.limit]:
+                key = {field: _sql_json_value(row[2 * i], row[2 * i + 1])
+                       for i, field in enumerate(agg["group_by"])}
+                answer["groups"].append({"key": key, **stats(list(row[width:]))})
+            overall = self._read(f"SELECT {', '.join(columns)}{base}", (*params, *base_params))[0]
+        else:
+            overall = rows[0]
+        summary = stats(list(overall))
+        if agg["count"]:
+            answer["count"] = summary["count"]
+        for kind in ("sum", "avg", "min", "max"):
+            answer[kind] = summary[kind]
+        return answer
+
+
+def _file_meta(row: tuple) -> dict:
+    return {"path": row[0], "size": row[1], "content_type": row[2], "created_at": row[3],
+            "updated_at": row[4], "etag": row[5]}
+
+
+def _json_object_text(data: bytes) -> Optional[str]:
+    """The text of ``data`` when it is one JSON object (queryable), else None."""
+    if not data[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
+        return None
+    try:
+        text = data.decode("utf-8")
+        return text if isinstance(json.loads(text), dict) else None
+    except ValueError:
+        return None
+
+
+def _sql_json_value(json_type: Optional[str], value: Any) -> Any:
+    if json_type in (None, "null"):
+        return None
+    if json_type in ("true", "false"):
+        return json_type == "true"
+    if json_type in ("object", "array"):
+        return json.loads(value)
+    return value
+
+
+def _require(args: dict, key: str, kind: type) -> Any:
+    value = args.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ApiError(400, f"'{key}' is required and must be a {kind.__name__}")
+    return value
+
+
+def _optional_int(args: dict, key: str, default: int) -> int:
+    value = args.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(400, f"'{key}' must be an integer or null")
+    return value
+
+
+###############################################################################
+# Query language ###############################################################
+###############################################################################
+
+_FIELD = re.compile(r"[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*")
+MAX_QUERY_LIMIT = 10_000
+_COMBINATORS = {"and": "AND", "or": "OR", "not": "NOT"}
+SPECIAL_ORDER_FIELDS = {"@path": "path", "@size": "size", "@created_at": "created_at",
+                        "@updated_at": "updated_at"}
+
+
+def json_path(field: Any) -> str:
+    if not isinstance(field, str) or not _FIELD.fullmatch(field):
+        raise ApiError(400, f"invalid field {field!r}: use names of letters, digits, '_', '-', "
+                            "joined by '.'")
+    return "$" + "".join(f'."{part}"' for part in field.split("."))
+
+
+class QueryPlan:
+    """A query or aggregate JSON (ABI section 5) compiled to SQL over the `files` table."""
+
+    def __init__(self, spec: Any, default_limit: int):
+        if not isinstance(spec, dict):
+            raise ApiError(400, "a query must be a JSON object")
+        self.directory = normalize_file_path(spec.get("path", "/"), allow_root=True)
+        self.fields: list = []
+        self.where_params: list = []
+        self.where_sql = self._node(spec.get("where"), depth=0)
+        self.limit = _optional_int(spec, "limit", default_limit)
+        self.offset = _optional_int(spec, "offset", 0)
+        if self.limit < 0 or self.offset < 0:
+            raise ApiError(400, "limit and offset must not be negative")
+        self.limit = min(self.limit, MAX_QUERY_LIMIT)
+        self.include_total = bool(spec.get("include_total", False))
+        self.order_sql, self.order_params = self._order(spec.get("order_by"))
+        self.aggregate = self._aggregate(spec.get("aggregate")) if "aggregate" in spec else None
+
+    def _node(self, node: Any, depth: int) -> str:
+        if depth > 32:
+            raise ApiError(400, "query nested too deeply")
+        if node is None or node == {} or node == []:
+            return "1"
+        if isinstance(node, list):   # legacy form: an implicit AND
+            return "(" + " AND ".join(self._node(child, depth + 1) for child in node) + ")"
+        if not isinstance(node, dict):
+            raise ApiError(400, f"a query condition must be an object, found {type(node).__name__}")
+        combinators = [key for key in node if key.lower() in _COMBINATORS]
+        if combinators:
+            if len(node) != 1:
+                raise ApiError(400, f"combinator {combinators[0]!r} must be the only key of its object")
+            key = combinators[0]
+            word, child = _COMBINATORS[key.lower()], node[key]
+            if word == "NOT":
+                return f"(NOT {self._node(child, depth + 1)})"
+            if not isinstance(child, list) or not child:
+                raise ApiError(400, f"{key!r} takes a non-empty list of conditions")
+            return "(" + f" {word} ".join(self._node(c, depth + 1) for c in child) + ")"
+        return self._condition(node)
+
+    def _condition(self, node: dict) -> str:
+        op, field = node.get("op"), node.get("field")
+        if "value" not in node and op != "between":
+            raise ApiError(400, "a condition needs 'field', 'op' and 'value'")
+        path = json_path(field)
+        if field not in self.fields:
+            self.fields.append(field)
+        value = node.get("value")
+        if op == "eq":
+            return self._equals(path, value)
+        if op == "in":
+            if not isinstance(value, list):
+                raise ApiError(400, "'in' takes a list value")
+            if not value:
+                return "0"
+            return "(" + " OR ".join(self._equals(path, v) for v in value) + ")"
+        if op in ("gt", "lt"):
+            return self._compare(path, ">" if op == "gt" else "<", value)
+        if op == "between":
+            if "value" not in node or "value2" not in node:
+                raise ApiError(400, "'between' needs 'value' and 'value2'")
+            return (f"({self._compare(path, '>=', value)} AND "
+                    f"{self._compare(path, '<=', node['value2'])})")
+        if op == "contains":
+            if not isinstance(value, str):
+                raise ApiError(400, "'contains' takes a string value")
+            self.where_params += [path, path, value]
+            return "(json_type(doc, ?) = 'text' AND instr(lower(json_extract(doc, ?)), lower(?)) > 0)"
+        raise ApiError(400, f"unsupported operator {op!r}: use eq, gt, lt, between, in or contains")
+
+    def _equals(self, path: str, value: Any) -> str:
+        if value is None:
+            self.where_params.append(path)
+            return "(json_type(doc, ?) = 'null')"
+        if isinstance(value, bool):
+            self.where_params.append(path)
+            return f"(json_type(doc, ?) = '{'true' if value else 'false'}')"
+        if isinstance(value, (int, float)):
+            self.where_params += [path, path, value]
+            return "(json_type(doc, ?) IN ('integer','real') AND json_extract(doc, ?) = ?)"
+        if isinstance(value, str):
+            self.where_params += [path, path, value]
+            return "(json_type(doc, ?) = 'text' AND json_extract(doc, ?) = ?)"
+        self.where_params += [path, path, json.dumps(value, separators=(",", ":"))]
+        return "(json_type(doc, ?) IN ('object','array') AND json_extract(doc, ?) = json(?))"
+
+    def _compare(self, path: str, operator: str, value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ApiError(400, "gt, lt and between compare numbers or strings")
+        kinds = "('integer','real')" if not isinstance(value, str) else "('text')"
+        self.where_params += [path, path, value]
+        return f"(json_type(doc, ?) IN {kinds} AND json_extract(doc, ?) {operator} ?)"
+
+    def _order(self, order_by: Any) -> tuple:
+        if order_by is None:
+            return "path", []
+        if isinstance(order_by, (str, dict)):
+            order_by = [order_by]
+        if not isinstance(order_by, list):
+            raise ApiError(400, "order_by must be a list of {field, direction}")
+        parts, params = [], []
+        for item in order_by:
+            field, direction = (item, "asc") if isinstance(item, str) else \
+                (item.get("field"), item.get("direction", "asc")) if isinstance(item, dict) else (None, None)
+            if not isinstance(direction, str) or direction.lower() not in ("asc", "desc"):
+                raise ApiError(400, "order_by direction must be 'asc' or 'desc'")
+            if field in SPECIAL_ORDER_FIELDS:
+                parts.append(f"{SPECIAL_ORDER_FIELDS[field]} {direction.upper()}")
+            else:
+                parts.append(f"json_extract(doc, ?) {direction.upper()}")
+                params.append(json_path(field))
+        return ", ".join(parts + ["path"]), params
+
+    @staticmethod
+    def _aggregate(agg: Any) -> dict:
+        if not isinstance(agg, dict):
+            raise ApiError(400, "'aggregate' must be an object")
+        known = {"count", "sum", "avg", "min", "max", "group_by"}
+        unknown = set(agg) - known
+        if unknown:
+            raise ApiError(400, f"unsupported aggregate(s): {', '.join(sorted(unknown))}")
+        out = {"count": bool(agg.get("count", False))}
+        for kind in ("sum", "avg", "min", "max", "group_by"):
+            fields = agg.get(kind) or []
+            if isinstance(fields, str):
+                fields = [fields]
+            if not isinstance(fields, list):
+                raise ApiError(400, f"aggregate {kind!r} takes a list of fields")
+            for field in fields:
+                json_path(field)
+            out[kind] = fields
+        return out
+
+
+###############################################################################
+# Envelope #####################################################################
+###############################################################################
+#
+# Requests carry the body as a JSON array of byte values. Encoding maps each
+# byte to a fixed-width 4-character cell ("  7,", " 42,", "255,": JSON allows
+# the spaces), built with four bytes.translate passes and strided slice
+# assignment, all in C. Large answers decode their byte array in a tiny WASM
+# codec (a few ms per MiB) instead of json.loads (about 50 ms per MiB).
+
+_CELLS = [b"%3d," % value for value in range(256)]
+_CELL_PLANES = [bytes(cell[k] for cell in _CELLS) for k in range(4)]
+SAFE_HEADERS = frozenset({"cache-control", "etag", "last-modified", "content-disposition",
+                          "content-language", "content-encoding", "vary"})
+
+
+def encode_byte_array(data: bytes) -> bytes:
+    """``data`` as a JSON array of byte values, in C-speed passes."""
+    if not data:
+        return b"[]"
+    cells = bytearray(4 * len(data) + 1)
+    for k in range(4):
+        cells[1 + k::4] = data.translate(_CELL_PLANES[k])
+    cells[0] = 0x5B          # '['
+    cells[-1] = 0x5D         # ']' replaces the last cell's ','
+    return bytes(cells)
+
+
+def build_request_envelope(body: bytes, metadata: dict) -> bytes:
+    return (b'{"arguments":' + encode_byte_array(body) + b',"metadata":'
+            + json.dumps(metadata, separators=(",", ":")).encode() + b"}")
+
+
+_CODEC_WAT = r"""
+(module
+  (memory (export "memory") 1)
+  ;; decode(src, n, dst): the digits, commas and whitespace between '[' and ']'
+  ;; of a JSON byte array at src..src+n, written as bytes at dst.
+  ;; Answers the byte count, or -1 when the text is not such an array.
+  (func (export "decode") (param $src i32) (param $n i32) (param $dst i32) (result i32)
+    (local $end i32) (local $c i32) (local $v i32) (local $digits i32)
+    (local $after i32) (local $need i32) (local $out i32)
+    (local.set $end (i32.add (local.get $src) (local.get $n)))
+    (local.set $out (local.get $dst))
+    (block $fail
+      (block $done
+        (loop $next
+          (br_if $done (i32.ge_u (local.get $src) (local.get $end)))
+          (local.set $c (i32.load8_u (local.get $src)))
+          (local.set $src (i32.add (local.get $src) (i32.const 1)))
+          (if (i32.and (i32.ge_u (local.get $c) (i32.const 48)) (i32.le_u (local.get $c) (i32.const 57)))
+            (then
+              (br_if $fail (local.get $after))
+              (br_if $fail (i32.and (i32.gt_u (local.get $digits) (i32.const 0)) (i32.eqz (local.get $v))))
+              (local.set $v (i32.add (i32.mul (local.get $v) (i32.const 10))
+                                     (i32.sub (local.get $c) (i32.const 48))))
+              (br_if $fail (i32.gt_u (local.get $v) (i32.const 255)))
+              (local.set $digits (i32.add (local.get $digits) (i32.const 1)))
+              (br $next)))
+          (if (i32.or (i32.or (i32.eq (local.get $c) (i32.const 32)) (i32.eq (local.get $c) (i32.const 10)))
+                      (i32.or (i32.eq (local.get $c) (i32.const 13)) (i32.eq (local.get $c) (i32.const 9))))
+            (then
+              (if (local.get $digits)
+                (then
+                  (i32.store8 (local.get $out) (local.get $v))
+                  (local.set $out (i32.add (local.get $out) (i32.const 1)))
+                  (local.set $v (i32.const 0)) (local.set $digits (i32.const 0))
+                  (local.set $after (i32.const 1)) (local.set $need (i32.const 0))))
+              (br $next)))
+          (br_if $fail (i32.ne (local.get $c) (i32.const 44)))
+          (if (local.get $digits)
+            (then
+              (i32.store8 (local.get $out) (local.get $v))
+              (local.set $out (i32.add (local.get $out) (i32.const 1)))
+              (local.set $v (i32.const 0)) (local.set $digits (i32.const 0))
+              (local.set $after (i32.const 1))))
+          (br_if $fail (i32.eqz (local.get $after)))
+          (local.set $after (i32.const 0))
+          (local.set $need (i32.const 1))
+          (br $next)))
+      (if (local.get $digits)
+        (then
+          (i32.store8 (local.get $out) (local.get $v))
+          (local.set $out (i32.add (local.get $out) (i32.const 1)))
+          (local.set $need (i32.const 0))))
+      (br_if $fail (local.get $need))
+      (return (i32.sub (local.get $out) (local.get $dst))))
+    (i32.const -1)))
+"""
+
+
+class ByteArrayCodec:
+    """Decodes large JSON byte arrays in a per-thread WASM instance of ``_CODEC_WAT``."""
+
+    SMALL = 16 * KiB     # below this json.loads is as fast and has no set-up
+    KEEP = 32 * MiB      # a thread keeps at most this much codec memory between calls
+
+    def __init__(self) -> None:
+        self.engine = wasmtime.Engine()
+        self.module = wasmtime.Module(self.engine, wasmtime.wat2wasm(_CODEC_WAT))
+        self._local = threading.local()
+
+    def decode(self, text: bytes) -> Optional[bytes]:
+        """The bytes of the array whose inside is ``text`` (no brackets), or None if invalid."""
+        if len(text) < self.SMALL:
+            try:
+                values = json.loads(b"[" + text + b"]")
+                return bytes(values) if all(type(v) is int for v in values) else None
+            except (ValueError, TypeError):
+                return None
+        state = getattr(self._local, "state", None)
+        if state is None:
+            store = wasmtime.Store(self.engine)
+            instance = wasmtime.Instance(store, self.module, [])
+            state = self._local.state = (store, instance.exports(store)["memory"],
+                                         instance.exports(store)["decode"])
+        store, memory, decode = state
+        needed = 2 * len(text)
+        have = memory.data_len(store)
+        if needed > have:
+            memory.grow(store, (needed - have + 65535) // 65536)
+        memory.write(store, text, 0)
+        count = decode(store, 0, len(text), len(text))
+        result = bytes(memory.read(store, len(text), len(text) + count)) if count >= 0 else None
+        if memory.data_len(store) > self.KEEP:
+            self._local.state = None
+        return result
+
+
+@dataclasses.dataclass
+class PluginAnswer:
+    status: int
+    content_type: str
+    headers: dict
+    body: bytes
+
+
+_BODY_MARK = b'"body":['
+
+
+def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[PluginAnswer]:
+    """The answer as a PluginResponse, or None when it is not one (then it goes out raw)."""
+    if not raw.lstrip()[:1] == b"{":
+        return None
+    envelope, body = None, None
+    start = raw.find(_BODY_MARK)
+    if len(raw) >= codec.SMALL and start >= 0:
+        # Decode the byte array apart from the rest; a random sentinel proves
+        # that the array found was the top-level body, not a nested one.
+        end = raw.find(b"]", start)
+        sentinel = secrets.token_hex(8)
+        if end > 0:
+            try:
+                envelope = json.loads(raw[:start] + b'"body":"' + sentinel.encode() + b'"' + raw[end + 1:])
+            except ValueError:
+                envelope = None
+            if isinstance(envelope, dict) and envelope.get("body") == sentinel:
+                body = codec.decode(raw[start + len(_BODY_MARK):end])
+                if body is None:
+                    return None
+            else:
+                envelope = None
+    if envelope is None:
+        try:
+            envelope = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(envelope, dict):
+            return None
+        body = envelope.get("body")
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        elif isinstance(body, list) and all(type(v) is int and 0 <= v <= 255 for v in body):
+            body = bytes(body)
+        else:
+            return None
+    status = envelope.get("status_code")
+    content_type = envelope.get("content_type")
+    headers = envelope.get("headers")
+    if type(status) is not int:
+        return None
+    if content_type is not None and not isinstance(content_type, str):
+        return None
+    if headers is not None and not (isinstance(headers, dict)
+                                    and all(isinstance(v, str) for v in headers.values())):
+        return None
+    if not 200 <= status <= 599:
+        raise ApiError(500, f"plugin answered status_code {status}, outside 200-599")
+    if not content_type or any(ch in content_type for ch in "\r\n"):
+        content_type = DEFAULT_CONTENT_TYPE
+    safe = {name: value for name, value in (headers or {}).items()
+            if (name.lower().startswith("x-") or name.lower() in SAFE_HEADERS)
+            and _HEADER_NAME.fullmatch(name) and not any(ch in value for ch in "\r\n\0")}
+    return PluginAnswer(status, content_type, safe, body)
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+###############################################################################
+# WASM runtime and host functions ##############################################
+###############################################################################
+
+@dataclasses.dataclass
+class Invocation:
+    """What host functions of one invocation need; lives in a thread-local while it runs."""
+
+    db: str
+    plugin_path: str
+    metadata: dict
+    deadline: float
+    failure: Optional[str] = None     # set by a host function that must fail the call
+    log_count: int = 0
+    memory: Optional[wasmtime.Memory] = None   # the imported env.memory, on the slow path
+
+
+_TRAP_MESSAGES = {
+    "INTERRUPT": "time limit of {timeout:g} s exceeded",
+    "STACK_OVERFLOW": "stack overflow (recursion too deep)",
+    "MEMORY_OUT_OF_BOUNDS": "out-of-bounds memory access",
+    "HEAP_MISALIGNED": "misaligned memory access",
+    "TABLE_OUT_OF_BOUNDS": "out-of-bounds table access",
+    "INDIRECT_CALL_TO_NULL": "indirect call to a null table entry",
+    "BAD_SIGNATURE": "indirect call with a mismatched signature",
+    "INTEGER_OVERFLOW": "integer overflow",
+    "INTEGER_DIVISION_BY_ZERO": "integer division by zero",
+    "BAD_CONVERSION_TO_INTEGER": "invalid conversion to integer",
+    "UNREACHABLE": "unreachable instruction executed (the plugin panicked or aborted)",
+}
+MAX_HOST_ARGUMENT = 16 * MiB
+MAX_LOG_MESSAGES = 100
+
+
+class WasmRuntime:
+    """Runs one invocation: fresh Store, instantiate, place the request, call handle, read the answer."""
+
+    def __init__(self, settings: Settings, files: FileStore, wasm: Wasm):
+        self.settings = settings
+        self.files = files
+        self.wasm = wasm
+        self.codec = ByteArrayCodec()
+        self.deadline_ticks = max(1, math.ceil(settings.timeout / EPOCH_TICK))
+        self._current = threading.local()
+        self._host = {
+            "aeordb_read_file": self._read_file,
+            "aeordb_write_file": self._write_file,
+            "aeordb_delete_file": lambda inv, args: (
+                self.files.delete(inv.db, _require(args, "path", str)) or {"ok": True}),
+            "aeordb_file_metadata": lambda inv, args: self.files.metadata(inv.db, _require(args, "path", str)),
+            "aeordb_list_directory": lambda inv, args: {
+                "entries": self.files.list_directory(inv.db, _require(args, "path", str))},
+            "aeordb_extract_file": lambda inv, args: self.files.extract(inv.db, args),
+            "aeordb_query": lambda inv, args: self.files.query(inv.db, args),
+            "aeordb_aggregate": lambda inv, args: self.files.aggregate(inv.db, args),
+            "aeordb_context": self._context,
+        }
+
+    # -- linking ---------------------------------------------------------------
+
+    def new_linker(self) -> wasmtime.Linker:
+        """A linker with every host function of the ABI (import module "aeordb")."""
+        linker = wasmtime.Linker(self.wasm.engine)
+        i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
+        for name, handler in self._host.items():
+            linker.define_func("aeordb", name, wasmtime.FuncType([i32, i32], [i64]),
+                               self._host_entry(name, handler), access_caller=True)
+        linker.define_func("aeordb", LOG_FUNCTION_NAME, wasmtime.FuncType([i32] * 4, []),
+                           self._log_message, access_caller=True)
+        return linker
+
+    # -- invoking --------------------------------------------------------------
+
+    def invoke(self, plugin: Plugin, request: bytes, invocation: Invocation) -> bytes:
+        """The raw answer bytes of ``handle``; ApiError(500) naming the cause on any failure."""
+        store = wasmtime.Store(self.wasm.engine)
+        store.set_limits(memory_size=self.settings.memory_limit, table_elements=self.settings.table_limit,
+                         instances=4, tables=4, memories=2)
+        store.set_epoch_deadline(self.deadline_ticks)
+        self._current.invocation = invocation
+        memory = None
+        try:
+            instance = self._instantiate(plugin, store)
+            exports = instance.exports(store)
+            memory = exports["memory"] if plugin.pre is not None or "memory" in exports else None
+            if memory is None:
+                memory = invocation.memory
+            handle = exports["handle"]
+            alloc = exports["alloc"] if plugin.shape.has_alloc else None
+            pointer = self._place(store, memory, alloc, request, "request")
+            packed = self._call(store, handle, (pointer, len(request)), is_i64=True)
+            packed &= 0xFFFFFFFFFFFFFFFF
+            if invocation.failure:
+                raise ApiError(500, f"plugin invocation failed: {invocation.failure}")
+            answer_ptr, answer_len = packed >> 32, packed & 0xFFFFFFFF
+            if answer_len > self.settings.max_response_size:
+                raise ApiError(500, f"plugin answered {answer_len} bytes, over the response limit of "
+                                    f"{self.settings.max_response_size} bytes")
+            size = memory.data_len(store)
+            if answer_ptr + answer_len > size:
+                raise ApiError(500, f"plugin answered a bad pointer: {answer_len} bytes at {answer_ptr} "
+                                    f"are outside its {size}-byte memory")
+            return bytes(memory.read(store, answer_ptr, answer_ptr + answer_len)) if answer_len else b""
+        except wasmtime.Trap as trap:
+            raise ApiError(500, "plugin invocation failed: "
+                           + self._explain(trap, invocation, store, memory)) from None
+        except wasmtime.WasmtimeError as exc:
+            raise ApiError(500, "plugin invocation failed: "
+                           + self._explain(exc, invocation, store, memory)) from None
+        finally:
+            self._current.invocation = None
+
+    def _instantiate(self, plugin: Plugin, store: wasmtime.Store) -> wasmtime.Instance:
+        if plugin.pre is not None:
+            return plugin.pre.instantiate(store)
+        # Slow path: a module importing env.memory needs that memory in this Store.
+        linker = self.new_linker()
+        memory_type = next(i.type for i in plugin.module.imports if i.module == "env")
+        self._current.invocation.memory = wasmtime.Memory(store, memory_type)
+        linker.define(store, "env", "memory", self._current.invocation.memory)
+        return linker.instantiate(store, plugin.module)
+
+    def _call(self, store: Any, func: wasmtime.Func, args: tuple, is_i64: bool) -> int:
+        calls = self.wasm.calls
+        if calls is not None:
+            return calls.call(store, func, args, calls.i64 if is_i64 else calls.i32)
+        return func(store, *args)
+
+    def _place(self, store: Any, memory: wasmtime.Memory, alloc: Optional[wasmtime.Func],
+               data: bytes, what: str) -> int:
+        """Copy ``data`` into guest memory (at alloc(len), else at 0); answers the pointer."""
+        if alloc is not None:
+            pointer = self._call(store, alloc, (len(data),), is_i64=False) & 0xFFFFFFFF
+        else:
+            pointer = 0
+            missing = len(data) - memory.data_len(store)
+            if missing > 0 and memory.grow(store, (missing + 65535) // 65536) < 0:
+                raise ApiError(500, f"the {what} ({len(data)} bytes) does not fit in plugin memory")
+        if pointer + len(data) > memory.data_len(store):
+            raise ApiError(500, f"plugin alloc returned a bad pointer for the {what}: "
+                                f"{len(data)} bytes at {pointer} are outside its memory")
+        if data:
+            memory.write(store, data, pointer)
+        return pointer
+
+    def _explain(self, error: Exception, invocation: Invocation, store: Any,
+                 memory: Optional[wasmtime.Memory]) -> str:
+        if invocation.failure:
+            return invocation.failure
+        code = getattr(error, "trap_code", None)
+        name = getattr(code, "name", None)
+        if name == "UNREACHABLE" and memory is not None:
+            with contextlib.suppress(Exception):
+                if memory.data_len(store) + 65536 > self.settings.memory_limit:
+                    return (f"memory limit of {self.settings.memory_limit // MiB} MiB reached "
+                            "(the plugin ran out of memory and aborted)")
+        if name in _TRAP_MESSAGES:
+            return _TRAP_MESSAGES[name].format(timeout=self.settings.timeout)
+        text = str(error)
+        if "memory" in text and ("limit" in text or "maximum" in text or "exceed" in text):
+            return f"memory limit of {self.settings.memory_limit // MiB} MiB reached: {_first_line(error)}"
+        cause = text.split("Caused by:", 1)[-1].strip()
+        return _first_line(Exception(cause)) if cause else type(error).__name__
+
+    # -- host functions --------------------------------------------------------
+
+    def _host_entry(self, name: str, handler: Callable) -> Callable:
+        def entry(caller: wasmtime.Caller, ptr: int, length: int) -> int:
+            # Never raise here: wasmtime-py would keep the exception in a global
+            # and re-raise it in whichever thread traps next.
+            invocation = self._current.invocation
+            try:
+                memory = caller.get("memory") or invocation.memory
+                try:
+                    args = json.loads(_guest_bytes(caller, memory, ptr, length, MAX_HOST_ARGUMENT))
+                    if not isinstance(args, dict):
+                        raise ApiError(400, f"{name} takes a JSON object")
+                    answer = handler(invocation, args)
+                except ApiError as exc:
+                    answer = {"error": exc.message}
+                except (ValueError, RecursionError) as exc:
+                    answer = {"error": f"arguments are not valid JSON: {exc}"}
+                except Exception as exc:   # a bug of ours must not kill the guest or the server
+                    log.exception("host function %s failed", name)
+                    answer = {"error": f"{name} failed: {type(exc).__name__}"}
+                data = json.dumps(answer, separators=(",", ":")).encode()
+                alloc = caller.get("alloc")
+                pointer = self._place(caller, memory, alloc if isinstance(alloc, wasmtime.Func) else None,
+                                      data, f"answer of {name}")
+                return (pointer << 32) | len(data)
+            except ApiError as exc:
+                return self._fail(caller, invocation, exc.message)
+            except Exception as exc:
+                return self._fail(caller, invocation, f"{name} could not answer: {_first_line(exc)}")
+        return entry
+
+    @staticmethod
+    def _fail(caller: wasmtime.Caller, invocation: Invocation, reason: str) -> int:
+        """Fail the invocation from inside a host function: record why, interrupt the guest now."""
+        if invocation is not None and invocation.failure is None:
+            invocation.failure = reason
+        with contextlib.suppress(Exception):
+            from wasmtime import _ffi as ffi
+            ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
+        return 0
+
+    def _log_message(self, caller: wasmtime.Caller, level_ptr: int, level_len: int,
+                     msg_ptr: int, msg_len: int) -> None:
+        invocation = self._current.invocation
+        try:
+            if invocation is None or invocation.log_count > MAX_LOG_MESSAGES:
+                return
+            invocation.log_count += 1
+            memory = caller.get("memory") or invocation.memory
+            level = _guest_bytes(caller, memory, level_ptr, level_len, 16).decode("utf-8", "replace")
+            message = _guest_bytes(caller, memory, msg_ptr, msg_len, 64 * KiB).decode("utf-8", "replace")
+            if invocation.log_count > MAX_LOG_MESSAGES:
+                message = f"more than {MAX_LOG_MESSAGES} log messages; the rest are dropped"
+            level_no = getattr(logging, level.strip().upper(), logging.INFO)
+            if not isinstance(level_no, int):
+                level_no = logging.INFO
+            plugin_log.log(level_no, "[%s] %s", invocation.plugin_path, message.replace("\n", "\\n"))
+        except Exception:
+            pass
+
+    def _read_file(self, invocation: Invocation, args: dict) -> dict:
+        data, meta = self.files.read(invocation.db, _require(args, "path", str))
+        return {"data": base64.b64encode(data).decode("ascii"), "content_type": meta["content_type"],
+                "size": meta["size"]}
+
+    def _write_file(self, invocation: Invocation, args: dict) -> dict:
+        encoded = _require(args, "data", str)
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise ApiError(400, "'data' must be base64") from None
+        content_type = args.get("content_type")
+        if content_type is not None and not isinstance(content_type, str):
+            raise ApiError(400, "'content_type' must be a string")
+        meta, _ = self.files.write(invocation.db, _require(args, "path", str), data, content_type)
+        return {"ok": True, "size": meta["size"]}
+
+    @staticmethod
+    def _context(invocation: Invocation, args: dict) -> dict:
+        return {**invocation.metadata, "db": invocation.db,
+                "remaining_ms": max(0, int((invocation.deadline - time.monotonic()) * 1000))}
+
+
+def _guest_bytes(caller: Any, memory: Any, ptr: int, length: int, cap: int) -> bytes:
+    """Bounds-checked read of guest memory (wasmtime's read would wrap negatives and clip)."""
+    if not isinstance(memory, wasmtime.Memory):
+        raise ApiError(400, "plugin has no memory")
+    if ptr < 0 or length < 0:
+        raise ApiError(400, f"negative pointer or length ({ptr}, {length})")
+    if length > cap:
+        raise ApiError(400, f"argument of {length} bytes exceeds the limit of {cap} bytes")
+    if ptr + length > memory.data_len(caller):
+        raise ApiError(400, f"{length} bytes at {ptr} are outside plugin memory")
+    return bytes(memory.read(caller, ptr, ptr + length))
+
+
+###############################################################################
+# HTTP routes ##################################################################
+###############################################################################
+
+def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = None) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(json.dumps(payload), status=status,
+                               headers={"Content-Type": "application/json", **(headers or {})})
+
+
+class ApiPlugin:
+    """Bottle plugin: bearer-token check and ApiError -> JSON, around every route."""
+
+    name = "aeordb-api"
+    api = 2
+
+    def __init__(self, token: str, access_log: bool):
+        self.token = ("Bearer " + token).encode("utf-8")
+        self.access_log = access_log
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        public = route.config.get("public", False)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                if not public:
+                    given = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
+                    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token):
+                        raise ApiError(401, "missing or invalid bearer token",
+                                       {"WWW-Authenticate": 'Bearer realm="aeordb"'})
+                result = callback(*args, **kwargs)
+            except ApiError as exc:
+                result = _json_response({"error": exc.message}, exc.status, exc.headers)
+            except bottle.HTTPResponse:
+                raise
+            except Exception as exc:
+                log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
+                if is_storage_fault(exc):
+                    result = _json_response({"error": storage_error("serving", exc).message}, 503)
+                else:
+                    result = _json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
+            if self.access_log:
+                log.info("%s %s %s %.1fms", bottle.request.method, bottle.request.path,
+                         getattr(result, "status_code", 200), (time.perf_counter() - started) * 1000)
+            return result
+        return wrapper
+
+
+def read_body(limit: int, what: str) -> bytes:
+    """The request body, refused with 413 from Content-Length before anything is read."""
+    length = bottle.request.content_length
+    if length > limit:
+        raise ApiError(413, f"{what} of {length} bytes exceeds the limit of {limit} bytes")
+    if length < 0:
+        data = bottle.request.body.read(limit + 1)
+    else:
+        data = bottle.request.environ["wsgi.input"].read(length) if length else b""
+    if len(data) > limit:
+        raise ApiError(413, f"{what} exceeds the limit of {limit} bytes")
+    return data
+
+
+def read_json_body(limit: int) -> Any:
+    try:
+        return json.loads(read_body(limit, "request body") or b"null")
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
+               fast_calls: bool = True) -> bottle.Bottle:
+    """The WSGI application for ``settings``: isolated state, nothing shared but the engine."""
+    settings = settings or Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token, token_created = load_or_create_token(settings)
+    wasm = Wasm.shared(settings.memory_limit, pooling=pooling, fast=fast_calls)
+    files = FileStore(settings)
+    runtime = WasmRuntime(settings, files, wasm)
+    registry = PluginRegistry(settings, wasm, runtime.new_linker)
+
+    app = bottle.Bottle(catchall=False)
+    app.config["aeordb.settings"] = settings
+    app.config["aeordb.token"] = token
+    app.config["aeordb.token_created"] = token_created
+    app.config["aeordb.registry"] = registry
+    app.config["aeordb.files"] = files
+    app.config["aeordb.runtime"] = runtime
+    app.install(ApiPlugin(token, settings.access_log))
+
+    def default_error(error: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        message = {404: "no such route", 405: f"method {bottle.request.method} not allowed"}.get(
+            error.status_code, error.body if isinstance(error.body, str) else error.status_line)
+        return json.dumps({"error": message})
+    app.default_error_handler = default_error
+
+    # -- system ------------------------------------------------------------------
+
+    @app.get("/_health", public=True)
+    def health() -> dict:
+        return {"status": "ok"}
+
+    # -- files (before the plugin routes: '/db/_files/a/b/_deploy' is a file path) --
+
+    def file_path(path: str) -> str:
+        return normalize_file_path("/" + path, allow_root=True)
+
+    @app.route("/<db>/_files", method=["GET", "HEAD"])
+    @app.route("/<db>/_files/", method=["GET", "HEAD"])
+    @app.route("/<db>/_files/<path:path>", method=["GET", "HEAD"])
+    def get_file(db: str, path: str = "") -> bottle.HTTPResponse:
+        check_segment(db, "database name")
+        target = file_path(path)
+        if target == "/" or path.endswith("/") or files.is_directory(db, target):
+            return _json_response({"path": target, "entries": files.list_directory(db, target)})
+        data, meta = files.read(db, target)
+        etag = f'"{meta["etag"]}"'
+        headers = {"Content-Type": meta["content_type"], "ETag": etag,
+                   "Last-Modified": email.utils.formatdate(meta["updated_at"] / 1000, usegmt=True)}
+        if etag in bottle.request.get_header("If-None-Match", ""):
+            return bottle.HTTPResponse(status=304, headers=headers)
+        return bottle.HTTPResponse(data, status=200, headers=headers)
+
+    @app.put("/<db>/_files/<path:path>")
+    def put_file(db: str, path: str) -> bottle.HTTPResponse:
+        check_segment(db, "database name")
+        target = normalize_file_path("/" + path)
+        data = read_body(settings.max_file_size, "file")
+        meta, created = files.write(db, target, data, bottle.request.get_header("Content-Type"))
+        return _json_response(meta, 201 if created else 200)
+
+    @app.delete("/<db>/_files/<path:path>")
+    def delete_file(db: str, path: str) -> dict:
+        check_segment(db, "database name")
+        target = normalize_file_path("/" + path)
+        files.delete(db, target)
+        return {"deleted": True, "path": target}
+
+    @app.post("/<db>/_query")
+    def query(db: str) -> dict:
+        check_segment(db, "database name")
+        spec = read_json_body(settings.max_request_size)
+        if isinstance(spec, dict) and "aggregate" in spec:
+            return files.aggregate(db, spec)
+        return files.query(db, spec)
+
+    # -- plugins -----------------------------------------------------------------
+
+    @app.put("/<db>/<schema>/<table>/_deploy")
+    def deploy(db: str, schema: str, table: str) -> dict:
+        for value, what in ((db, "database name"), (schema, "schema name"), (table, "table name")):
+            check_segment(value, what)
+        name = bottle.request.query.getunicode("name") or table
+        plugin_type = bottle.request.query.getunicode("plugin_type") or "wasm"
+        if len(name) > 128 or any(ord(ch) < 32 for ch in name):
+            raise ApiError(400, "name must be 1-128 printable characters")
+        if plugin_type != "wasm":
+            raise ApiError(400, f"unsupported plugin_type {plugin_type!r}: only 'wasm'")
+        wasm_bytes = read_body(settings.max_module_size, "module")
+        if not wasm_bytes:
+            raise ApiError(400, "empty body: send the module's bytes")
+        return registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
+
+    @app.post("/<db>/<schema>/<table>/<function>/_invoke")
+    def invoke(db: str, schema: str, table: str, function: str) -> bottle.HTTPResponse:
+        for value, what in ((db, "database name"), (schema, "schema name"), (table, "table name"),
+                            (function, "function name")):
+            check_segment(value, what)
+        plugin = registry.get(f"{db}/{schema}/{table}")
+        body = read_body(settings.max_request_size, "request body")
+        environ = bottle.request.environ
+        metadata = {"function_name": function, "path": f"/{db}/{schema}/{table}/{function}",
+                    "plugin_path": plugin.path, "method": environ["REQUEST_METHOD"],
+                    "query_string": environ.get("QUERY_STRING", ""),
+                    "content_type": environ.get("CONTENT_TYPE", ""),
+                    "request_id": uuid.uuid4().hex}
+        invocation = Invocation(db=db, plugin_path=plugin.path, metadata=metadata,
+                                deadline=time.monotonic() + settings.timeout)
+        with files.batch():
+            raw = runtime.invoke(plugin, build_request_envelope(body, metadata), invocation)
+            answer = parse_response_envelope(raw, runtime.codec)
+        if answer is None:
+            return bottle.HTTPResponse(raw, status=200, headers={"Content-Type": DEFAULT_CONTENT_TYPE})
+        return bottle.HTTPResponse(answer.body, status=answer.status,
+                                   headers={**answer.headers, "Content-Type": answer.content_type})
+
+    @app.get("/<db>/_plugins")
+    def list_plugins(db: str) -> bottle.HTTPResponse:
+        check_segment(db, "database name")
+        return _json_response(registry.list(db))
+
+    @app.delete("/<db>/<schema>/<table>/<function>/_remove")
+    def remove(db: str, schema: str, table: str, function: str) -> dict:
+        for value, what in ((db, "database name"), (schema, "schema name"), (table, "table name"),
+                            (function, "function name")):
+            check_segment(value, what)
+        registry.remove(db, schema, table)
+        return {"removed": True, "path": f"{db}/{schema}/{table}"}
+
+    return app
+
+
+###############################################################################
+# Command line #################################################################
+###############################################################################
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under load waitress warns "Task queue depth is N" on every request.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+def serve(app: bottle.Bottle, settings: Settings, **waitress_options: Any) -> None:
+    import waitress
+    waitress.serve(app, host=settings.host, port=settings.port, threads=settings.threads,
+                   max_request_body_size=settings.max_body_size, ident="aeordb.py",
+                   **waitress_options)
+
+
+def main(argv: Optional[list] = None) -> None:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    plugins = len(app.config["aeordb.registry"].list_all())
+    if app.config["aeordb.token_created"]:
+        # Printed on purpose, once, on the start that created it: the operator needs it.
+        token_line = f"new token: {app.config['aeordb.token']} (kept in {settings.data_dir / 'token'})"
+    elif settings.token:
+        token_line = "token:     as configured (--token / AEORDB_TOKEN)"
+    else:
+        token_line = f"token:     in {settings.data_dir / 'token'}"
+    print(f"aeordb.py {__version__} listening on http://{settings.host}:{settings.port}\n"
+          f"  data dir:  {settings.data_dir} ({plugins} plugin(s))\n"
+          f"  {token_line}", flush=True)
+    serve(app, settings)
+
+
+if __name__ == "__main__":
+    main()
