@@ -1,0 +1,821 @@
+#!/usr/bin/env python3
+"""Benchmark of aeordb.py: every figure beside its baseline, measured in the same run.
+
+    python bench/bench_aeordb.py            # full run (a few minutes on 2 cores)
+    python bench/bench_aeordb.py --quick    # smoke check, under a minute
+    python bench/bench_aeordb.py --only http,invoke
+
+Parts (issue 5 items 1-5, issue 3's query figures):
+
+  http     HTTP invoke of a minimal plugin at 1, 4 and 16 keep-alive clients vs a
+           bare bottle+waitress app (same threads) whose route returns the body.
+  invoke   in-process cost of one invocation (envelope, instantiate, call, decode)
+           vs wasmtime alone from a pre-instantiated state.
+  restart  restart-to-ready of a server holding 100 deployed modules (one of them
+           several MB) vs compiling those modules from scratch.
+  echo     a 1 MiB body through an echo plugin over HTTP vs a naive
+           json.dumps(list(body)) + bytes(json.loads(...)) round trip.
+  memory   resident size of the server idle and after 10,000 (and 20,000) invocations.
+  query    filtered query and grouped aggregate over 10,000 JSON documents vs a
+           naive read + json.loads + filter loop over the same data.
+
+Everything it measures it starts itself, on 127.0.0.1, in temporary data
+directories, and stops at the end. The load generator is wrk when it is on
+PATH (one wrk thread, so it does not starve the servers on 2 cores), else a
+lean Python client in a separate process; the output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+AEORDB = ROOT / "aeordb.py"
+sys.path.insert(0, str(ROOT))
+
+import wasmtime  # noqa: E402
+
+import aeordb  # noqa: E402
+
+TOKEN = "bench-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PARTS = ("http", "invoke", "restart", "echo", "memory", "query")
+MiB = 1024 * 1024
+
+
+###############################################################################
+# WASM modules used by the benchmark ###########################################
+###############################################################################
+
+def wat_string(data: bytes) -> str:
+    return "".join(f"\\{b:02x}" for b in data)
+
+
+def answer_module(answer: bytes) -> bytes:
+    """The minimal plugin: handle answers a fixed envelope from a data segment."""
+    return wasmtime.wat2wasm(f"""
+(module
+  (memory (export "memory") 1)
+  (data (i32.const 1024) "{wat_string(answer)}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const {len(answer)}))))
+""")
+
+
+ENVELOPE_HEAD = b'{"status_code":200,"body":'
+
+# The echo plugin: finds the request's "arguments" byte-array text (the first
+# '[' of the envelope, which aeordb.py writes as {"arguments":[...],...}, up to
+# the next ']') and answers {"status_code":200,"body":<that text>}, copied with
+# memory.copy into memory from its own bump allocator.
+ECHO_WAT = f"""
+(module
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (data (i32.const 0) "{wat_string(ENVELOPE_HEAD)}")
+  (func $alloc (export "alloc") (param $size i32) (result i32)
+    (local $p i32) (local $over i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
+    (local.set $over (i32.sub (global.get $heap) (i32.mul (memory.size) (i32.const 65536))))
+    (if (i32.gt_s (local.get $over) (i32.const 0))
+      (then (if (i32.lt_s (memory.grow (i32.add (i32.shr_u (local.get $over) (i32.const 16))
+                                                (i32.const 1))) (i32.const 0))
+              (then unreachable))))
+    (local.get $p))
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (local $i i32) (local $end i32) (local $start i32) (local $n i32) (local $out i32)
+    (local.set $end (i32.add (local.get $ptr) (local.get $len)))
+    (local.set $i (local.get $ptr))
+    (block $open (loop $scan
+      (if (i32.ge_u (local.get $i) (local.get $end)) (then unreachable))
+      (br_if $open (i32.eq (i32.load8_u (local.get $i)) (i32.const 91)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $scan)))
+    (local.set $start (local.get $i))
+    (block $close (loop $scan
+      (if (i32.ge_u (local.get $i) (local.get $end)) (then unreachable))
+      (br_if $close (i32.eq (i32.load8_u (local.get $i)) (i32.const 93)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $scan)))
+    (local.set $n (i32.add (i32.sub (local.get $i) (local.get $start)) (i32.const 1)))
+    (local.set $out (call $alloc (i32.add (local.get $n) (i32.const {len(ENVELOPE_HEAD) + 1}))))
+    (memory.copy (local.get $out) (i32.const 0) (i32.const {len(ENVELOPE_HEAD)}))
+    (memory.copy (i32.add (local.get $out) (i32.const {len(ENVELOPE_HEAD)})) (local.get $start) (local.get $n))
+    (i32.store8 (i32.add (i32.add (local.get $out) (i32.const {len(ENVELOPE_HEAD)})) (local.get $n))
+                (i32.const 125))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $out)) (i64.const 32))
+            (i64.extend_i32_u (i32.add (local.get $n) (i32.const {len(ENVELOPE_HEAD) + 1}))))))
+"""
+
+
+def filler_module(functions: int, seed: int) -> bytes:
+    """A plugin with ``functions`` arithmetic functions (~470 bytes of code each) beside a
+    handle that answers a fixed envelope; imports host functions as SDK plugins do.
+    Every function is compiled, so compile time grows with the count."""
+    answer = b'{"status_code":200,"body":"ready %d"}' % seed
+    parts = [f"""(module
+  (import "aeordb" "aeordb_read_file" (func $read (param i32 i32) (result i64)))
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1024) "{wat_string(answer)}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const {len(answer)})))
+"""]
+    for i in range(functions):
+        body = []
+        for k in range(20):
+            body.append(f"(local.set $a (i32.add (i32.mul (local.get $a) (i32.const {(i * 31 + k * 7 + seed) % 1000 + 3}))"
+                        f" (i32.xor (local.get $b) (i32.const {k + i}))))"
+                        f"(local.set $b (i32.rotl (local.get $b) (local.get $a)))")
+        parts.append(f"(func $f{i} (param $a i32) (param $b i32) (result i32) {''.join(body)}"
+                     f" (i32.add (local.get $a) (local.get $b)))\n")
+    parts.append(")")
+    return wasmtime.wat2wasm("".join(parts))
+
+
+###############################################################################
+# Processes, ports, load generators ############################################
+###############################################################################
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(port: int, path: str, process: subprocess.Popen, timeout: float = 60.0,
+                 poll: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before answering {path}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+            conn.close()
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server on port {port} not ready after {timeout} s")
+        time.sleep(poll)
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None, timeout: float = 60.0) -> tuple:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={**AUTH, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+BARE_APP = '''
+import logging, sys
+import bottle, waitress
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+app = bottle.Bottle()
+
+@app.get("/_health")
+def health():
+    return "ok"
+
+@app.post("/echo")
+def echo():
+    bottle.response.content_type = "application/octet-stream"
+    return bottle.request.body.read()
+
+waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=int(sys.argv[2]),
+               max_request_body_size=64 * 1024 * 1024, ident="bare")
+'''
+
+# A lean load generator for when wrk is absent (and for exact request counts):
+# keep-alive http.client connections, one thread each, in its own process.
+PY_LOADGEN = r'''
+import http.client, json, sys, threading, time
+cfg = json.loads(sys.argv[1])
+body = open(cfg["body_file"], "rb").read()
+headers = dict(cfg["headers"], **{"Content-Length": str(len(body))})
+conns, total, duration, warmup = cfg["connections"], cfg.get("total"), cfg.get("duration"), cfg.get("warmup", 0)
+lat = [[] for _ in range(conns)]
+done = [0] * conns
+errors = [0] * conns
+start = time.perf_counter()
+measure_from = start + warmup
+stop_at = measure_from + duration if duration else None
+
+def worker(i):
+    conn = http.client.HTTPConnection(cfg["host"], cfg["port"], timeout=60)
+    quota = None if total is None else total // conns + (1 if i < total % conns else 0)
+    n = 0
+    while True:
+        if quota is not None and n >= quota:
+            break
+        t0 = time.perf_counter()
+        if stop_at is not None and t0 >= stop_at:
+            break
+        try:
+            conn.request("POST", cfg["path"], body, headers)
+            response = conn.getresponse()
+            response.read()
+            ok = response.status == 200
+        except (OSError, http.client.HTTPException):
+            ok = False
+            conn.close()
+            conn = http.client.HTTPConnection(cfg["host"], cfg["port"], timeout=60)
+        t1 = time.perf_counter()
+        n += 1
+        if t0 >= measure_from:
+            lat[i].append(t1 - t0)
+            done[i] += 1
+            errors[i] += not ok
+    conn.close()
+
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(conns)]
+for t in threads: t.start()
+for t in threads: t.join()
+elapsed = time.perf_counter() - measure_from
+all_lat = sorted(x for l in lat for x in l)
+pick = lambda q: all_lat[min(len(all_lat) - 1, int(q * len(all_lat)))] if all_lat else float("nan")
+print(json.dumps({"requests": sum(done), "errors": sum(errors), "rps": sum(done) / elapsed,
+                  "p50": pick(0.50), "p99": pick(0.99), "elapsed": elapsed}))
+'''
+
+
+class LoadGen:
+    """wrk when available (or forced), else the Python client; both answer the same dict."""
+
+    def __init__(self, choice: str, workdir: Path):
+        self.workdir = workdir
+        self.wrk = shutil.which("wrk") if choice in ("auto", "wrk") else None
+        if choice == "wrk" and not self.wrk:
+            raise SystemExit("--loadgen wrk: wrk is not on PATH")
+        self.script = workdir / "loadgen.py"
+        self.script.write_text(PY_LOADGEN)
+        self._bodies: dict = {}
+
+    def describe(self) -> str:
+        if self.wrk:
+            version = subprocess.run([self.wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+            return f"wrk ({self.wrk}, {version.split(' Copyright')[0]}), 1 thread, keep-alive"
+        return "Python http.client keep-alive threads in a separate process (wrk not on PATH)"
+
+    def _body_file(self, body: bytes) -> Path:
+        key = (len(body), hash(body))
+        if key not in self._bodies:
+            path = self.workdir / f"body-{len(self._bodies)}.bin"
+            path.write_bytes(body)
+            self._bodies[key] = path
+        return self._bodies[key]
+
+    def run(self, port: int, path: str, body: bytes, headers: dict, connections: int,
+            duration: float) -> dict:
+        if self.wrk:
+            return self._run_wrk(port, path, body, headers, connections, duration)
+        return self.run_python(port, path, body, headers, connections, duration=duration, warmup=0.5)
+
+    def run_python(self, port: int, path: str, body: bytes, headers: dict, connections: int,
+                   duration: float | None = None, total: int | None = None, warmup: float = 0.0) -> dict:
+        cfg = {"host": "127.0.0.1", "port": port, "path": path, "headers": headers,
+               "body_file": str(self._body_file(body)), "connections": connections,
+               "duration": duration, "total": total, "warmup": warmup}
+        out = subprocess.run([sys.executable, str(self.script), json.dumps(cfg)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    def _run_wrk(self, port: int, path: str, body: bytes, headers: dict, connections: int,
+                 duration: float) -> dict:
+        lua = self.workdir / f"post-{port}-{len(body)}.lua"
+        lines = [f'local f = assert(io.open("{self._body_file(body)}", "rb"))',
+                 'wrk.method = "POST"', 'wrk.body = f:read("*a")', "f:close()"]
+        lines += [f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items()]
+        lua.write_text("\n".join(lines) + "\n")
+        out = subprocess.run([self.wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
+                              "--timeout", "30s", "--latency", "-s", str(lua),
+                              f"http://127.0.0.1:{port}{path}"],
+                             capture_output=True, text=True, check=True).stdout
+        requests = int(re.search(r"(\d+) requests in", out).group(1))
+        errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+        socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        if socket_errors:
+            errors += sum(int(n) for n in socket_errors.groups())
+        return {"requests": requests, "errors": errors,
+                "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+                "p50": _wrk_time(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+                "p99": _wrk_time(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))}
+
+
+def _wrk_time(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+###############################################################################
+# The benchmark ################################################################
+###############################################################################
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, stack: contextlib.ExitStack):
+        self.args = args
+        self.quick = args.quick
+        self.stack = stack
+        self.tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aeordb-bench-")))
+        self.loadgen = LoadGen(args.loadgen, self.tmp)
+        self.rows: list = []
+        self.notes: list = []
+        self.processes: list = []
+        stack.callback(self._stop_all)
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def row(self, name: str, ours: str, base: str, ratio: float | str | None, goal: str = "",
+            met: bool | None = None) -> None:
+        if isinstance(ratio, float):
+            ratio = f"{ratio:.2f}x"
+        self.rows.append((name, ours, base, ratio or "", goal, "" if met is None else ("yes" if met else "NO")))
+        print(f"  {name}: {ours} | {base} | {ratio or ''} {goal}", flush=True)
+
+    def log(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def data_dir(self, name: str) -> Path:
+        path = self.tmp / name
+        path.mkdir()
+        return path
+
+    # -- processes -----------------------------------------------------------------
+
+    def start(self, argv: list, name: str) -> subprocess.Popen:
+        logfile = open(self.tmp / f"{name}.log", "ab")
+        process = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, cwd=self.tmp)
+        logfile.close()
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process in self.processes:
+            self.processes.remove(process)
+
+    def _stop_all(self) -> None:
+        for process in list(self.processes):
+            self.stop(process)
+
+    def aeordb_server(self, data_dir: Path, name: str, threads: int | None = None) -> tuple:
+        port = free_port()
+        process = self.start([sys.executable, str(AEORDB), "--host", "127.0.0.1", "--port", str(port),
+                              "--data-dir", str(data_dir), "--token", TOKEN, "--log-level", "WARNING",
+                              "--threads", str(threads or self.args.threads)], name)
+        return process, port
+
+    def bare_server(self) -> tuple:
+        script = self.tmp / "bare_app.py"
+        script.write_text(BARE_APP)
+        port = free_port()
+        process = self.start([sys.executable, str(script), str(port), str(self.args.threads)], "bare")
+        wait_healthy(port, "/_health", process)
+        return process, port
+
+    def deploy(self, port: int, path: str, module: bytes) -> None:
+        status, body = request(port, "PUT", f"/{path}/_deploy", module)
+        if status != 200:
+            raise RuntimeError(f"deploy of {path} failed: {status} {body[:200]!r}")
+
+    # -- 1. HTTP invoke vs bare app -------------------------------------------------
+
+    def part_http(self) -> None:
+        body = b"hello"
+        module = answer_module(b'{"status_code":200,"body":[104,101,108,108,111]}')
+        aeordb_proc, aeordb_port = self.aeordb_server(self.data_dir("http"), "aeordb-http")
+        wait_healthy(aeordb_port, "/_health", aeordb_proc)
+        self.deploy(aeordb_port, "bench/s/min", module)
+        bare_proc, bare_port = self.bare_server()
+        targets = {"aeordb": (aeordb_port, "/bench/s/min/run/_invoke",
+                              {**AUTH, "Content-Type": "application/octet-stream"}),
+                   "bare": (bare_port, "/echo", {"Content-Type": "application/octet-stream"})}
+        for label, (port, path, headers) in targets.items():
+            status, answer = request(port, "POST", path, body, headers)
+            if status != 200 or answer != body:
+                raise RuntimeError(f"{label} answered {status} {answer[:200]!r}, expected {body!r}")
+        duration = 2 if self.quick else 8
+        for label, (port, path, headers) in targets.items():   # warm both up
+            self.loadgen.run(port, path, body, headers, 4, 1)
+        for clients in (1, 4, 16):
+            results = {}
+            for label, (port, path, headers) in targets.items():
+                results[label] = self.loadgen.run(port, path, body, headers, clients, duration)
+                if results[label]["errors"]:
+                    self.notes.append(f"http c={clients} {label}: {results[label]['errors']} errors")
+            ours, base = results["aeordb"], results["bare"]
+            ratio = ours["rps"] / base["rps"]
+            goal, met = ("", None)
+            if clients == 4:
+                goal, met = ">=0.6x (0.75x stretch)", ratio >= 0.6
+            self.row(f"1 HTTP invoke req/s, {clients} client(s)", f"{ours['rps']:,.0f} req/s",
+                     f"{base['rps']:,.0f} req/s (bare)", ratio, goal, met)
+            self.row(f"1 HTTP latency p50/p99, {clients} client(s)",
+                     f"{ours['p50'] * 1e3:.2f} / {ours['p99'] * 1e3:.2f} ms",
+                     f"{base['p50'] * 1e3:.2f} / {base['p99'] * 1e3:.2f} ms",
+                     f"{ours['p50'] / base['p50']:.2f}x / {ours['p99'] / base['p99']:.2f}x")
+        self.stop(aeordb_proc)
+        self.stop(bare_proc)
+
+    # -- 2. in-process invocation vs wasmtime floor ---------------------------------
+
+    def _inprocess_app(self, name: str):
+        settings = aeordb.Settings(data_dir=self.data_dir(name), token=TOKEN, log_level="WARNING")
+        return aeordb.create_app(settings)
+
+    def part_invoke(self) -> None:
+        app = self._inprocess_app("invoke")
+        registry, runtime = app.config["aeordb.registry"], app.config["aeordb.runtime"]
+        files, settings = app.config["aeordb.files"], app.config["aeordb.settings"]
+        body = b"hello"
+        module = answer_module(b'{"status_code":200,"body":[104,101,108,108,111]}')
+        registry.deploy("bench", "s", "min", module, "min", "wasm")
+        path = "bench/s/min"
+        metadata = {"function_name": "run", "path": "/bench/s/min/run", "plugin_path": path,
+                    "method": "POST", "query_string": "", "content_type": "application/octet-stream",
+                    "request_id": "0" * 32}
+        build, parse, Invocation = aeordb.build_request_envelope, aeordb.parse_response_envelope, aeordb.Invocation
+        codec, timeout = runtime.codec, settings.timeout
+
+        def aeordb_path(n: int) -> None:
+            for _ in range(n):
+                plugin = registry.get(path)
+                raw = runtime.invoke(plugin, build(body, metadata),
+                                     Invocation(db="bench", plugin_path=path, metadata=metadata,
+                                                deadline=time.monotonic() + timeout))
+                parse(raw, codec)
+
+        import uuid
+
+        def route_path(n: int) -> None:
+            # What the invoke route adds around the runtime: a fresh metadata dict
+            # with a request id, and the file store's batch (one transaction).
+            for _ in range(n):
+                plugin = registry.get(path)
+                meta = {"function_name": "run", "path": "/bench/s/min/run", "plugin_path": plugin.path,
+                        "method": "POST", "query_string": "", "content_type": "application/octet-stream",
+                        "request_id": uuid.uuid4().hex}
+                invocation = Invocation(db="bench", plugin_path=plugin.path, metadata=meta,
+                                        deadline=time.monotonic() + timeout)
+                with files.batch():
+                    raw = runtime.invoke(plugin, build(body, meta), invocation)
+                    parse(raw, codec)
+
+        engine = runtime.wasm.engine     # the same engine (config, allocator) as aeordb.py's
+        pre = wasmtime.Linker(engine).instantiate_pre(wasmtime.Module(engine, module))
+        ticks = runtime.deadline_ticks
+
+        def floor(n: int) -> None:
+            for _ in range(n):
+                store = wasmtime.Store(engine)
+                store.set_epoch_deadline(ticks)
+                instance = pre.instantiate(store)
+                instance.exports(store)["handle"](store, 0, 5)
+
+        result = parse(runtime.invoke(registry.get(path), build(body, metadata),
+                                      Invocation(db="bench", plugin_path=path, metadata=metadata,
+                                                 deadline=time.monotonic() + timeout)), codec)
+        if result is None or result.body != body:
+            raise RuntimeError(f"in-process invoke answered {result!r}")
+        calls = 2000 if self.quick else 20000
+        repeats = 3 if self.quick else 5
+        best = {"aeordb": [], "floor": [], "route": []}
+        for fn in (floor, aeordb_path, route_path):
+            fn(calls // 10)   # warm-up
+        for _ in range(repeats):
+            for label, fn in (("floor", floor), ("aeordb", aeordb_path), ("route", route_path)):
+                started = time.perf_counter()
+                fn(calls)
+                best[label].append((time.perf_counter() - started) / calls * 1e6)
+        ours, base, route = min(best["aeordb"]), min(best["floor"]), min(best["route"])
+        self.row("2 in-process invoke, µs/call (best of %d x %d)" % (repeats, calls),
+                 f"{ours:.1f} µs", f"{base:.1f} µs (wasmtime floor)", ours / base, "<=1.5x",
+                 ours / base <= 1.5)
+        self.row("2 ... + route extras (uuid metadata, files.batch)", f"{route:.1f} µs",
+                 f"{base:.1f} µs", route / base)
+        self.notes.append(f"invoke: wasmtime engine pooling={runtime.wasm.pooling}, "
+                          f"guest calls via {type(getattr(runtime.wasm, 'ops', None) or getattr(runtime.wasm, 'calls', None)).__name__}")
+        self._invoke_callables = (aeordb_path, floor)
+
+    # -- 3. restart-to-ready vs compile ---------------------------------------------
+
+    def part_restart(self) -> None:
+        # 99 ordinary plugins of 40-440 functions (~20-200 KB) and one big one.
+        big_functions = 2500 if self.quick else 11000
+        sizes = [big_functions] + [(40 + (i * 37) % 400) // (4 if self.quick else 1) for i in range(99)]
+        self.log(f"restart: generating 100 modules ({big_functions} functions in the big one)")
+        modules = [filler_module(n, seed) for seed, n in enumerate(sizes)]
+        total_bytes = sum(map(len, modules))
+        engine = aeordb.Wasm.shared(aeordb.Settings().memory_limit).engine
+        self.log(f"restart: compiling {total_bytes / MiB:.1f} MiB of modules from scratch")
+        started = time.perf_counter()
+        big_compile = None
+        for index, wasm_bytes in enumerate(modules):
+            t0 = time.perf_counter()
+            wasmtime.Module(engine, wasm_bytes)
+            if index == 0:
+                big_compile = time.perf_counter() - t0
+        compile_time = time.perf_counter() - started
+
+        self.log("restart: deploying the 100 modules")
+        data_dir = self.data_dir("restart")
+        app = aeordb.create_app(aeordb.Settings(data_dir=data_dir, token=TOKEN, log_level="WARNING"))
+        registry = app.config["aeordb.registry"]
+        for index, wasm_bytes in enumerate(modules):
+            registry.deploy("bench", "s", f"p{index:03d}", wasm_bytes, f"p{index:03d}", "wasm")
+        del app, registry
+
+        runs = 1 if self.quick else 3
+        to_health, to_invoke = [], []
+        for _ in range(runs):
+            started = time.perf_counter()
+            process, port = self.aeordb_server(data_dir, "aeordb-restart")
+            wait_healthy(port, "/_health", process, poll=0.002)
+            healthy = time.perf_counter()
+            status, answer = request(port, "POST", "/bench/s/p000/run/_invoke", b"")
+            ready = time.perf_counter()
+            if status != 200 or answer != b"ready 0":
+                raise RuntimeError(f"big plugin answered {status} {answer[:200]!r} after restart")
+            to_health.append(healthy - started)
+            to_invoke.append(ready - started)
+            self.stop(process)
+        restart = statistics.median(to_invoke)
+
+        probe = (f"import sys,time; t0=time.perf_counter(); sys.path.insert(0,{str(ROOT)!r}); import aeordb; "
+                 f"t1=time.perf_counter(); from pathlib import Path; "
+                 f"aeordb.create_app(aeordb.Settings(data_dir=Path({str(data_dir)!r}),token={TOKEN!r})); "
+                 f"t2=time.perf_counter(); print(t1-t0, t2-t1)")
+        import_time, create_time = map(float, subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                                                            text=True, check=True).stdout.split())
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        bare_python = time.perf_counter() - started
+
+        ratio = restart / compile_time
+        self.row(f"3 restart to first invoke, 100 modules ({total_bytes / MiB:.1f} MiB, "
+                 f"big {len(modules[0]) / MiB:.1f} MiB)",
+                 f"{restart * 1e3:.0f} ms (median of {runs})", f"{compile_time * 1e3:.0f} ms compile",
+                 f"{ratio * 100:.1f}%", "<10%", ratio < 0.10)
+        self.row("3 ... of which: process start to /_health", f"{statistics.median(to_health) * 1e3:.0f} ms",
+                 f"{big_compile * 1e3:.0f} ms (big module alone)", "")
+        self.row("3 ... in-process: import aeordb / create_app", f"{import_time * 1e3:.0f} ms / "
+                 f"{create_time * 1e3:.0f} ms", f"{bare_python * 1e3:.0f} ms (python -c pass)", "")
+
+    # -- 4. 1 MiB echo vs naive JSON round trip --------------------------------------
+
+    def part_echo(self) -> None:
+        body = random.Random(4).randbytes(MiB)
+        echo = wasmtime.wat2wasm(ECHO_WAT)
+        process, port = self.aeordb_server(self.data_dir("echo"), "aeordb-echo")
+        wait_healthy(port, "/_health", process)
+        self.deploy(port, "bench/s/echo", echo)
+        headers = {**AUTH, "Content-Type": "application/octet-stream"}
+        status, answer = request(port, "POST", "/bench/s/echo/run/_invoke", body, headers)
+        if status != 200 or answer != body:
+            raise RuntimeError(f"echo answered {status}, {len(answer)} bytes, equal={answer == body}")
+        self.loadgen.run(port, "/bench/s/echo/run/_invoke", body, headers, 1, 1)
+        result = self.loadgen.run(port, "/bench/s/echo/run/_invoke", body, headers, 1, 3 if self.quick else 10)
+        self.stop(process)
+        http_rate = result["rps"] * len(body) / MiB
+
+        rounds = 3 if self.quick else 10
+        naive = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            back = bytes(json.loads(json.dumps(list(body))))
+            naive.append(time.perf_counter() - started)
+        assert back == body
+        naive_rate = len(body) / MiB / min(naive)
+
+        # The same work in-process, without HTTP, for the record.
+        app = self._inprocess_app("echo-inprocess")
+        registry, runtime = app.config["aeordb.registry"], app.config["aeordb.runtime"]
+        registry.deploy("bench", "s", "echo", echo, "echo", "wasm")
+        plugin = registry.get("bench/s/echo")
+        inproc = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            raw = runtime.invoke(plugin, aeordb.build_request_envelope(body, {"function_name": "run"}),
+                                 aeordb.Invocation(db="bench", plugin_path=plugin.path, metadata={},
+                                                   deadline=time.monotonic() + 30))
+            out = aeordb.parse_response_envelope(raw, runtime.codec)
+            inproc.append(time.perf_counter() - started)
+        assert out is not None and out.body == body
+        inproc_rate = len(body) / MiB / min(inproc)
+
+        ratio = http_rate / naive_rate
+        self.row("4 echo 1 MiB over HTTP, 1 client", f"{http_rate:.1f} MiB/s ({result['rps']:.1f} req/s)",
+                 f"{naive_rate:.1f} MiB/s (naive JSON)", ratio, ">=3x", ratio >= 3)
+        self.row("4 ... in-process (envelope, invoke, decode)", f"{inproc_rate:.1f} MiB/s",
+                 f"{naive_rate:.1f} MiB/s", inproc_rate / naive_rate)
+        if result["errors"]:
+            self.notes.append(f"echo: {result['errors']} errors")
+
+    # -- 5. memory --------------------------------------------------------------------
+
+    def part_memory(self) -> None:
+        process, port = self.aeordb_server(self.data_dir("memory"), "aeordb-memory")
+        wait_healthy(port, "/_health", process)
+        self.deploy(port, "bench/s/min", answer_module(b'{"status_code":200,"body":[104,105]}'))
+        path = "/bench/s/min/run/_invoke"
+        headers = {**AUTH, "Content-Type": "application/octet-stream"}
+        status, _ = request(port, "POST", path, b"hello", headers)
+        assert status == 200
+        idle = rss_kib(process.pid)
+        count = 2000 if self.quick else 10000
+        first = self.loadgen.run_python(port, path, b"hello", headers, 4, total=count)
+        after_first = rss_kib(process.pid)
+        second = self.loadgen.run_python(port, path, b"hello", headers, 4, total=count)
+        after_second = rss_kib(process.pid)
+        self.stop(process)
+        errors = first["errors"] + second["errors"]
+        if errors or first["requests"] + second["requests"] != 2 * count:
+            self.notes.append(f"memory: {errors} errors in {first['requests'] + second['requests']} requests")
+        steady = (after_second - after_first) / 1024
+        self.row(f"5 server RSS idle -> after {count:,} invocations", f"{after_first / 1024:.1f} MiB",
+                 f"{idle / 1024:.1f} MiB idle", f"+{(after_first - idle) / 1024:.1f} MiB")
+        self.row(f"5 ... after {2 * count:,} (growth over the 2nd {count:,})", f"{after_second / 1024:.1f} MiB",
+                 f"{after_first / 1024:.1f} MiB", f"{steady:+.1f} MiB", "<=2 MiB (noise)", steady <= 2.0)
+
+    # -- issue 3: queries ------------------------------------------------------------
+
+    def part_query(self) -> None:
+        app = self._inprocess_app("query")
+        files = app.config["aeordb.files"]
+        rng = random.Random(3)
+        cities = ["Paris", "Lyon", "Berlin", "Madrid", "Rome", "Oslo", "Lisbon", "Vienna", "Prague", "Dublin"]
+        n = 10000
+        docs = {f"/people/u{i:05d}.json": {"name": f"user{i}", "age": rng.randint(18, 90),
+                                            "city": rng.choice(cities), "active": rng.random() < 0.5,
+                                            "address": {"zip": f"{rng.randint(10000, 99999)}"}}
+                for i in range(n)}
+        started = time.perf_counter()
+        with files.batch():
+            for path, doc in docs.items():
+                files.write("bench", path, json.dumps(doc).encode(), "application/json")
+        insert = time.perf_counter() - started
+
+        where = {"and": [{"field": "age", "op": "gt", "value": 40},
+                         {"field": "city", "op": "eq", "value": "Paris"}]}
+        query = {"path": "/people", "where": where, "limit": n, "include_total": True}
+        aggregate = {"path": "/people", "aggregate": {"count": True, "avg": ["age"], "group_by": ["city"]},
+                     "limit": 1000}
+
+        def naive_docs():
+            for entry in files.list_directory("bench", "/people"):
+                data, _ = files.read("bench", "/people/" + entry["name"])
+                yield "/people/" + entry["name"], json.loads(data)
+
+        def naive_query():
+            return [path for path, doc in naive_docs() if doc.get("age", 0) > 40 and doc.get("city") == "Paris"]
+
+        def naive_aggregate():
+            groups: dict = {}
+            for _, doc in naive_docs():
+                group = groups.setdefault(doc.get("city"), [0, 0])
+                group[0] += 1
+                group[1] += doc["age"]
+            return {city: (count, total / count) for city, (count, total) in sorted(groups.items())}
+
+        answer, expected = files.query("bench", query), naive_query()
+        if answer["total"] != len(expected) or sorted(i["path"] for i in answer["items"]) != sorted(expected):
+            raise RuntimeError(f"query answered {answer['total']} documents, naive loop {len(expected)}")
+        agg, expected_agg = files.aggregate("bench", aggregate), naive_aggregate()
+        got = {g["key"]["city"]: (g["count"], g["avg"]["age"]) for g in agg["groups"]}
+        if got.keys() != expected_agg.keys() or any(
+                got[c][0] != expected_agg[c][0] or abs(got[c][1] - expected_agg[c][1]) > 1e-9 for c in got):
+            raise RuntimeError(f"aggregate answered {got}, naive loop {expected_agg}")
+
+        def best(fn, rounds: int) -> float:
+            times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        rounds = 3 if self.quick else 7
+        for label, ours_fn, naive_fn in (
+                (f"filtered query (age gt 40 and city eq Paris: {len(expected)} hits, total)",
+                 lambda: files.query("bench", query), naive_query),
+                ("grouped aggregate (group_by city, avg age, count)",
+                 lambda: files.aggregate("bench", aggregate), naive_aggregate)):
+            ours, base = n / best(ours_fn, rounds), n / best(naive_fn, rounds)
+            self.row(f"Q {label}", f"{ours:,.0f} docs/s", f"{base:,.0f} docs/s (naive loop)",
+                     ours / base, ">=3x", ours / base >= 3)
+        self.row("Q ... insert 10,000 documents in one files.batch()", f"{n / insert:,.0f} docs/s", "", "")
+
+    # -- output --------------------------------------------------------------------
+
+    def table(self) -> str:
+        header = ("measurement", "aeordb.py", "baseline", "ratio", "goal", "met?")
+        widths = [max(len(str(r[i])) for r in [header] + self.rows) for i in range(6)]
+        line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
+        out = [line, "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |", line]
+        for r in self.rows:
+            out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+        out.append(line)
+        return "\n".join(out)
+
+
+def profile(bench: Bench) -> None:
+    """cProfile of the in-process invocation path (run after part 'invoke')."""
+    import cProfile
+    import pstats
+    aeordb_path, _ = bench._invoke_callables
+    profiler = cProfile.Profile()
+    profiler.enable()
+    aeordb_path(5000)
+    profiler.disable()
+    print("\ncProfile of 5,000 in-process invocations (tottime):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, for a smoke check (< 60 s)")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts to run: {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=8,
+                        help="waitress threads of both aeordb.py and the bare app (default: 8)")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                        help="HTTP load generator (default: wrk if on PATH, else Python)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a cProfile of the in-process invoke path (needs part 'invoke')")
+    args = parser.parse_args()
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(only) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s): {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    os.environ.pop("AEORDB_TOKEN", None)
+
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        bench = Bench(args, stack)
+        cpus = os.cpu_count()
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+        info = [f"aeordb.py {aeordb.__version__} benchmark ({'quick' if args.quick else 'full'} run)",
+                f"python {platform.python_version()} ({sys.executable}), "
+                f"wasmtime-py {importlib.metadata.version('wasmtime')}, "
+                f"bottle {importlib.metadata.version('bottle')}, waitress {importlib.metadata.version('waitress')}",
+                f"CPUs: {cpus} (usable {affinity}), server threads: {args.threads}",
+                f"load generator: {bench.loadgen.describe()}"]
+        print("\n".join(info), flush=True)
+        # In-process parts first, then those that start servers; never two at once.
+        order = ["invoke", "query", "echo", "http", "memory", "restart"]
+        for name in order:
+            if name in only:
+                bench.log(f"part {name}")
+                getattr(bench, f"part_{name}")()
+        if args.profile and "invoke" in only:
+            profile(bench)
+        print()
+        print("\n".join(info))
+        print(bench.table())
+        for note in bench.notes:
+            print("note:", note)
+        print(f"total time {time.perf_counter() - started:.0f} s; command: "
+              f"{' '.join([Path(sys.executable).name, *sys.argv])}")
+
+
+if __name__ == "__main__":
+    main()
