@@ -1702,7 +1702,12 @@ class WasmRuntime:
 
     @staticmethod
     def _fail(caller: wasmtime.Caller, invocation: Invocation, reason: str) -> int:
-        """Fail the invocation from inside a host function: record why, interrupt the guest now."""
+        """Fail the invocation from inside a host function: record why, interrupt the guest.
+
+        Compiled code rereads the epoch deadline on function entry only (loops
+        check a cached copy), so the guest stops at its next call, or at the
+        latest at its own time limit; either way the 500 gives this reason.
+        """
         if invocation is not None and invocation.failure is None:
             invocation.failure = reason
         with contextlib.suppress(Exception):
