@@ -634,6 +634,55 @@ def _describe(kind: Any) -> str:
     return type(kind).__name__.replace("Type", "").lower()
 
 
+def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
+    """Refuse, before compiling, a module whose own memories or tables start over the limits.
+
+    wasmtime-py lists only imported and exported ones: an unexported memory or
+    table over the limit would deploy fine and fail every invocation (or, with
+    the pooling allocator, fail compilation with a vague message). Reads the
+    table (4) and memory (5) sections; stops quietly at anything unexpected,
+    since the compiler validates the module anyway.
+    """
+    data = wasm_bytes
+
+    def leb(pos: int) -> tuple:
+        value = shift = 0
+        while shift < 70:
+            byte = data[pos]
+            value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
+            if byte < 0x80:
+                return value, pos
+        raise ValueError("LEB128 number too long")
+
+    pos, sections = 8, 0
+    with contextlib.suppress(IndexError, ValueError):
+        while pos < len(data) and sections < 1000:   # bounded: garbage may be all tiny sections
+            kind, (size, pos) = data[pos], leb(pos + 1)
+            sections += 1
+            if kind in (4, 5):
+                count, item = leb(pos)
+                for _ in range(min(count, 100)):      # wasmtime allows at most 100 of each
+                    if kind == 4:
+                        if data[item] == 0x40:        # a table with an initializer: not read further
+                            break
+                        item = leb(item + 1)[1] if data[item] in (0x63, 0x64) else item + 1
+                    flags = data[item]
+                    minimum, item = leb(item + 1)
+                    if flags & 1:
+                        item = leb(item)[1]
+                    page = 65536
+                    if kind == 5 and flags & 8:       # custom page size: its log2 follows
+                        log2, item = leb(item)
+                        page = 1 << min(log2, 16)
+                    if kind == 4 and minimum > settings.table_limit:
+                        raise ApiError(400, f"module asks for a table of {minimum} elements, "
+                                            f"over the limit of {settings.table_limit}")
+                    if kind == 5 and minimum * page > settings.memory_limit:
+                        raise ApiError(400, f"module asks for {minimum * page // KiB} KiB of initial "
+                                            f"memory, over the limit of {settings.memory_limit // KiB} KiB")
+            pos += size
+
+
 ###############################################################################
 # Plugin registry ##############################################################
 ###############################################################################
@@ -692,6 +741,7 @@ class PluginRegistry:
     def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
                plugin_type: str) -> dict:
         path = f"{db}/{schema}/{table}"
+        check_declared_sizes(wasm_bytes, self.settings)
         try:
             module = self.wasm.compile(wasm_bytes)
         except wasmtime.WasmtimeError as exc:
@@ -702,12 +752,16 @@ class PluginRegistry:
                 "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
         folder = self.root / db / schema / table
         try:
-            self._store_artifact(sha, module)
-            atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
+            # Everything is written under the lock: a concurrent deploy or remove
+            # would otherwise delete our module or artifact as stale before our
+            # plugin.json points at it.
             with self._lock:
+                self._store_artifact(sha, module)
+                atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
                 atomic_write(folder / "plugin.json", json.dumps(meta, indent=2).encode())
                 self._plugins[path] = self._prepare(meta, module, shape)
                 self._remove_stale_modules(folder, keep=sha)
+                self._prune_cache()
         except OSError as exc:
             if is_storage_fault(exc):
                 raise storage_error("deploying", exc) from None
@@ -729,6 +783,7 @@ class PluginRegistry:
                 raise storage_error("removing", exc) from None
             del self._plugins[path]
             self._remove_stale_modules(folder, keep=None)
+            self._prune_cache()
             for empty in (folder, folder.parent, folder.parent.parent):
                 with contextlib.suppress(OSError):
                     empty.rmdir()
@@ -746,13 +801,20 @@ class PluginRegistry:
             folder = meta_file.parent
             try:
                 meta = json.loads(meta_file.read_text(encoding="utf-8"))
+                # The folder, not the recorded path, says where a plugin lives: a
+                # folder an operator copied elsewhere must not shadow the original.
+                meta["path"] = "/".join(folder.relative_to(self.root).parts)
                 module_file = folder / f"module-{meta['sha256']}.wasm"
                 module = self._load_module(meta["sha256"], module_file)
                 shape = inspect_module(module, self.settings)
                 self._plugins[meta["path"]] = self._prepare(meta, module, shape)
                 self._remove_stale_modules(folder, keep=meta["sha256"])
+                if not module_file.exists():
+                    log.warning("plugin %s runs from its compiled artifact: %s is missing",
+                                meta["path"], module_file)
             except Exception as exc:
                 log.error("cannot load plugin in %s: %s", folder, exc)
+        self._prune_cache()
 
     def _load_module(self, sha: str, module_file: Path) -> wasmtime.Module:
         artifact = self.cache / f"{sha}-{self.wasm.fingerprint}.cwasm"
@@ -780,6 +842,14 @@ class PluginRegistry:
         payload = module.serialize()
         blob = ARTIFACT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload
         atomic_write(self.cache / f"{sha}-{self.wasm.fingerprint}.cwasm", blob)
+
+    def _prune_cache(self) -> None:
+        """Drop artifacts no plugin uses any more, and those of other engine settings."""
+        wanted = {f"{p.meta['sha256']}-{self.wasm.fingerprint}.cwasm" for p in self._plugins.values()}
+        for artifact in self.cache.glob("*.cwasm"):
+            if artifact.name not in wanted:
+                with contextlib.suppress(OSError):
+                    artifact.unlink()
 
     def _prepare(self, meta: dict, module: wasmtime.Module, shape: ModuleShape) -> Plugin:
         pre = None if shape.imports_memory else self._linker.instantiate_pre(module)
@@ -854,6 +924,8 @@ class FileStore:
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # SQLite's lower() folds ASCII only; 'contains' is case-insensitive for every script.
+            conn.create_function("aeordb_lower", 1, _sql_lower, deterministic=True)
             self._local.conn = conn
         return conn
 
@@ -924,7 +996,7 @@ class FileStore:
         content_type = (content_type or mimetypes.guess_type(path)[0] or DEFAULT_CONTENT_TYPE).strip()
         if any(ch in content_type for ch in "\r\n") or len(content_type) > 256:
             raise ApiError(400, "invalid content type")
-        doc = _json_object_text(data)
+        doc = _json_object_text(data, self._conn())
         etag = hashlib.sha256(data).hexdigest()[:32]
         stamp = now_ms()
         ancestors, parent = [], parent_of(path)
@@ -1112,15 +1184,27 @@ def _file_meta(row: tuple) -> dict:
             "updated_at": row[4], "etag": row[5]}
 
 
-def _json_object_text(data: bytes) -> Optional[str]:
-    """The text of ``data`` when it is one JSON object (queryable), else None."""
+def _json_object_text(data: bytes, conn: sqlite3.Connection) -> Optional[str]:
+    """The text of ``data`` when it is one JSON object (queryable), else None.
+
+    SQLite judges, not json.loads: Python also takes NaN and Infinity, and stops
+    at deep nesting with RecursionError; one document SQLite cannot parse would
+    make every query over its directory fail with "malformed JSON".
+    """
     if not data[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
         return None
     try:
         text = data.decode("utf-8")
-        return text if isinstance(json.loads(text), dict) else None
     except ValueError:
         return None
+    if "\x00" in text:
+        return None
+    kind = conn.execute("SELECT CASE WHEN json_valid(?1) THEN json_type(?1) END", (text,)).fetchone()[0]
+    return text if kind == "object" else None
+
+
+def _sql_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
 def _sql_json_value(json_type: Optional[str], value: Any) -> Any:
@@ -1155,6 +1239,7 @@ def _optional_int(args: dict, key: str, default: int) -> int:
 
 _FIELD = re.compile(r"[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*")
 MAX_QUERY_LIMIT = 10_000
+MAX_QUERY_CONDITIONS = 5_000   # conditions plus 'in' values: SQLite caps bound parameters at 32766
 _COMBINATORS = {"and": "AND", "or": "OR", "not": "NOT"}
 SPECIAL_ORDER_FIELDS = {"@path": "path", "@size": "size", "@created_at": "created_at",
                         "@updated_at": "updated_at"}
@@ -1167,6 +1252,22 @@ def json_path(field: Any) -> str:
     return "$" + "".join(f'."{part}"' for part in field.split("."))
 
 
+def _balanced(parts: list, word: str) -> str:
+    """``parts`` joined by AND/OR as a balanced tree: SQLite refuses expressions nested
+    deeper than 1000, and a flat 'a OR b OR c ...' nests one level per term."""
+    if len(parts) == 1:
+        return parts[0]
+    middle = len(parts) // 2
+    return f"({_balanced(parts[:middle], word)} {word} {_balanced(parts[middle:], word)})"
+
+
+def _sql_number(value: Any) -> Any:
+    """JSON integers beyond 64 bits as floats, as SQLite's JSON functions read them."""
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        return float(value) if abs(value) < 2 ** 1000 else (math.inf if value > 0 else -math.inf)
+    return value
+
+
 class QueryPlan:
     """A query or aggregate JSON (ABI section 5) compiled to SQL over the `files` table."""
 
@@ -1176,12 +1277,14 @@ class QueryPlan:
         self.directory = normalize_file_path(spec.get("path", "/"), allow_root=True)
         self.fields: list = []
         self.where_params: list = []
+        self.conditions = 0
         self.where_sql = self._node(spec.get("where"), depth=0)
         self.limit = _optional_int(spec, "limit", default_limit)
         self.offset = _optional_int(spec, "offset", 0)
         if self.limit < 0 or self.offset < 0:
             raise ApiError(400, "limit and offset must not be negative")
         self.limit = min(self.limit, MAX_QUERY_LIMIT)
+        self.offset = min(self.offset, 2 ** 62)   # past any table; SQLite integers are 64-bit
         self.include_total = bool(spec.get("include_total", False))
         self.order_sql, self.order_params = self._order(spec.get("order_by"))
         self.aggregate = self._aggregate(spec.get("aggregate")) if "aggregate" in spec else None
@@ -1192,7 +1295,7 @@ class QueryPlan:
         if node is None or node == {} or node == []:
             return "1"
         if isinstance(node, list):   # legacy form: an implicit AND
-            return "(" + " AND ".join(self._node(child, depth + 1) for child in node) + ")"
+            return _balanced([self._node(child, depth + 1) for child in node], "AND")
         if not isinstance(node, dict):
             raise ApiError(400, f"a query condition must be an object, found {type(node).__name__}")
         combinators = [key for key in node if key.lower() in _COMBINATORS]
@@ -1205,7 +1308,7 @@ class QueryPlan:
                 return f"(NOT {self._node(child, depth + 1)})"
             if not isinstance(child, list) or not child:
                 raise ApiError(400, f"{key!r} takes a non-empty list of conditions")
-            return "(" + f" {word} ".join(self._node(c, depth + 1) for c in child) + ")"
+            return _balanced([self._node(c, depth + 1) for c in child], word)
         return self._condition(node)
 
     def _condition(self, node: dict) -> str:
@@ -1216,6 +1319,10 @@ class QueryPlan:
         if field not in self.fields:
             self.fields.append(field)
         value = node.get("value")
+        self.conditions += len(value) if op == "in" and isinstance(value, list) else 1
+        if self.conditions > MAX_QUERY_CONDITIONS:
+            raise ApiError(400, f"query has more than {MAX_QUERY_CONDITIONS} conditions "
+                                "(counting each value of 'in')")
         if op == "eq":
             return self._equals(path, value)
         if op == "in":
@@ -1223,7 +1330,7 @@ class QueryPlan:
                 raise ApiError(400, "'in' takes a list value")
             if not value:
                 return "0"
-            return "(" + " OR ".join(self._equals(path, v) for v in value) + ")"
+            return _balanced([self._equals(path, v) for v in value], "OR")
         if op in ("gt", "lt"):
             return self._compare(path, ">" if op == "gt" else "<", value)
         if op == "between":
@@ -1234,8 +1341,8 @@ class QueryPlan:
         if op == "contains":
             if not isinstance(value, str):
                 raise ApiError(400, "'contains' takes a string value")
-            self.where_params += [path, path, value]
-            return "(json_type(doc, ?) = 'text' AND instr(lower(json_extract(doc, ?)), lower(?)) > 0)"
+            self.where_params += [path, path, value.lower()]
+            return "(json_type(doc, ?) = 'text' AND instr(aeordb_lower(json_extract(doc, ?)), ?) > 0)"
         raise ApiError(400, f"unsupported operator {op!r}: use eq, gt, lt, between, in or contains")
 
     def _equals(self, path: str, value: Any) -> str:
@@ -1246,7 +1353,7 @@ class QueryPlan:
             self.where_params.append(path)
             return f"(json_type(doc, ?) = '{'true' if value else 'false'}')"
         if isinstance(value, (int, float)):
-            self.where_params += [path, path, value]
+            self.where_params += [path, path, _sql_number(value)]
             return "(json_type(doc, ?) IN ('integer','real') AND json_extract(doc, ?) = ?)"
         if isinstance(value, str):
             self.where_params += [path, path, value]
@@ -1258,7 +1365,7 @@ class QueryPlan:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ApiError(400, "gt, lt and between compare numbers or strings")
         kinds = "('integer','real')" if not isinstance(value, str) else "('text')"
-        self.where_params += [path, path, value]
+        self.where_params += [path, path, value if isinstance(value, str) else _sql_number(value)]
         return f"(json_type(doc, ?) IN {kinds} AND json_extract(doc, ?) {operator} ?)"
 
     def _order(self, order_by: Any) -> tuple:
@@ -1890,13 +1997,16 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
         etag = f'"{meta["etag"]}"'
         headers = {"Content-Type": meta["content_type"], "ETag": etag,
                    "Last-Modified": email.utils.formatdate(meta["updated_at"] / 1000, usegmt=True)}
-        if etag in bottle.request.get_header("If-None-Match", ""):
+        if_none_match = bottle.request.get_header("If-None-Match", "")
+        if etag in if_none_match or if_none_match.strip() == "*":   # '*': any current version
             return bottle.HTTPResponse(status=304, headers=headers)
         return bottle.HTTPResponse(data, status=200, headers=headers)
 
     @app.put("/<db>/_files/<path:path>")
     def put_file(db: str, path: str) -> bottle.HTTPResponse:
         check_segment(db, "database name")
+        if path.endswith("/"):   # GET answers such a path with a listing: it names a directory
+            raise ApiError(400, f"cannot store a file at a directory path ending in '/': /{path}")
         target = normalize_file_path("/" + path)
         data = read_body(settings.max_file_size, "file")
         meta, created = files.write(db, target, data, bottle.request.get_header("Content-Type"))
