@@ -162,7 +162,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def storage_error(action: str, exc: BaseException) -> ApiError:
+def storage_error(action: str, exc: object) -> ApiError:
     """Disk full, read-only or locked storage: the server is fine, the disk is not."""
     return ApiError(503, f"storage unavailable while {action}: {exc}")
 
@@ -904,6 +904,12 @@ CREATE INDEX IF NOT EXISTS files_by_parent ON files (db, parent, path);
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
+@dataclasses.dataclass
+class _Batch:
+    began: bool = False                 # BEGIN IMMEDIATE was issued
+    broken: Optional[str] = None        # why the transaction can no longer commit
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -935,15 +941,21 @@ class FileStore:
     def batch(self) -> Iterator[None]:
         """Group every write of the block into one transaction, begun at the first write.
 
-        Commits when the block ends normally, rolls back when it raises.
+        Commits when the block ends normally, rolls back when it raises. If
+        SQLite abandoned the transaction midway (disk full, I/O error), the
+        block fails too: committing the writes after that would break
+        all-or-nothing.
         """
         conn = self._conn()
-        self._local.batch = True
+        state = self._local.batch = _Batch()
         try:
             yield
+            if state.broken:
+                raise storage_error("writing", state.broken)
         except BaseException:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
         else:
             if conn.in_transaction:
@@ -954,22 +966,35 @@ class FileStore:
                         conn.execute("ROLLBACK")
                     raise storage_error("committing", exc) from None
         finally:
-            self._local.batch = False
+            self._local.batch = None
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
+        batch = getattr(self._local, "batch", None)
         try:
-            if getattr(self._local, "batch", False):
-                if not conn.in_transaction:
+            if batch is not None:
+                if batch.broken:
+                    raise storage_error("writing", batch.broken)
+                if batch.began and not conn.in_transaction:
+                    batch.broken = "the invocation's transaction was rolled back by the database"
+                    raise storage_error("writing", batch.broken)
+                if not batch.began:
                     conn.execute("BEGIN IMMEDIATE")
-                yield conn
+                    batch.began = True
+                try:
+                    yield conn
+                except sqlite3.Error as exc:
+                    if not conn.in_transaction:
+                        batch.broken = str(exc)
+                    raise
                 return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -1597,15 +1622,17 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
         return None
     if not 200 <= status <= 599:
         raise ApiError(500, f"plugin answered status_code {status}, outside 200-599")
-    if not content_type or any(ch in content_type for ch in "\r\n"):
+    if not content_type or _CONTROL_CHARS.search(content_type):
         content_type = DEFAULT_CONTENT_TYPE
     safe = {name: value for name, value in (headers or {}).items()
             if (name.lower().startswith("x-") or name.lower() in SAFE_HEADERS)
-            and _HEADER_NAME.fullmatch(name) and not any(ch in value for ch in "\r\n\0")}
+            and _HEADER_NAME.fullmatch(name) and not _CONTROL_CHARS.search(value)}
     return PluginAnswer(status, content_type, safe, body)
 
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+# CR/LF would split the header; the rest (even tab) is refused by strict WSGI stacks.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 ###############################################################################
@@ -1973,6 +2000,16 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
             error.status_code, error.body if isinstance(error.body, str) else error.status_line)
         return json.dumps({"error": message})
     app.default_error_handler = default_error
+
+    @app.hook("before_request")
+    def refuse_invalid_utf8_path() -> None:
+        # Bottle routes on the path with invalid UTF-8 bytes silently dropped
+        # ('/a%FFb' would reach '/ab'): refuse it before routing instead.
+        with contextlib.suppress(UnicodeEncodeError):
+            try:
+                bottle.request.environ.get("bottle.raw_path", "").encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise _json_response({"error": "request path is not valid UTF-8"}, 400) from None
 
     # -- system ------------------------------------------------------------------
 

@@ -169,8 +169,12 @@ def server_thread(app, threads: int = 4, **options):
         wait_until_healthy(port)
         yield port
     finally:
-        server.close()
+        # Close from inside the server's own loop (via its trigger), so that
+        # select() never sees a descriptor closed under it by this thread.
+        server.task_dispatcher.shutdown()
+        server.trigger.pull_trigger(lambda: [channel.close() for channel in list(server._map.values())])
         thread.join(timeout=10)
+        assert not thread.is_alive(), "waitress did not stop"
 
 
 def http_request(port: int, method: str, path: str, body: bytes | None = None,
@@ -1143,3 +1147,960 @@ def test_example_plugin_matches_its_source_and_runs(client, caplog):
     assert answer.json == {"hello": "world"}
     assert answer.headers["x-plugin"] == "hello"
     assert any("[mydb/public/users] hello plugin invoked" in r.getMessage() for r in caplog.records)
+# Database, host functions and queries #########################################
+
+def _db_seq_module(steps, *, alloc: bool = True, tail="return") -> bytes:
+    """A module whose handle runs host calls in order, then ends as ``tail`` says.
+
+    ``steps``: (function, args_bytes) for the (i32, i32) -> i64 host functions, or
+    ("log_message", level_bytes, message_bytes). Arguments live in data segments
+    (above the request, which lands at 0 without ``alloc``). ``tail``: "return"
+    (the last host answer), "trap" (unreachable), "bad_pointer", "loop" (endless),
+    "offset0" (the last answer's length at pointer 0: proves a module without
+    alloc got it there) or "check_alloc" (traps unless the last answer came from
+    the module's alloc).
+    """
+    base = 1024 if alloc else 32768
+    imports, segments, body = {}, [], []
+    offset = base
+
+    def place(data: bytes) -> int:
+        nonlocal offset
+        at = offset
+        segments.append(f'(data (i32.const {at}) "{wat_string(data)}")')
+        offset += len(data) + 8
+        return at
+
+    for step in steps:
+        if step[0] == "log_message":
+            imports["log_message"] = ('(import "aeordb" "log_message" '
+                                      '(func $log_message (param i32 i32 i32 i32)))')
+            level, message = step[1], step[2]
+            body.append(f"(call $log_message (i32.const {place(level)}) (i32.const {len(level)})"
+                        f" (i32.const {place(message)}) (i32.const {len(message)}))")
+        else:
+            function, args = step
+            imports[function] = (f'(import "aeordb" "{function}" '
+                                 f'(func ${function} (param i32 i32) (result i64)))')
+            body.append(f"(local.set $r (call ${function} (i32.const {place(args)})"
+                        f" (i32.const {len(args)})))")
+    if tail == "return":
+        end = "(local.get $r)"
+    elif tail == "trap":
+        end = "unreachable"
+    elif tail == "bad_pointer":
+        end = "(i64.const 0x7FFF000000000064)"   # 100 bytes at 2 GiB: far outside memory
+    elif tail == "loop":
+        end = "(loop $forever (br $forever)) (i64.const 0)"
+    elif tail == "offset0":
+        end = "(i64.and (local.get $r) (i64.const 0xFFFFFFFF))"
+    else:
+        assert tail == "check_alloc", tail
+        end = ("(if (i64.lt_u (i64.shr_u (local.get $r) (i64.const 32)) (i64.const 65536))"
+               " (then unreachable)) (local.get $r)")
+    return wat(f"""
+(module
+  {' '.join(imports.values())}
+  (memory (export "memory") 2)
+  {ALLOC_WAT if alloc else ''}
+  {' '.join(segments)}
+  (func (export "handle") (param i32 i32) (result i64)
+    (local $r i64)
+    {' '.join(body)}
+    {end}))
+""")
+
+
+def _db_args(args) -> bytes:
+    return args if isinstance(args, bytes) else json.dumps(args).encode()
+
+
+def _db_host(client, db: str, function: str, args, table: str = "t") -> dict:
+    """Deploy host_call_module(function, args) at {db}/s/{table}; answer its invocation's JSON."""
+    deploy(client, f"{db}/s/{table}", host_call_module(function, _db_args(args)))
+    answer = invoke(client, f"{db}/s/{table}/run")
+    return json.loads(answer.body)
+
+
+def _db_run(client, db: str, steps, status: int = 200, table: str = "seq", **options):
+    deploy(client, f"{db}/s/{table}", _db_seq_module(steps, **options))
+    return invoke(client, f"{db}/s/{table}/run", status=status)
+
+
+def _db_put(client, db: str, path: str, data: bytes, content_type: str = "application/octet-stream",
+            status=None):
+    return client.put(f"/{db}/_files{path}", data, headers=AUTH, content_type=content_type,
+                      status=status)
+
+
+def _db_write_step(path: str, data: bytes, content_type: str | None = None) -> tuple:
+    args = {"path": path, "data": base64.b64encode(data).decode()}
+    if content_type:
+        args["content_type"] = content_type
+    return ("aeordb_write_file", _db_args(args))
+
+
+# -- host functions, one by one ------------------------------------------------
+
+def test_db_host_read_file(client):
+    data = "héllo\nwörld\n".encode()
+    _db_put(client, "h", "/docs/a.txt", data, "text/plain; charset=utf-8")
+    answer = _db_host(client, "h", "aeordb_read_file", {"path": "/docs/a.txt"})
+    assert base64.b64decode(answer["data"]) == data
+    assert answer["content_type"] == "text/plain; charset=utf-8"
+    assert answer["size"] == len(data)
+
+
+def test_db_host_write_file_then_visible_over_http(client):
+    data = bytes(range(256))
+    answer = _db_host(client, "h", "aeordb_write_file",
+                      {"path": "/w/new.bin", "data": base64.b64encode(data).decode(),
+                       "content_type": "application/x-test"})
+    assert answer == {"ok": True, "size": 256}
+    got = client.get("/h/_files/w/new.bin", headers=AUTH)
+    assert got.body == data and got.content_type == "application/x-test"
+    # Without content_type the type follows the extension.
+    _db_host(client, "h", "aeordb_write_file",
+             {"path": "/w/doc.json", "data": base64.b64encode(b'{"a": 1}').decode()})
+    assert client.get("/h/_files/w/doc.json", headers=AUTH).content_type == "application/json"
+
+
+def test_db_host_delete_file(client):
+    _db_put(client, "h", "/gone.txt", b"bye")
+    assert _db_host(client, "h", "aeordb_delete_file", {"path": "/gone.txt"}) == {"ok": True}
+    client.get("/h/_files/gone.txt", headers=AUTH, status=404)
+    again = _db_host(client, "h", "aeordb_delete_file", {"path": "/gone.txt"})
+    assert "no file" in again["error"]
+
+
+def test_db_host_file_metadata(client):
+    before = int(time.time() * 1000)
+    _db_put(client, "h", "/m/x.txt", b"12345", "text/plain")
+    after = int(time.time() * 1000)
+    meta = _db_host(client, "h", "aeordb_file_metadata", {"path": "/m/x.txt"})
+    assert meta["path"] == "/m/x.txt" and meta["size"] == 5 and meta["content_type"] == "text/plain"
+    assert before - 1 <= meta["created_at"] <= after + 1          # milliseconds, not seconds
+    assert meta["updated_at"] == meta["created_at"]
+    _db_put(client, "h", "/m/x.txt", b"1234567", "text/plain")
+    again = _db_host(client, "h", "aeordb_file_metadata", {"path": "/m/x.txt"})
+    assert again["created_at"] == meta["created_at"] and again["updated_at"] >= meta["updated_at"]
+    assert again["size"] == 7
+
+
+def test_db_host_list_directory(client):
+    _db_put(client, "h", "/d/a.txt", b"aaa")
+    _db_put(client, "h", "/d/sub/b.txt", b"bb")
+    _db_put(client, "h", "/d/sub/deeper/c.txt", b"c")
+    _db_put(client, "h", "/d2/z.txt", b"z")       # a sibling whose name extends "d"
+    answer = _db_host(client, "h", "aeordb_list_directory", {"path": "/d"})
+    assert answer["entries"] == [{"name": "a.txt", "type": "file", "size": 3},
+                                 {"name": "sub", "type": "directory", "size": 3}]
+    root = _db_host(client, "h", "aeordb_list_directory", {"path": "/"})
+    assert [(e["name"], e["type"]) for e in root["entries"]] == [("d", "directory"), ("d2", "directory")]
+    assert "error" in _db_host(client, "h", "aeordb_list_directory", {"path": "/nothing"})
+    assert "error" in _db_host(client, "h", "aeordb_list_directory", {"path": "/d/a.txt"})
+
+
+_DB_TEXT = "line1\nline2 ünï\nline3 日本語\nline4\n"
+
+
+@pytest.mark.parametrize("args, expected", [
+    ({"mode": "lines", "start": 2, "end": 3}, {"text": "line2 ünï\nline3 日本語\n", "truncated": False}),
+    ({"mode": "lines", "start": None, "end": None}, {"text": _DB_TEXT, "truncated": False}),
+    ({"mode": "lines"}, {"text": _DB_TEXT, "truncated": False}),
+    ({}, {"text": _DB_TEXT, "mode": "lines"}),
+    ({"mode": "lines", "start": 4, "end": 99}, {"text": "line4\n"}),
+    ({"mode": "lines", "start": 3, "end": 3}, {"text": "line3 日本語\n"}),
+    ({"mode": "chars", "start": 6, "end": 15}, {"text": "line2 ünï"}),       # characters, not bytes
+    ({"mode": "chars", "start": 0, "end": 0}, {"text": ""}),
+    ({"mode": "chars", "start": 22, "end": None}, {"text": "日本語\nline4\n"}),
+    ({"mode": "bytes", "start": 0, "end": 5}, {"text": "line1"}),
+    ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 7}, {"text": "日本", "truncated": True}),
+    ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 9}, {"text": "日本語", "truncated": False}),
+    ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 2}, {"text": "", "truncated": True}),
+    ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 0}, {"text": "", "truncated": True}),
+    ({"mode": "chars", "start": 0, "end": 1, "max_bytes": -5}, {"text": "l", "truncated": False}),
+    ({"mode": "lines", "max_bytes": 1 << 40}, {"text": _DB_TEXT, "truncated": False}),
+    ({"mode": "lines", "max_bytes": None}, {"text": _DB_TEXT, "truncated": False}),
+])
+def test_db_host_extract_file(client, args, expected):
+    data = _DB_TEXT.encode()
+    _db_put(client, "x", "/t.txt", data, "text/plain")
+    answer = _db_host(client, "x", "aeordb_extract_file", {"path": "/t.txt", **args})
+    assert "error" not in answer, answer
+    for key, value in expected.items():
+        assert answer[key] == value, (key, answer)
+    assert answer["source_size"] == len(data) and answer["content_type"] == "text/plain"
+    assert answer["mode"] == args.get("mode", "lines")
+    assert len(answer["text"].encode()) <= max(1, min(args.get("max_bytes") or 4 * 1024 * 1024,
+                                                      16 * 1024 * 1024))
+
+
+def test_db_host_extract_file_truncation_keeps_utf8_whole(client):
+    text = "aé日😀" * 50                         # 1, 2, 3 and 4-byte characters
+    _db_put(client, "x", "/u.txt", text.encode(), "text/plain")
+    for max_bytes in range(1, 25):
+        answer = _db_host(client, "x", "aeordb_extract_file",
+                          {"path": "/u.txt", "mode": "lines", "max_bytes": max_bytes})
+        got = answer["text"]
+        assert answer["truncated"] is True
+        assert text.startswith(got) and "\ufffd" not in got
+        assert len(got.encode()) <= max_bytes
+        # The longest whole-character prefix that fits: nothing more could have been kept.
+        assert len(text[:len(got) + 1].encode()) > max_bytes
+
+
+def test_db_host_extract_file_errors(client):
+    _db_put(client, "x", "/t.txt", b"abc\n", "text/plain")
+    for args in ({"path": "/t.txt", "mode": "words"}, {"path": "/t.txt", "mode": "lines", "start": 0},
+                 {"path": "/t.txt", "start": "1"}, {"path": "/missing.txt"}, {"mode": "lines"}):
+        assert "error" in _db_host(client, "x", "aeordb_extract_file", args), args
+
+
+def test_db_host_context(client):
+    answer = _db_host(client, "ctx", "aeordb_context", {})
+    assert answer["function_name"] == "run"
+    assert answer["plugin_path"] == "ctx/s/t"
+    assert answer["db"] == "ctx"
+    assert answer["method"] == "POST"
+    assert 0 < answer["remaining_ms"] <= 5000
+
+
+def test_db_host_log_message(client, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb.plugin")
+    answer = _db_run(client, "lg", [("log_message", b"warn", "hello from wasm ✓".encode()),
+                                    ("aeordb_context", b"{}")], table="logger")
+    assert json.loads(answer.body)["plugin_path"] == "lg/s/logger"
+    records = [r for r in caplog.records if r.name == "aeordb.plugin"]
+    assert any("[lg/s/logger]" in r.getMessage() and "hello from wasm ✓" in r.getMessage()
+               and r.levelno == logging.WARNING for r in records), [r.getMessage() for r in records]
+
+
+@pytest.mark.parametrize("args", [
+    b"{}",                                    # missing path
+    b"not json at all",
+    b'["/a.txt"]',                            # JSON, but not an object
+    b'{"path": "a.txt"}',                     # relative
+    b'{"path": "/a/../a.txt"}',
+    b'{"path": "/../a.txt"}',
+    b'{"path": 42}',
+    b'{"path": "/a\\u0000b"}',
+    b"\xff\xfe",                              # not UTF-8
+])
+@pytest.mark.parametrize("function", ["aeordb_read_file", "aeordb_file_metadata", "aeordb_delete_file",
+                                      "aeordb_write_file", "aeordb_extract_file", "aeordb_list_directory"])
+def test_db_host_bad_arguments_answer_error(client, function, args):
+    _db_put(client, "e", "/a.txt", b"secret")
+    answer = _db_host(client, "e", function, args)      # invoke still answers 200
+    assert set(answer) == {"error"} and isinstance(answer["error"], str) and answer["error"]
+    assert client.get("/e/_files/a.txt", headers=AUTH).body == b"secret"
+
+
+def test_db_host_answer_placement_with_and_without_alloc(client):
+    _db_put(client, "p", "/f.txt", b"placed", "text/plain")
+    args = _db_args({"path": "/f.txt"})
+    with_alloc = _db_run(client, "p", [("aeordb_read_file", args)], alloc=True, tail="check_alloc")
+    assert base64.b64decode(json.loads(with_alloc.body)["data"]) == b"placed"
+    without = _db_run(client, "p", [("aeordb_read_file", args)], alloc=False, tail="offset0")
+    assert base64.b64decode(json.loads(without.body)["data"]) == b"placed"
+    # Several answers in a row without alloc: each lands at 0 and the arguments stay intact.
+    steps = [("aeordb_file_metadata", args), ("aeordb_list_directory", _db_args({"path": "/"})),
+             ("aeordb_read_file", args)]
+    last = _db_run(client, "p", steps, alloc=False, tail="offset0")
+    assert json.loads(last.body)["size"] == 6
+
+
+# -- the wall between databases -------------------------------------------------
+
+def test_db_cross_database_wall(client):
+    written = _db_host(client, "a", "aeordb_write_file",
+                       {"path": "/x.json", "data": base64.b64encode(b'{"owner": "a"}').decode()})
+    assert written["ok"] is True
+    assert client.get("/a/_files/x.json", headers=AUTH).json == {"owner": "a"}
+    answer = _db_host(client, "b", "aeordb_read_file", {"path": "/x.json"})
+    assert "no file" in answer["error"]
+    assert "error" in _db_host(client, "b", "aeordb_file_metadata", {"path": "/x.json"})
+    assert "error" in _db_host(client, "b", "aeordb_delete_file", {"path": "/x.json"})
+    assert _db_host(client, "b", "aeordb_list_directory", {"path": "/"}) == {"entries": []}
+    assert _db_host(client, "b", "aeordb_query", {"path": "/"})["items"] == []
+    client.get("/b/_files/x.json", headers=AUTH, status=404)
+    assert client.get("/a/_files/x.json", headers=AUTH).json == {"owner": "a"}   # b deleted nothing
+
+
+# -- all-or-nothing invocations ---------------------------------------------------
+
+def test_db_invocation_that_traps_leaves_nothing(client):
+    _db_put(client, "t", "/keep.txt", b"old")
+    steps = [_db_write_step("/one.txt", b"1"), _db_write_step("/dir/two.txt", b"2"),
+             _db_write_step("/keep.txt", b"new"), ("aeordb_delete_file", _db_args({"path": "/keep.txt"}))]
+    answer = _db_run(client, "t", steps, status=500, tail="trap")
+    assert "unreachable" in answer.json["error"]
+    client.get("/t/_files/one.txt", headers=AUTH, status=404)
+    client.get("/t/_files/dir/two.txt", headers=AUTH, status=404)
+    assert client.get("/t/_files/keep.txt", headers=AUTH).body == b"old"
+
+
+def test_db_invocation_that_returns_keeps_everything(client):
+    steps = [_db_write_step(f"/many/{n}.txt", str(n).encode()) for n in range(5)]
+    steps.append(("aeordb_delete_file", _db_args({"path": "/many/0.txt"})))
+    answer = _db_run(client, "t", steps)
+    assert json.loads(answer.body) == {"ok": True}
+    client.get("/t/_files/many/0.txt", headers=AUTH, status=404)
+    for n in range(1, 5):
+        assert client.get(f"/t/_files/many/{n}.txt", headers=AUTH).body == str(n).encode()
+
+
+def test_db_invocation_with_bad_answer_pointer_leaves_nothing(client):
+    steps = [_db_write_step("/p1.txt", b"1"), _db_write_step("/p2.txt", b"2")]
+    answer = _db_run(client, "t", steps, status=500, tail="bad_pointer")
+    assert "pointer" in answer.json["error"]
+    client.get("/t/_files/p1.txt", headers=AUTH, status=404)
+    client.get("/t/_files/p2.txt", headers=AUTH, status=404)
+
+
+def test_db_invocation_over_time_limit_leaves_nothing(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.3)
+    answer = _db_run(client, "t", [_db_write_step("/slow.txt", b"x")], status=500, tail="loop")
+    assert "time limit" in answer.json["error"]
+    client.get("/t/_files/slow.txt", headers=AUTH, status=404)
+
+
+def test_db_invocation_failed_by_host_leaves_nothing(client):
+    # alloc answers the request a good pointer, then nonsense: the host cannot place the
+    # write's answer, fails the invocation, and the write must go with it.
+    module = wat(f"""
+(module
+  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
+  (memory (export "memory") 2)
+  (global $calls (mut i32) (i32.const 0))
+  (func (export "alloc") (param i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (if (result i32) (i32.eq (global.get $calls) (i32.const 1))
+      (then (i32.const 65536)) (else (i32.const -16))))
+  (data (i32.const 1024) "{wat_string(_db_write_step('/host.txt', b'h')[1])}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (drop (call $write (i32.const 1024) (i32.const {len(_db_write_step('/host.txt', b'h')[1])})))
+    (i64.const 0)))
+""")
+    deploy(client, "t/s/hostfail", module)
+    answer = invoke(client, "t/s/hostfail/run", status=500)
+    assert "bad pointer" in answer.json["error"]
+    client.get("/t/_files/host.txt", headers=AUTH, status=404)
+
+
+def test_db_invocation_reads_its_own_writes(client):
+    _db_put(client, "r", "/own.txt", b"before", "text/plain")
+    steps = [_db_write_step("/own.txt", b"after", "text/x-new"),
+             _db_write_step("/fresh.txt", b"fresh"),
+             ("aeordb_list_directory", _db_args({"path": "/"})),
+             ("aeordb_read_file", _db_args({"path": "/own.txt"}))]
+    answer = json.loads(_db_run(client, "r", steps).body)
+    assert base64.b64decode(answer["data"]) == b"after" and answer["content_type"] == "text/x-new"
+    steps[-1] = ("aeordb_list_directory", _db_args({"path": "/"}))
+    listing = json.loads(_db_run(client, "r", steps).body)
+    assert [e["name"] for e in listing["entries"]] == ["fresh.txt", "own.txt"]
+    deleted = json.loads(_db_run(client, "r", [("aeordb_delete_file", _db_args({"path": "/fresh.txt"})),
+                                               ("aeordb_read_file", _db_args({"path": "/fresh.txt"}))]).body)
+    assert "no file" in deleted["error"]
+
+
+def test_db_concurrent_invocations_do_not_see_uncommitted_writes(tmp_path):
+    """P writes /c.json, logs "written", spins, logs "spun" and returns (commit after that).
+
+    Every read that *completed* before P logged "spun" happened before the commit, so it
+    must miss the file: HTTP GET answers 404 and a reading plugin answers "no file".
+    """
+    import logging
+    _, app = make_app(tmp_path)
+    written, spun = threading.Event(), threading.Event()
+
+    class Marks(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if "[c/s/p]" in message:
+                (written if message.endswith("written") else spun).set()
+
+    handler, plugin_logger = Marks(), logging.getLogger("aeordb.plugin")
+    old_level = plugin_logger.level
+    plugin_logger.addHandler(handler)
+    plugin_logger.setLevel(logging.INFO)
+    reader = host_call_module("aeordb_read_file", _db_args({"path": "/c.json"}))
+    try:
+        with server_thread(app) as port:
+            assert http_request(port, "PUT", "/c/s/q/_deploy", reader)[0] == 200
+            spin = 100_000_000
+            for _attempt in range(6):
+                http_request(port, "DELETE", "/c/_files/c.json")
+                written.clear(), spun.clear()
+                module = _db_spin_between_marks(spin)
+                assert http_request(port, "PUT", "/c/s/p/_deploy", module)[0] == 200
+                done = threading.Event()
+                result = {}
+
+                def run_p():
+                    try:
+                        result["p"] = http_request(port, "POST", "/c/s/p/run/_invoke", b"")
+                    finally:
+                        done.set()
+                thread = threading.Thread(target=run_p)
+                thread.start()
+                assert written.wait(10)
+                early = 0
+                while not done.is_set():
+                    status, _, body = http_request(port, "GET", "/c/_files/c.json")
+                    q_status, _, q_body = http_request(port, "POST", "/c/s/q/run/_invoke", b"")
+                    if not spun.is_set():          # both reads finished before P's commit
+                        assert status == 404, body
+                        assert q_status == 200 and "no file" in json.loads(q_body)["error"]
+                        early += 1
+                thread.join(10)
+                assert result["p"][0] == 200 and json.loads(result["p"][2]) == {"ok": True, "size": 8}
+                status, _, body = http_request(port, "GET", "/c/_files/c.json")
+                assert (status, json.loads(body)) == (200, {"n": 1})
+                q_status, _, q_body = http_request(port, "POST", "/c/s/q/run/_invoke", b"")
+                assert base64.b64decode(json.loads(q_body)["data"]) == b'{"n": 1}'
+                if early:
+                    break
+                spin = min(spin * 4, 4_000_000_000)     # i32.const holds up to 2**32 - 1
+            assert early > 0, "no read landed while P was running"
+    finally:
+        plugin_logger.removeHandler(handler)
+        plugin_logger.setLevel(old_level)
+
+
+def _db_spin_between_marks(count: int) -> bytes:
+    write = _db_write_step("/c.json", b'{"n": 1}')[1]
+    return wat(f"""
+(module
+  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (data (i32.const 1024) "info")
+  (data (i32.const 1032) "written")
+  (data (i32.const 1040) "spun")
+  (data (i32.const 1048) "{wat_string(write)}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (local $r i64) (local $i i32)
+    (local.set $r (call $write (i32.const 1048) (i32.const {len(write)})))
+    (call $log (i32.const 1024) (i32.const 4) (i32.const 1032) (i32.const 7))
+    (local.set $i (i32.const {count}))
+    (loop $spin (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $spin (local.get $i)))
+    (call $log (i32.const 1024) (i32.const 4) (i32.const 1040) (i32.const 4))
+    (local.get $r)))
+""")
+
+
+# -- the HTTP file API --------------------------------------------------------------
+
+def test_db_http_binary_round_trip_and_caching(client):
+    data = bytes(range(256))
+    put = _db_put(client, "f", "/bin/all.bytes", data, "application/x-custom", status=201)
+    assert put.json["size"] == 256 and put.json["path"] == "/bin/all.bytes"
+    assert put.json["content_type"] == "application/x-custom"
+    got = client.get("/f/_files/bin/all.bytes", headers=AUTH)
+    assert got.body == data and got.content_type == "application/x-custom"
+    etag, modified = got.headers["ETag"], got.headers["Last-Modified"]
+    assert etag.startswith('"') and modified.endswith("GMT")
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": etag}, status=304)
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": '"other"'}, status=200)
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": f'"other", {etag}'}, status=304)
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": "*"}, status=304)
+    head = client.head("/f/_files/bin/all.bytes", headers=AUTH)
+    assert head.body == b"" and head.headers["ETag"] == etag
+    assert head.content_type == "application/x-custom"
+    again = _db_put(client, "f", "/bin/all.bytes", data[::-1], "image/png", status=200)
+    assert again.json["created_at"] == put.json["created_at"]
+    got = client.get("/f/_files/bin/all.bytes", headers=AUTH)
+    assert got.body == data[::-1] and got.content_type == "image/png" and got.headers["ETag"] != etag
+
+
+def test_db_http_directory_listing(client):
+    _db_put(client, "f", "/dir/a.txt", b"a")
+    _db_put(client, "f", "/dir/sub/b.txt", b"bb")
+    _db_put(client, "f", "/top.txt", b"t")
+    expected = [{"name": "a.txt", "type": "file", "size": 1},
+                {"name": "sub", "type": "directory", "size": 2}]
+    assert client.get("/f/_files/dir", headers=AUTH).json == {"path": "/dir", "entries": expected}
+    assert client.get("/f/_files/dir/", headers=AUTH).json["entries"] == expected
+    for root in ("/f/_files/", "/f/_files"):
+        assert [e["name"] for e in client.get(root, headers=AUTH).json["entries"]] == ["dir", "top.txt"]
+    assert client.get("/empty/_files/", headers=AUTH).json["entries"] == []
+    client.get("/f/_files/top.txt/", headers=AUTH, status=400)
+    _db_put(client, "f", "/newdir/", b"x", status=400)       # a path ending in '/' names a directory
+    client.get("/f/_files/newdir", headers=AUTH, status=404)
+
+
+def test_db_http_404s_and_delete(client):
+    client.get("/f/_files/missing.txt", headers=AUTH, status=404)
+    client.get("/f/_files/missing/", headers=AUTH, status=404)
+    client.head("/f/_files/missing.txt", headers=AUTH, status=404)
+    client.delete("/f/_files/missing.txt", headers=AUTH, status=404)
+    _db_put(client, "f", "/del/me.txt", b"x")
+    assert client.delete("/f/_files/del/me.txt", headers=AUTH).json == {"deleted": True,
+                                                                         "path": "/del/me.txt"}
+    client.get("/f/_files/del/me.txt", headers=AUTH, status=404)
+    client.get("/f/_files/del", headers=AUTH, status=404)       # the directory went with its file
+    client.get("/f/_files/x.txt", status=401)                   # behind the token
+    client.put("/f/_files/x.txt", b"x", status=401)
+
+
+@pytest.mark.parametrize("path", [
+    "/f/_files/a/../secret.txt", "/f/_files/a/%2e%2e/secret.txt", "/f/_files/a/%2E%2E/secret.txt",
+    "/f/_files/a%2f..%2fsecret.txt", "/f/_files/../f/_files/secret.txt", "/f/_files/./secret.txt",
+    "/f/_files/a//secret.txt", "/other/_files/../../f/_files/secret.txt", "/../_files/secret.txt",
+    "/f/_files/..", "/f/_files/%2e%2e/other/x.txt",
+])
+def test_db_http_traversal_never_reaches_other_files(client, path):
+    _db_put(client, "f", "/secret.txt", b"SECRET")
+    _db_put(client, "other", "/x.txt", b"OTHER")
+    got = client.get(path, headers=AUTH, expect_errors=True)
+    assert got.status_int in (400, 404) and b"SECRET" not in got.body and b"OTHER" not in got.body
+    put = client.put(path, b"OVERWRITE", headers=AUTH, expect_errors=True)
+    assert put.status_int in (400, 404, 405)
+    deleted = client.delete(path, headers=AUTH, expect_errors=True)
+    assert deleted.status_int in (400, 404, 405)
+    assert client.get("/f/_files/secret.txt", headers=AUTH).body == b"SECRET"
+    assert client.get("/other/_files/x.txt", headers=AUTH).body == b"OTHER"
+    assert [e["name"] for e in client.get("/f/_files/", headers=AUTH).json["entries"]] == ["secret.txt"]
+
+
+def test_db_http_traversal_on_a_real_server(tmp_path):
+    _, app = make_app(tmp_path)
+    with server_thread(app) as port:
+        assert http_request(port, "PUT", "/f/_files/secret.txt", b"SECRET")[0] == 201
+        # No Content-Type on the request: the type follows the extension.
+        assert http_request(port, "GET", "/f/_files/secret.txt")[1]["content-type"].startswith("text/plain")
+        for path in ("/f/_files/a/../secret.txt", "/f/_files/a/%2e%2e/secret.txt",
+                     "/x/_files/..%2f..%2ff%2f_files%2fsecret.txt", "/f/_files/a/..%2Fsecret.txt"):
+            status, _, body = http_request(port, "GET", path)
+            assert status in (400, 404) and b"SECRET" not in body, (path, status)
+
+
+def test_db_http_file_inside_file_conflicts(client):
+    _db_put(client, "f", "/file.txt", b"x")
+    conflict = _db_put(client, "f", "/file.txt/inner.txt", b"y", status=409)
+    assert "error" in conflict.json
+    _db_put(client, "f", "/dir/child.txt", b"z")
+    _db_put(client, "f", "/dir", b"w", status=409)
+    # Nor through a plugin: the host answers an error and the invocation still succeeds.
+    answer = _db_host(client, "f", "aeordb_write_file",
+                      {"path": "/file.txt/deep/x", "data": base64.b64encode(b"q").decode()})
+    assert "error" in answer
+    assert client.get("/f/_files/file.txt", headers=AUTH).body == b"x"
+
+
+def test_db_http_size_limit(tmp_path):
+    client, _ = make_app(tmp_path, max_file_size=100)
+    _db_put(client, "f", "/big.bin", b"x" * 101, status=413)
+    client.get("/f/_files/big.bin", headers=AUTH, status=404)
+    _db_put(client, "f", "/ok.bin", b"x" * 100, status=201)
+    answer = _db_host(client, "f", "aeordb_write_file",
+                      {"path": "/big2.bin", "data": base64.b64encode(b"y" * 101).decode()})
+    assert "exceeds" in answer["error"]
+    client.get("/f/_files/big2.bin", headers=AUTH, status=404)
+
+
+def test_db_files_persist_across_apps(tmp_path):
+    client, _ = make_app(tmp_path)
+    _db_put(client, "keep", "/bin/all.bytes", bytes(range(256)), "application/x-custom")
+    _db_put(client, "keep", "/docs/a.json", b'{"n": 7}', "application/json")
+    _db_host(client, "keep", "aeordb_write_file",
+             {"path": "/docs/b.json", "data": base64.b64encode(b'{"n": 8}').decode()})
+    client2, _ = make_app(tmp_path)
+    got = client2.get("/keep/_files/bin/all.bytes", headers=AUTH)
+    assert got.body == bytes(range(256)) and got.content_type == "application/x-custom"
+    answer = client2.post("/keep/_query", json.dumps({"path": "/docs", "order_by": ["n"]}), headers=AUTH)
+    assert [item["path"] for item in answer.json["items"]] == ["/docs/a.json", "/docs/b.json"]
+    # The plugin deployed before is there too, and still reaches its database.
+    assert _db_host(client2, "keep", "aeordb_file_metadata", {"path": "/docs/b.json"})["size"] == 8
+
+
+# -- query language ------------------------------------------------------------------
+
+_DB_USERS = [
+    {"name": "Alice", "age": 30, "address": {"city": "Paris"}, "tags": ["admin", "dev"], "active": True},
+    {"name": "Bob", "age": 25, "address": {"city": "Berlin"}, "tags": ["dev"], "active": False},
+    {"name": "Carol", "age": 35, "address": {"city": "Paris"}, "tags": ["ops"], "active": True},
+    {"name": "Dave", "age": 40, "address": {"city": "London"}, "tags": [], "active": True},
+    {"name": "Eve", "age": 22, "address": {"city": "Berlin"}, "tags": ["dev", "sec"], "active": False},
+    {"name": "Frank", "age": 30, "address": {"city": "Rome"}, "tags": ["ops"], "active": True},
+    {"name": "Grace", "age": 28.5, "address": {"city": "Paris"}, "tags": ["admin"], "active": True},
+    {"name": "heidi", "age": 45, "address": {"city": "London"}, "tags": ["dev"], "active": None},
+]
+_DB_ALL = [user["name"] for user in _DB_USERS]
+
+
+@pytest.fixture(scope="module")
+def db_users(tmp_path_factory):
+    """A client over /users: 8 documents, plus files a query must skip."""
+    client, _ = make_app(tmp_path_factory.mktemp("users"))
+    for number, user in enumerate(_DB_USERS, 1):
+        _db_put(client, "q", f"/users/u{number}.json", json.dumps(user).encode(), "application/json")
+    _db_put(client, "q", "/users/readme.txt", b"name: Alice, not JSON", "text/plain")
+    _db_put(client, "q", "/users/broken.json", b'{"name": "Alice"', "application/json")
+    _db_put(client, "q", "/users/list.json", b'[{"name": "Alice"}]', "application/json")
+    _db_put(client, "q", "/users/sub/u9.json", json.dumps({"name": "Zed", "age": 30}).encode())
+    _db_put(client, "q", "/users2/u10.json", json.dumps({"name": "Yan", "age": 30}).encode())
+    _db_put(client, "other", "/users/u11.json", json.dumps({"name": "Xi", "age": 30}).encode())
+    return client
+
+
+def _db_query(client, spec, status=200):
+    return client.post("/q/_query", json.dumps(spec), headers=AUTH, status=status,
+                       content_type="application/json")
+
+
+def _db_names(client, where, **extra) -> list:
+    answer = _db_query(client, {"path": "/users", "where": where, **extra}).json
+    paths = [item["path"] for item in answer["items"]]
+    return [_DB_USERS[int(path.rsplit("/u", 1)[1][:-5]) - 1]["name"] for path in paths]
+
+
+def _db_c(field, op, value, **more):
+    return {"field": field, "op": op, "value": value, **more}
+
+
+@pytest.mark.parametrize("where, expected", [
+    (_db_c("name", "eq", "Alice"), ["Alice"]),
+    (_db_c("name", "eq", "alice"), []),
+    (_db_c("age", "eq", 30), ["Alice", "Frank"]),
+    (_db_c("age", "eq", 28.5), ["Grace"]),
+    (_db_c("active", "eq", True), ["Alice", "Carol", "Dave", "Frank", "Grace"]),
+    (_db_c("active", "eq", False), ["Bob", "Eve"]),
+    (_db_c("active", "eq", None), ["heidi"]),
+    (_db_c("age", "gt", 30), ["Carol", "Dave", "heidi"]),
+    (_db_c("age", "lt", 25), ["Eve"]),
+    (_db_c("name", "gt", "F"), ["Frank", "Grace", "heidi"]),
+    (_db_c("age", "between", 25, value2=30), ["Alice", "Bob", "Frank", "Grace"]),
+    (_db_c("age", "between", 28.5, value2=28.5), ["Grace"]),
+    (_db_c("address.city", "in", ["Rome", "London"]), ["Dave", "Frank", "heidi"]),
+    (_db_c("age", "in", [22, 45, "30"]), ["Eve", "heidi"]),
+    (_db_c("age", "in", []), []),
+    (_db_c("name", "contains", "AL"), ["Alice"]),
+    (_db_c("name", "contains", "e"), ["Alice", "Dave", "Eve", "Grace", "heidi"]),
+    (_db_c("address.city", "contains", "ARI"), ["Alice", "Carol", "Grace"]),
+    (_db_c("address.city", "eq", "Paris"), ["Alice", "Carol", "Grace"]),
+    (_db_c("address.zip", "eq", "75001"), []),
+    ({"and": [_db_c("age", "gt", 25), _db_c("address.city", "eq", "Paris")]}, ["Alice", "Carol", "Grace"]),
+    ({"AND": [_db_c("age", "gt", 25), _db_c("address.city", "eq", "Paris")]}, ["Alice", "Carol", "Grace"]),
+    ({"or": [_db_c("address.city", "eq", "Rome"), _db_c("age", "lt", 23)]}, ["Eve", "Frank"]),
+    ({"OR": [_db_c("address.city", "eq", "Rome"), _db_c("age", "lt", 23)]}, ["Eve", "Frank"]),
+    ({"not": _db_c("active", "eq", True)}, ["Bob", "Eve", "heidi"]),
+    ({"NOT": _db_c("active", "eq", True)}, ["Bob", "Eve", "heidi"]),
+    ({"And": [{"Or": [_db_c("address.city", "eq", "Berlin"), _db_c("address.city", "eq", "London")]},
+              {"Not": _db_c("age", "gt", 40)}]}, ["Bob", "Dave", "Eve"]),
+    ([_db_c("age", "gt", 25), _db_c("address.city", "eq", "Paris")], ["Alice", "Carol", "Grace"]),
+    ({}, _DB_ALL),
+    ([], _DB_ALL),
+    (None, _DB_ALL),
+])
+def test_db_query_operators(db_users, where, expected):
+    assert _db_names(db_users, where) == expected
+
+
+def test_db_query_items_and_defaults(db_users):
+    answer = _db_query(db_users, {"path": "/users"}).json
+    assert answer["items"] == answer["results"] and len(answer["items"]) == 8
+    assert answer["has_more"] is False and "total" not in answer
+    item = answer["items"][0]
+    assert item["path"] == "/users/u1.json" and item["content_type"] == "application/json"
+    assert item["total_size"] == len(json.dumps(_DB_USERS[0]))
+    for key in ("score", "created_at", "updated_at", "matched_by"):
+        assert key in item
+    matched = _db_query(db_users, {"path": "/users", "where": _db_c("age", "gt", 40)}).json["items"]
+    assert matched[0]["matched_by"] == ["age"]
+    # Only documents directly in the directory; none of another directory or database.
+    assert _db_query(db_users, {"path": "/users/sub"}).json["items"][0]["path"] == "/users/sub/u9.json"
+    everything_at_root = _db_query(db_users, {"path": "/"}).json
+    assert everything_at_root["items"] == []
+    assert _db_query(db_users, {"path": "/users/", "where": _db_c("name", "eq", "Zed")}).json["items"] == []
+
+
+def test_db_query_order_by(db_users):
+    assert _db_names(db_users, {}, order_by=[{"field": "age", "direction": "desc"}]) == \
+        ["heidi", "Dave", "Carol", "Alice", "Frank", "Grace", "Bob", "Eve"]
+    assert _db_names(db_users, {}, order_by=[{"field": "address.city", "direction": "asc"},
+                                             {"field": "age", "direction": "desc"}]) == \
+        ["Bob", "Eve", "heidi", "Dave", "Carol", "Alice", "Grace", "Frank"]
+    assert _db_names(db_users, {}, order_by=[{"field": "name", "direction": "DESC"}]) == \
+        ["heidi", "Grace", "Frank", "Eve", "Dave", "Carol", "Bob", "Alice"]
+    assert _db_names(db_users, {}, order_by=[{"field": "@path", "direction": "desc"}]) == _DB_ALL[::-1]
+    assert _db_names(db_users, {}, order_by="name") == sorted(_DB_ALL)
+    # Ties keep a stable order (by path).
+    assert _db_names(db_users, _db_c("age", "eq", 30), order_by=[{"field": "age"}]) == ["Alice", "Frank"]
+    _db_query(db_users, {"path": "/users", "order_by": [{"field": "age", "direction": "up"}]}, status=400)
+
+
+def test_db_query_default_limit(tmp_path):
+    client, _ = make_app(tmp_path, query_limit=3)
+    for number in range(5):
+        _db_put(client, "q", f"/d/{number}.json", json.dumps({"n": number}).encode())
+    answer = _db_query(client, {"path": "/d"}).json
+    assert [item["path"] for item in answer["items"]] == ["/d/0.json", "/d/1.json", "/d/2.json"]
+    assert answer["has_more"] is True
+    assert len(_db_query(client, {"path": "/d", "limit": 10}).json["items"]) == 5
+
+
+def test_db_query_paging_and_total(db_users):
+    pages, offset = [], 0
+    while True:
+        answer = _db_query(db_users, {"path": "/users", "order_by": [{"field": "name"}], "limit": 3,
+                                      "offset": offset, "include_total": True}).json
+        assert answer["total"] == 8
+        pages.append([item["path"] for item in answer["items"]])
+        if not answer["has_more"]:
+            break
+        offset += 3
+    assert [len(page) for page in pages] == [3, 3, 2]
+    assert sum(pages, []) == [f"/users/u{n}.json" for n in range(1, 9)]
+    filtered = _db_query(db_users, {"path": "/users", "where": _db_c("address.city", "eq", "Paris"),
+                                    "limit": 1, "include_total": True}).json
+    assert filtered["total"] == 3 and len(filtered["items"]) == 1 and filtered["has_more"] is True
+    exact = _db_query(db_users, {"path": "/users", "limit": 8}).json
+    assert len(exact["items"]) == 8 and exact["has_more"] is False
+    assert _db_query(db_users, {"path": "/users", "limit": 0}).json["items"] == []
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"path": "/users", "where": _db_c("name", "fuzzy", "Alise")}, ["unsupported operator", "fuzzy"]),
+    ({"path": "/users", "where": _db_c("name", "similar", "Alise")}, ["similar"]),
+    ({"path": "/users", "where": 5}, []),
+    ({"path": "/users", "where": "name = 'Alice'"}, []),
+    ({"path": "/users", "where": _db_c('na"me', "eq", "Alice")}, ["field"]),
+    ({"path": "/users", "where": _db_c("name')) OR 1=1 --", "eq", "x")}, ["field"]),
+    ({"path": "/users", "where": {"field": "name", "op": "eq"}}, []),
+    ({"path": "/users", "where": {"and": _db_c("age", "gt", 1)}}, ["and"]),
+    ({"path": "/users", "where": {"or": []}}, []),
+    ({"path": "/users", "where": {"and": [], "or": []}}, []),
+    ({"path": "/users", "where": _db_c("age", "between", 1)}, ["between"]),
+    ({"path": "/users", "where": _db_c("age", "in", 30)}, ["in"]),
+    ({"path": "/users", "where": _db_c("age", "gt", [1])}, []),
+    ({"path": "/users", "where": _db_c("age", "gt", True)}, []),
+    ({"path": "/users", "where": _db_c("name", "contains", 5)}, ["contains"]),
+    ({"path": "/users", "limit": "ten"}, ["limit"]),
+    ({"path": "/users", "limit": -1}, ["limit"]),
+    ({"path": "/users", "offset": 1.5}, ["offset"]),
+    ({"path": "users"}, ["absolute"]),
+    ({"path": "/users/../x"}, []),
+    ({"path": 7}, []),
+    (["/users"], []),
+    ("just text", []),
+])
+def test_db_query_errors(db_users, spec, words):
+    answer = _db_query(db_users, spec, status=400).json
+    assert isinstance(answer["error"], str) and answer["error"]
+    for word in words:
+        assert word in answer["error"], answer
+
+
+def test_db_query_body_not_json(db_users):
+    answer = db_users.post("/q/_query", b"{not json", headers=AUTH, status=400)
+    assert "JSON" in answer.json["error"]
+
+
+def test_db_query_from_plugin_matches_http(db_users):
+    specs = [
+        {"path": "/users", "where": {"AND": [_db_c("age", "gt", 24), {"NOT": _db_c("address.city", "eq", "Rome")}]},
+         "order_by": [{"field": "age", "direction": "desc"}], "limit": 2, "offset": 1, "include_total": True},
+        {"path": "/users", "where": [_db_c("tags", "eq", ["dev"])]},
+        {"path": "/users", "where": _db_c("name", "fuzzy", "x")},
+    ]
+    for spec in specs:
+        from_plugin = _db_host(db_users, "q", "aeordb_query", spec, table="query")
+        from_http = db_users.post("/q/_query", json.dumps(spec), headers=AUTH, expect_errors=True)
+        assert from_plugin == from_http.json
+        if from_http.status_int == 200:
+            assert from_plugin["items"] == from_plugin["results"]
+    bob = _db_host(db_users, "q", "aeordb_query", specs[1], table="query")["items"]
+    assert [item["path"] for item in bob] == ["/users/u2.json", "/users/u8.json"]
+
+
+# -- aggregates ----------------------------------------------------------------------
+
+def _db_agg(client, aggregate, status=200, **extra):
+    return _db_query(client, {"path": "/users", "aggregate": aggregate, **extra}, status=status)
+
+
+def test_db_aggregate_totals(db_users):
+    answer = _db_agg(db_users, {"count": True, "sum": ["age"], "avg": ["age"], "min": ["age"],
+                                "max": ["age", "name"]}).json
+    ages = [user["age"] for user in _DB_USERS]
+    assert answer["count"] == 8 and answer["total_count"] == 8
+    assert answer["sum"] == {"age": sum(ages)}
+    assert answer["avg"]["age"] == pytest.approx(sum(ages) / 8)
+    assert answer["min"] == {"age": 22} and answer["max"]["age"] == 45
+    assert answer["groups"] == [] and answer["has_more"] is False
+    without_count = _db_agg(db_users, {"sum": ["age"]}).json
+    assert "count" not in without_count and without_count["total_count"] == 8
+    filtered = _db_agg(db_users, {"count": True, "sum": ["age"]}, where=_db_c("active", "eq", True)).json
+    assert filtered["count"] == 5 and filtered["sum"]["age"] == 30 + 35 + 40 + 30 + 28.5
+    nothing = _db_agg(db_users, {"count": True, "avg": ["age"]}, where=_db_c("age", "gt", 100)).json
+    assert nothing["count"] == 0 and nothing["avg"] == {"age": None}
+
+
+def test_db_aggregate_group_by(db_users):
+    answer = _db_agg(db_users, {"count": True, "sum": ["age"], "avg": ["age"], "min": ["age"],
+                                "max": ["age"], "group_by": ["address.city"]}).json
+    groups = {group["key"]["address.city"]: group for group in answer["groups"]}
+    assert [group["key"] for group in answer["groups"]] == \
+        [{"address.city": city} for city in ("Berlin", "London", "Paris", "Rome")]
+    assert {city: group["count"] for city, group in groups.items()} == \
+        {"Berlin": 2, "London": 2, "Paris": 3, "Rome": 1}
+    assert groups["Paris"]["sum"] == {"age": 93.5} and groups["Paris"]["min"] == {"age": 28.5}
+    assert groups["London"]["max"] == {"age": 45} and groups["Berlin"]["avg"] == {"age": 23.5}
+    assert answer["total_count"] == 8 and answer["count"] == 8 and answer["has_more"] is False
+    assert answer["sum"] == {"age": sum(user["age"] for user in _DB_USERS)}
+
+    two = _db_agg(db_users, {"count": True, "group_by": ["address.city", "active"]}).json
+    counted = {(g["key"]["address.city"], g["key"]["active"]): g["count"] for g in two["groups"]}
+    assert counted == {("Berlin", False): 2, ("London", True): 1, ("London", None): 1,
+                       ("Paris", True): 3, ("Rome", True): 1}
+    assert all(set(g["key"]) == {"address.city", "active"} for g in two["groups"])
+
+    capped = _db_agg(db_users, {"count": True, "group_by": ["address.city"]}, limit=2).json
+    assert [g["key"]["address.city"] for g in capped["groups"]] == ["Berlin", "London"]
+    assert capped["has_more"] is True and capped["total_count"] == 8
+    rest = _db_agg(db_users, {"count": True, "group_by": ["address.city"]}, limit=2, offset=2).json
+    assert [g["key"]["address.city"] for g in rest["groups"]] == ["Paris", "Rome"]
+    assert rest["has_more"] is False
+    filtered = _db_agg(db_users, {"count": True, "group_by": ["address.city"]},
+                       where=_db_c("age", "lt", 30)).json
+    assert {g["key"]["address.city"]: g["count"] for g in filtered["groups"]} == {"Berlin": 2, "Paris": 1}
+    assert filtered["total_count"] == 3
+
+
+@pytest.mark.parametrize("aggregate", [{"median": ["age"]}, {"count": True, "percentile": ["age"]},
+                                       "count", {"sum": "age OR 1"}, {"sum": [5]}, {"group_by": {"a": 1}}])
+def test_db_aggregate_errors(db_users, aggregate):
+    answer = _db_agg(db_users, aggregate, status=400).json
+    assert answer["error"]
+    if isinstance(aggregate, dict) and "median" in aggregate:
+        assert "median" in answer["error"]
+
+
+def test_db_aggregate_from_plugin_matches_http(db_users):
+    spec = {"path": "/users", "where": _db_c("age", "gt", 20),
+            "aggregate": {"count": True, "avg": ["age"], "group_by": ["address.city"]}, "limit": 3}
+    from_plugin = _db_host(db_users, "q", "aeordb_aggregate", spec, table="aggregate")
+    assert from_plugin == _db_query(db_users, spec).json
+    assert len(from_plugin["groups"]) == 3 and from_plugin["has_more"] is True
+    missing = _db_host(db_users, "q", "aeordb_aggregate", {"path": "/users"}, table="aggregate")
+    assert "aggregate" in missing["error"]
+
+
+# -- documents and queries at the edges ------------------------------------------------
+
+def test_db_query_contains_is_case_insensitive_beyond_ascii(client):
+    for number, name in enumerate(["Élodie", "ÉCOLE normale", "Zoë", "plain"]):
+        _db_put(client, "q", f"/i/{number}.json", json.dumps({"name": name}).encode())
+
+    def names(needle):
+        answer = _db_query(client, {"path": "/i", "where": _db_c("name", "contains", needle)}).json
+        return [int(item["path"][3:-5]) for item in answer["items"]]
+    assert names("élo") == [0]
+    assert names("école") == [1]
+    assert names("ZOË") == [2]
+    assert names("É") == [0, 1]
+    assert names("PLAIN") == [3]
+
+
+def test_db_json_that_sqlite_refuses_is_kept_but_not_queried(client):
+    """Python's json accepts NaN and any depth; a document SQLite cannot parse must not
+    turn every query over its directory into an error."""
+    oddities = {"/j/nan.json": b'{"age": NaN}', "/j/inf.json": b'{"age": Infinity}',
+                "/j/deep.json": b'{"a":' * 5000 + b"1" + b"}" * 5000,
+                "/j/nul.json": b'{"age": 1}\x00'}
+    for path, data in oddities.items():
+        assert _db_put(client, "q", path, data, "application/json").status_int == 201, path
+    _db_put(client, "q", "/j/ok.json", b'{"age": 3}', "application/json")
+    for where in (_db_c("age", "gt", 1), {}, _db_c("a", "eq", 1)):
+        answer = _db_query(client, {"path": "/j", "where": where})
+        assert [item["path"] for item in answer.json["items"]] in (["/j/ok.json"], []), where
+    aggregate = _db_query(client, {"path": "/j", "aggregate": {"count": True, "sum": ["age"]}}).json
+    assert aggregate["count"] == 1 and aggregate["sum"] == {"age": 3}
+    for path, data in oddities.items():
+        assert client.get(f"/q/_files{path}", headers=AUTH).body == data
+
+
+def test_db_query_numbers_and_offsets_beyond_64_bits(db_users):
+    assert _db_names(db_users, _db_c("age", "eq", 10 ** 30)) == []
+    assert _db_names(db_users, _db_c("age", "lt", 10 ** 30)) == _DB_ALL
+    assert _db_names(db_users, _db_c("age", "gt", -10 ** 30)) == _DB_ALL
+    assert _db_names(db_users, _db_c("age", "between", -10 ** 30, value2=25)) == ["Bob", "Eve"]
+    assert _db_names(db_users, _db_c("age", "in", [10 ** 30, 22])) == ["Eve"]
+    assert _db_names(db_users, _db_c("age", "lt", 10 ** 400)) == _DB_ALL
+    assert _db_names(db_users, _db_c("age", "gt", -10 ** 400)) == _DB_ALL
+    answer = _db_query(db_users, {"path": "/users", "offset": 10 ** 30, "limit": 10 ** 30}).json
+    assert answer["items"] == [] and answer["has_more"] is False
+    assert len(_db_query(db_users, {"path": "/users", "limit": 10 ** 30}).json["items"]) == 8
+
+
+def test_db_query_many_conditions(db_users):
+    ages = list(range(1000, 3000)) + [22, 45]
+    assert _db_names(db_users, _db_c("age", "in", ages)) == ["Eve", "heidi"]
+    wide_or = {"OR": [_db_c("age", "eq", age) for age in ages]}
+    assert _db_names(db_users, wide_or) == ["Eve", "heidi"]
+    wide_and = [_db_c("age", "lt", 1000 + n) for n in range(1500)]
+    assert _db_names(db_users, wide_and) == _DB_ALL
+    # Past the server's bound it is a clear 400, never a 500 from SQLite.
+    too_many = _db_query(db_users, {"path": "/users", "where": _db_c("age", "in", list(range(100_000)))},
+                         status=400).json
+    assert "conditions" in too_many["error"]
+
+
+def test_db_host_bad_pointers_answer_error(client):
+    _db_put(client, "e", "/a.txt", b"secret")
+    for ptr, length in ((-1, 10), (0, -1), (2 * 65536 - 5, 100), (0x7FFFFFFF, 0x7FFFFFFF)):
+        module = wat(f"""
+(module
+  (import "aeordb" "aeordb_read_file" (func $read (param i32 i32) (result i64)))
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (func (export "handle") (param i32 i32) (result i64)
+    (call $log (i32.const {ptr}) (i32.const {length}) (i32.const {ptr}) (i32.const {length}))
+    (call $read (i32.const {ptr}) (i32.const {length}))))
+""")
+        deploy(client, "e/s/ptr", module)
+        answer = json.loads(invoke(client, "e/s/ptr/run").body)
+        assert set(answer) == {"error"}, (ptr, length, answer)
+
+
+def test_invocation_fails_whole_when_the_database_abandons_its_transaction(client, monkeypatch):
+    """Disk full midway: SQLite rolls the transaction back itself; later writes must not commit."""
+    first = json.dumps({"path": "/first.txt", "data": base64.b64encode(b"1").decode()}).encode()
+    second = json.dumps({"path": "/second.txt", "data": base64.b64encode(b"2").decode()}).encode()
+    third = json.dumps({"path": "/third.txt", "data": base64.b64encode(b"3").decode()}).encode()
+    module = wat(f"""
+(module
+  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (data (i32.const 1024) "{wat_string(first)}")
+  (data (i32.const 2048) "{wat_string(second)}")
+  (data (i32.const 3072) "{wat_string(third)}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (drop (call $write (i32.const 1024) (i32.const {len(first)})))
+    (drop (call $write (i32.const 2048) (i32.const {len(second)})))
+    (drop (call $write (i32.const 3072) (i32.const {len(third)})))
+    (i64.const 0)))
+""")
+    deploy(client, "db/s/writer", module)
+    real_range, calls = aeordb.descendant_range, []
+
+    def failing_range(directory):
+        calls.append(directory)
+        if directory == "/second.txt":   # inside the second write's transaction block
+            conn = client.app.config["aeordb.files"]._conn()
+            conn.execute("ROLLBACK")
+            raise aeordb.sqlite3.OperationalError("database or disk is full")
+        return real_range(directory)
+    monkeypatch.setattr(aeordb, "descendant_range", failing_range)
+    answer = invoke(client, "db/s/writer/f", status=503)
+    assert "storage unavailable" in answer.json["error"]
+    assert "/second.txt" in calls
+    monkeypatch.undo()
+    for name in ("first", "second", "third"):
+        client.get(f"/db/_files/{name}.txt", headers=AUTH, status=404)
