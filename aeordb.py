@@ -310,6 +310,8 @@ def load_or_create_token(settings: Settings) -> tuple:
 # release the GIL, so that thread keeps ticking while a plugin loops.
 
 EPOCH_TICK = 0.01   # seconds per epoch tick: the granularity of the time limit
+# What one invocation's Store may create (a plugin is one instance; the rest is headroom).
+STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES = 4, 4, 2
 
 HOST_FUNCTION_NAMES = (
     "aeordb_read_file", "aeordb_write_file", "aeordb_delete_file", "aeordb_file_metadata",
@@ -340,32 +342,32 @@ class Wasm:
         ).hexdigest()[:16]
 
     @classmethod
-    def shared(cls, memory_limit: int, pooling: bool = True, fast: bool = True) -> "Wasm":
+    def shared(cls, memory_limit: int, table_limit: int, pooling: bool = True, fast: bool = True) -> "Wasm":
         """The process's engine for these settings, created (with its epoch ticker) on first use."""
-        key = (memory_limit, pooling, fast)
+        key = (memory_limit, table_limit, pooling, fast)
         with cls._engines_lock:
             wasm = cls._engines.get(key)
             if wasm is None:
-                wasm = cls._engines[key] = cls._create(memory_limit, pooling, fast)
+                wasm = cls._engines[key] = cls._create(memory_limit, table_limit, pooling, fast)
             return wasm
 
     @classmethod
-    def _create(cls, memory_limit: int, pooling: bool, fast: bool) -> "Wasm":
+    def _create(cls, memory_limit: int, table_limit: int, pooling: bool, fast: bool) -> "Wasm":
         engine, pooled = None, False
         if pooling:
             try:
-                engine = wasmtime.Engine(cls._config(memory_limit, pooled=True))
+                engine = wasmtime.Engine(cls._config(memory_limit, table_limit, pooled=True))
                 pooled = True
             except Exception as exc:   # older wasmtime-py or an OS that refuses the reservation
                 log.info("pooling allocator unavailable (%s); using on-demand allocation", exc)
         if engine is None:
-            engine = wasmtime.Engine(cls._config(memory_limit, pooled=False))
+            engine = wasmtime.Engine(cls._config(memory_limit, table_limit, pooled=False))
         ticker = threading.Thread(target=cls._tick, args=(engine,), name="aeordb-epoch", daemon=True)
         ticker.start()
         return cls(engine, pooled, fast)
 
     @staticmethod
-    def _config(memory_limit: int, pooled: bool) -> wasmtime.Config:
+    def _config(memory_limit: int, table_limit: int, pooled: bool) -> wasmtime.Config:
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
@@ -377,6 +379,10 @@ class Wasm:
             ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, 256)
             ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, 256)
             ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, 256)
+            # A slot must hold whatever a Store's limits allow (see WasmRuntime).
+            ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, table_limit)
+            ffi.wasmtime_pooling_allocation_config_max_tables_per_module_set(pool, STORE_TABLES)
+            ffi.wasmtime_pooling_allocation_config_max_memories_per_module_set(pool, STORE_MEMORIES)
             ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, memory_limit)
             ffi.wasmtime_pooling_allocation_config_max_unused_warm_slots_set(pool, 32)
             ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
@@ -403,7 +409,7 @@ class GuestOps:
     def new_store(self, engine: wasmtime.Engine, settings: Settings, deadline_ticks: int) -> Any:
         store = wasmtime.Store(engine)
         store.set_limits(memory_size=settings.memory_limit, table_elements=settings.table_limit,
-                         instances=4, tables=4, memories=2)
+                         instances=STORE_INSTANCES, tables=STORE_TABLES, memories=STORE_MEMORIES)
         store.set_epoch_deadline(deadline_ticks)
         return store
 
@@ -485,7 +491,8 @@ class FastGuestOps(GuestOps):
     def new_store(self, engine: wasmtime.Engine, settings: Settings, deadline_ticks: int) -> Any:
         pointer = self.store_new(engine.ptr(), None, ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p)))
         store = _RawStore(pointer, self.store_context(pointer))
-        self.store_limiter(pointer, settings.memory_limit, settings.table_limit, 4, 4, 2)
+        self.store_limiter(pointer, settings.memory_limit, settings.table_limit,
+                           STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
         self.set_deadline(store.context, deadline_ticks)
         return store
 
@@ -814,6 +821,14 @@ class PluginRegistry:
                                 meta["path"], module_file)
             except Exception as exc:
                 log.error("cannot load plugin in %s: %s", folder, exc)
+        # A crash or a full disk between a first deploy's module and its
+        # plugin.json leaves a module that was never deployed: remove it.
+        for folder in {module_file.parent for module_file in self.root.glob("*/*/*/module-*.wasm")}:
+            if not (folder / "plugin.json").exists():
+                self._remove_stale_modules(folder, keep=None)
+                for empty in (folder, folder.parent, folder.parent.parent):
+                    with contextlib.suppress(OSError):
+                        empty.rmdir()
         self._prune_cache()
 
     def _load_module(self, sha: str, module_file: Path) -> wasmtime.Module:
@@ -1979,7 +1994,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
     settings = settings or Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token, token_created = load_or_create_token(settings)
-    wasm = Wasm.shared(settings.memory_limit, pooling=pooling, fast=fast_calls)
+    wasm = Wasm.shared(settings.memory_limit, settings.table_limit, pooling=pooling, fast=fast_calls)
     files = FileStore(settings)
     runtime = WasmRuntime(settings, files, wasm)
     registry = PluginRegistry(settings, wasm, runtime.new_linker)

@@ -2104,3 +2104,897 @@ def test_invocation_fails_whole_when_the_database_abandons_its_transaction(clien
     monkeypatch.undo()
     for name in ("first", "second", "third"):
         client.get(f"/db/_files/{name}.txt", headers=AUTH, status=404)
+# Hardening ####################################################################
+#
+# Issue 4: hostile plugins cost only their own request, bad requests get clear
+# 4xx answers, and crashes, faults and concurrency lose nothing.
+#
+# Most hostile modules below misbehave only when their request envelope is
+# longer than 1000 bytes (an invoke body of _HZ_HOSTILE), so the same plugin
+# proves that its next, ordinary request succeeds.
+
+_HZ_HOSTILE = b"x" * 400          # its envelope is over 1600 bytes: the module misbehaves
+_HZ_OK = 1024 << 32 | 2           # handle's answer "ok", kept at 1024
+
+
+def _hz_packed(ptr: int, length: int) -> int:
+    """handle's i64 answer for (ptr, length), as the signed value an i64.const needs."""
+    value = (ptr & 0xFFFFFFFF) << 32 | (length & 0xFFFFFFFF)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _hz_module(hostile: str, head: str = "", extra: str = "", memory: str = "1") -> bytes:
+    """A module answering "ok" unless its request envelope is over 1000 bytes: then ``hostile`` runs."""
+    return wat(f"""
+(module
+  {head}
+  (memory (export "memory") {memory})
+  {extra}
+  (data (i32.const 1024) "ok")
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (if (i32.gt_u (local.get $len) (i32.const 1000)) (then {hostile}))
+    (i64.const {_HZ_OK})))
+""")
+
+
+def _hz_error(response) -> str:
+    """The error message of a JSON error answer (asserting that it is one)."""
+    assert response.content_type == "application/json", response.body[:200]
+    body = json.loads(response.body)
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+    return body["error"]
+
+
+# An alloc that works for small sizes and misbehaves (``bad``) for request-sized ones.
+_HZ_ALLOC_FOR_REQUEST = """
+  (func (export "alloc") (param $size i32) (result i32)
+    (if (i32.gt_u (local.get $size) (i32.const 1000)) (then {bad}))
+    (i32.const 2048))
+"""
+
+# Imports aeordb_context; alloc misbehaves (``bad``) once handle armed it, i.e. for the host's answer.
+_HZ_HOST_HEAD = '(import "aeordb" "aeordb_context" (func $context (param i32 i32) (result i64)))'
+_HZ_ALLOC_FOR_HOST = """
+  (global $armed (mut i32) (i32.const 0))
+  (func $noop)
+  (func (export "alloc") (param $size i32) (result i32)
+    (if (global.get $armed) (then {bad}))
+    (i32.const 4096))
+"""
+_HZ_ARM_AND_CALL = ("(global.set $armed (i32.const 1))"
+                    "(drop (call $context (i32.const 1024) (i32.const 2)))"
+                    "(loop $spin (call $noop) (br $spin))")
+# The host's failure sets this Store's epoch deadline to 0; compiled code
+# rereads the deadline on function entry, so the call in the loop is what ends it.
+
+_HZ_HOSTILE_CASES = {
+    "endless_loop": dict(hostile="(loop $forever (br $forever))", settings={"timeout": 0.5},
+                         expect="time limit"),
+    "deep_recursion": dict(
+        hostile="(drop (call $deep (i32.const 0)))",
+        extra="(func $deep (param i32) (result i32)"
+              " (i32.add (call $deep (i32.add (local.get 0) (i32.const 1))) (i32.const 1)))",
+        expect="stack overflow"),
+    # Grows 7 pages at a time (as an allocator asks for what it needs), so the
+    # refused grow leaves memory just under the cap, then aborts as Rust does.
+    "memory_growth_then_abort": dict(
+        hostile="(block $full (loop $more"
+                " (br_if $full (i32.eq (memory.grow (i32.const 7)) (i32.const -1))) (br $more)))"
+                " unreachable",
+        expect="memory limit"),
+    # A Vec doubling at 40 MiB asks for far more than what is left under the 64 MiB cap.
+    "memory_big_request_refused_then_abort": dict(
+        hostile="(block $enough (loop $more (br_if $enough (i32.ge_u (memory.size) (i32.const 640)))"
+                " (drop (memory.grow (i32.const 1))) (br $more)))"
+                f" (if (i32.ne (memory.grow (i32.const 400)) (i32.const -1)) (then (return (i64.const {_HZ_OK}))))"
+                " unreachable",
+        expect="memory limit"),
+    "unreachable": dict(hostile="unreachable", expect="unreachable", not_expect="memory"),
+    "division_by_zero": dict(
+        hostile="(drop (i32.div_u (i32.const 1) (i32.sub (local.get $len) (local.get $len))))",
+        expect="division by zero"),
+    "answer_pointer_negative": dict(hostile=f"(return (i64.const {_hz_packed(0xFFFFFFF0, 16)}))",
+                                    expect="bad pointer"),
+    "answer_pointer_just_past_end": dict(hostile=f"(return (i64.const {_hz_packed(65536 - 10, 11)}))",
+                                         expect="bad pointer"),
+    "answer_length_huge": dict(hostile=f"(return (i64.const {_hz_packed(0, 0xFFFFFFFF)}))",
+                               expect="response limit"),
+    "answer_over_max_response_size": dict(hostile=f"(return (i64.const {_hz_packed(0, 1001)}))",
+                                          settings={"max_response_size": 1000}, expect="response limit"),
+    "alloc_traps_for_request": dict(hostile="", extra=_HZ_ALLOC_FOR_REQUEST.format(bad="unreachable"),
+                                    expect="unreachable"),
+    "alloc_bad_pointer_for_request": dict(
+        hostile="", extra=_HZ_ALLOC_FOR_REQUEST.format(bad="(return (i32.const -256))"),
+        expect="bad pointer"),
+    "alloc_traps_for_host_answer": dict(
+        hostile=_HZ_ARM_AND_CALL, head=_HZ_HOST_HEAD,
+        extra=_HZ_ALLOC_FOR_HOST.format(bad="unreachable"), expect="unreachable"),
+    "alloc_bad_pointer_for_host_answer": dict(
+        hostile=_HZ_ARM_AND_CALL, head=_HZ_HOST_HEAD,
+        extra=_HZ_ALLOC_FOR_HOST.format(bad="(return (i32.const 2147483632))"),
+        expect="bad pointer for the answer of aeordb_context"),
+}
+
+
+@pytest.mark.parametrize("fast_calls", [True, False], ids=["fast_path", "public_api"])
+@pytest.mark.parametrize("case", sorted(_HZ_HOSTILE_CASES))
+def test_hardening_hostile_module_costs_only_its_request(tmp_path, case, fast_calls):
+    spec = _HZ_HOSTILE_CASES[case]
+    settings = aeordb.Settings(data_dir=tmp_path, token=TOKEN, **spec.get("settings", {}))
+    client = webtest.TestApp(aeordb.create_app(settings, fast_calls=fast_calls))
+    deploy(client, "db/s/hostile", _hz_module(spec["hostile"], spec.get("head", ""), spec.get("extra", "")))
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    started = time.monotonic()
+    failed = invoke(client, "db/s/hostile/f", _HZ_HOSTILE, status=500)
+    elapsed = time.monotonic() - started
+    message = _hz_error(failed)
+    assert message.startswith("plugin "), message
+    assert spec["expect"] in message and spec.get("not_expect", "@") not in message, message
+    # A host function's failure interrupts the guest at once (deadline 0), not at the 5 s limit.
+    assert elapsed < (2.0 if "timeout" in spec.get("settings", {}) else 3.0), elapsed
+    assert invoke(client, "db/s/hostile/f", b"").body == b"ok"
+    assert json.loads(invoke(client, "db/s/echo/f", b"hi").body)["arguments"] == [104, 105]
+    assert invoke(client, "db/s/hostile/f", _HZ_HOSTILE, status=500).json["error"] == message
+
+
+def test_hardening_answer_ending_exactly_at_memory_end_is_fine(client):
+    tail = b"0123456789"
+    module = wat(f"""
+(module
+  (memory (export "memory") 1)
+  (data (i32.const {65536 - len(tail)}) "{wat_string(tail)}")
+  (func (export "handle") (param i32 i32) (result i64) (i64.const {_hz_packed(65536 - len(tail), len(tail))})))
+""")
+    deploy(client, "db/s/edge", module)
+    assert invoke(client, "db/s/edge/f").body == tail
+
+
+def test_hardening_answer_at_the_response_limit_is_fine(tmp_path):
+    client, _ = make_app(tmp_path, max_response_size=1000)
+    deploy(client, "db/s/big", _hz_module(f"(return (i64.const {_hz_packed(0, 1000)}))"))
+    assert len(invoke(client, "db/s/big/f", _HZ_HOSTILE).body) == 1000
+
+
+def test_hardening_host_functions_survive_wild_pointers(client):
+    """Out-of-memory, negative (high bit set) and huge pointers and lengths: {"error": ...}, no trap."""
+    memory_size = 2 * 65536
+    cases = [(-1, 10), (-16, 16), (0, -1), (-2147483648, 4), (16, 0x7FFFFFFF), (0, 16 * 1024 * 1024 + 1),
+             (memory_size - 5, 10), (memory_size, 1), (memory_size + 4096, 0)]
+    for function in aeordb.HOST_FUNCTION_NAMES:
+        for ptr, length in cases:
+            module = wat(f"""
+(module
+  (import "aeordb" "{function}" (func $host (param i32 i32) (result i64)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (func (export "handle") (param i32 i32) (result i64)
+    (call $host (i32.const {ptr}) (i32.const {length}))))
+""")
+            deploy(client, "db/s/wild", module)
+            answer = invoke(client, "db/s/wild/f")
+            assert "error" in json.loads(answer.body), (function, ptr, length, answer.body)
+    assert client.get("/_health").json == {"status": "ok"}
+
+
+_HZ_BAD_ARGUMENTS = [b"\xff\xfe{}", b'{"path": "/\xc3\x28"}', b"not json", b"[1, 2]", b"42", b"",
+                     b"[" * 50_000, b'{"path": 5}']
+_HZ_BAD_PATHS = ["etc/passwd", "/../etc/passwd", "/a/../../b", "/a\u0000b", "/\ud800", "/" + "a" * 2000,
+                 "/a//b", "/."]
+
+
+def test_hardening_host_functions_answer_errors_for_bad_arguments(client):
+    """Invalid UTF-8, non-JSON, non-objects and bad paths: the plugin gets {"error": ...}."""
+    calls = [(function, args) for function in aeordb.HOST_FUNCTION_NAMES for args in _HZ_BAD_ARGUMENTS
+             if function != "aeordb_context" or args != b'{"path": 5}']
+    for function in ("aeordb_read_file", "aeordb_write_file", "aeordb_delete_file", "aeordb_file_metadata",
+                     "aeordb_extract_file", "aeordb_query", "aeordb_aggregate"):
+        for path in _HZ_BAD_PATHS:
+            args = {"path": path, "data": "aGk=", "aggregate": {"count": True}}
+            calls.append((function, json.dumps(args).encode()))
+    calls += [("aeordb_write_file", b'{"path": "/x", "data": "!!not base64!!"}'),
+              ("aeordb_write_file", b'{"path": "/x", "data": "aGk=", "content_type": "text/a\\r\\nSet-Cookie: x"}'),
+              ("aeordb_write_file", b'{"path": "/x", "data": 12}'),
+              ("aeordb_query", b'{"path": "/", "where": {"field": "a", "op": "nope", "value": 1}}'),
+              ("aeordb_query", b'{"path": "/", "where": "1=1; DROP TABLE files"}'),
+              ("aeordb_aggregate", b'{"path": "/", "aggregate": {"sum": 5}}'),
+              ("aeordb_extract_file", b'{"path": "/x", "mode": "words"}')]
+    for function, args in calls:
+        deploy(client, "db/s/bad", host_call_module(function, args))
+        answer = json.loads(invoke(client, "db/s/bad/f").body)
+        assert isinstance(answer.get("error"), str), (function, args[:80], answer)
+    # Nothing was written by any of them.
+    assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
+
+
+def test_hardening_log_message_with_wild_arguments_is_harmless(client):
+    calls = "".join(f"(call $log (i32.const {a}) (i32.const {b}) (i32.const {c}) (i32.const {d}))"
+                    for a, b, c, d in [(-1, 5, -1, 5), (0, 0x7FFFFFFF, 0, 0x7FFFFFFF), (65530, 100, 0, 10),
+                                       (60000, 4, 60000, 3), (1024, 2, 0, -7)])
+    module = wat(f"""
+(module
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 60000) "\\ff\\fe\\00")
+  (data (i32.const 60010) "ok")
+  (func (export "handle") (param i32 i32) (result i64)
+    {calls}
+    (i64.const {_hz_packed(60010, 2)})))
+""")
+    deploy(client, "db/s/logs", module)
+    assert invoke(client, "db/s/logs/f", b"x").body == b"ok"
+
+
+def test_hardening_host_function_called_thousands_of_times(client):
+    """5,000 host calls in one invocation (writes in one transaction, then reads): all answered."""
+    args = json.dumps({"path": "/counter.json", "data": base64.b64encode(b'{"n": 1}').decode()}).encode()
+    module = wat(f"""
+(module
+  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
+  (import "aeordb" "aeordb_context" (func $context (param i32 i32) (result i64)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (data (i32.const 1024) "{wat_string(args)}")
+  (data (i32.const 900) "{{}}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (local $i i32) (local $answer i64)
+    (loop $again
+      (drop (call $write (i32.const 1024) (i32.const {len(args)})))
+      (local.set $answer (call $context (i32.const 900) (i32.const 2)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 2500))))
+    (local.get $answer)))
+""")
+    deploy(client, "db/s/busy", module)
+    started = time.monotonic()
+    answer = json.loads(invoke(client, "db/s/busy/f").body)
+    assert answer["db"] == "db" and answer["remaining_ms"] > 0, answer
+    assert time.monotonic() - started < 5.0
+    assert client.get("/db/_files/counter.json", headers=AUTH).body == b'{"n": 1}'
+
+
+def test_hardening_start_function_that_loops_is_bounded(tmp_path):
+    """The start function never runs at deploy; at invoke it meets the time limit like handle would."""
+    client, _ = make_app(tmp_path, timeout=0.5)
+    module = _hz_module("", extra="(func $spin (loop $forever (br $forever))) (start $spin)")
+    started = time.monotonic()
+    status = deploy(client, "db/s/spin", module, status="*").status_int
+    assert status in (200, 400) and time.monotonic() - started < 2.0
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    if status == 200:
+        started = time.monotonic()
+        assert "time limit" in _hz_error(invoke(client, "db/s/spin/f", status=500))
+        assert time.monotonic() - started < 2.0
+        # A restart loads it without running it.
+        started = time.monotonic()
+        make_app(tmp_path, timeout=0.5)
+        assert time.monotonic() - started < 5.0
+    assert json.loads(invoke(client, "db/s/echo/f", b"x").body)["arguments"] == [120]
+
+
+_HZ_OVERSIZED = {
+    "exported_memory": '(memory (export "memory") 40000)',
+    "hidden_second_memory": '(memory (export "memory") 1) (memory $hidden 40000)',
+    "imported_memory": '(import "env" "memory" (memory 40000))',
+    "exported_table": '(memory (export "memory") 1) (table (export "table") 200000 funcref)',
+    "hidden_table": '(memory (export "memory") 1) (table 200000 funcref)',
+    "hidden_externref_table": '(memory (export "memory") 1) (table 1 funcref) (table 300000 externref)',
+}
+
+
+@pytest.mark.parametrize("pooling", [True, False], ids=["pooling", "on_demand"])
+@pytest.mark.parametrize("case", sorted(_HZ_OVERSIZED))
+def test_hardening_huge_initial_memory_or_table_refused_at_deploy(tmp_path, case, pooling):
+    settings = aeordb.Settings(data_dir=tmp_path, token=TOKEN)
+    client = webtest.TestApp(aeordb.create_app(settings, pooling=pooling))
+    module = wat(f'(module {_HZ_OVERSIZED[case]}'
+                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
+    message = _hz_error(deploy(client, "db/s/huge", module, status=400))
+    assert ("memory" if "memory" in case else "table") in message and "limit" in message, message
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+def test_hardening_unprovided_imports_refused_at_deploy_naming_them(client):
+    handle = '(memory (export "memory") 1) (func (export "handle") (param i32 i32) (result i64) (i64.const 0))'
+    for imports, named in [
+            ('(import "env" "mystery" (func))', "env.mystery"),
+            ('(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))',
+             "wasi_snapshot_preview1.fd_write"),
+            ('(import "aeordb" "aeordb_read_file" (func (param i32) (result i32)))', "aeordb.aeordb_read_file"),
+            ('(import "aeordb" "aeordb_launch_missiles" (func (param i32 i32) (result i64)))',
+             "aeordb.aeordb_launch_missiles"),
+            ('(import "env" "table" (table 1 funcref))', "env.table"),
+            ('(import "env" "counter" (global i32))', "env.counter")]:
+        message = _hz_error(deploy(client, "db/s/imports", wat(f"(module {imports} {handle})"), status=400))
+        assert named in message, message
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+# Bad requests #################################################################
+
+def test_hardening_bad_authorization_is_401_without_echoing_the_token(client):
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    basic = base64.b64encode(f"user:{TOKEN}".encode()).decode()
+    values = [None, "", "Bearer", "Bearer ", f"Bearer {TOKEN} ", f"Bearer {TOKEN}  ", f" Bearer {TOKEN}",
+              f"Bearer  {TOKEN}", f"Bearer\t{TOKEN}", f"Basic {basic}", "Basic x", f"Token {TOKEN}", TOKEN,
+              f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", "Bearer " + "a" * 5000, f"Bearer {TOKEN}\u00e9"]
+    requests = [("GET", "/db/_plugins"), ("PUT", "/db/s/u/_deploy"), ("POST", "/db/s/t/f/_invoke"),
+                ("DELETE", "/db/s/t/f/_remove"), ("GET", "/db/_files/x"), ("PUT", "/db/_files/x"),
+                ("DELETE", "/db/_files/x"), ("POST", "/db/_query")]
+    for value in values:
+        headers = {} if value is None else {"Authorization": value}
+        for method, path in requests:
+            answer = client.request(path, method=method, headers=headers, body=b"{}", expect_errors=True)
+            assert answer.status_int == 401, (value, method, path, answer.status)
+            assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+            assert _hz_error(answer) and TOKEN.encode() not in answer.body
+    # Nothing happened: the plugin is still there, no file was written, nothing deployed.
+    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+    assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
+    assert client.get("/_health").status_int == 200      # the one public route
+
+
+_HZ_BAD_SEGMENTS = ["..", "%2e%2e", "%2E%2E", ".", "a%2Fb", "%2F", "a%00b", "%00", "%0d%0aX-Injected:%201",
+                    "%EF%BD%84%EF%BD%82", "d%D0%B0b", "a" * 10_000, "_reserved", "a%20b", "%C0%AE%C0%AE",
+                    "%FF", "a%5Cb"]
+# In file paths '/' (hence %2F) separates segments, and any printable UTF-8 name is allowed.
+_HZ_BAD_FILE_SEGMENTS = ["..", "%2e%2e", ".", "a%00b", "%00", "a%0db", "a" * 10_000, "%FF", "%C0%AE%C0%AE"]
+
+
+def _hz_bad_name_requests():
+    for bad in _HZ_BAD_SEGMENTS:
+        yield "GET", f"/{bad}/_plugins"
+        yield "POST", f"/{bad}/_query"
+        for position in range(3):
+            parts = ["db", "s", "t"]
+            parts[position] = bad
+            yield "PUT", "/" + "/".join(parts) + "/_deploy"
+        for position in range(4):
+            parts = ["db", "s", "t", "f"]
+            parts[position] = bad
+            yield "POST", "/" + "/".join(parts) + "/_invoke"
+            yield "DELETE", "/" + "/".join(parts) + "/_remove"
+        for method in ("GET", "PUT", "DELETE"):
+            yield method, f"/{bad}/_files/x"
+    for bad in _HZ_BAD_FILE_SEGMENTS:
+        for method in ("GET", "HEAD", "PUT", "DELETE"):
+            yield method, f"/db/_files/{bad}"
+            yield method, f"/db/_files/a/{bad}/b"
+
+
+def test_hardening_bad_names_are_400_or_404_never_500(client):
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    checked = 0
+    for method, path in _hz_bad_name_requests():
+        body = bytes(wat(ECHO_WAT)) if path.endswith("_deploy") else b"{}"
+        answer = client.request(path, method=method, headers=AUTH, body=body, expect_errors=True)
+        assert answer.status_int in (400, 404), (method, path[:80], answer.status, answer.body[:200])
+        if method != "HEAD":
+            assert len(_hz_error(answer)) < 1000, path[:80]     # names are shown shortened
+        checked += 1
+    assert checked > 200
+    # Query parameters of a deploy, too.
+    for query in ("name=%0a", "name=" + "n" * 200, "name=a%00b", "plugin_type=native", "plugin_type=%0d"):
+        _hz_error(client.put(f"/db/s/t/_deploy?{query}", wat(ECHO_WAT), headers=AUTH, status=400))
+    # Nothing was created anywhere by those requests.
+    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+    assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
+    plugins_dir = client.app.config["aeordb.settings"].data_dir / "plugins"
+    assert [p.parent.relative_to(plugins_dir).as_posix() for p in plugins_dir.rglob("plugin.json")] == ["db/s/t"]
+
+
+def test_hardening_bad_names_on_a_real_server(tmp_path):
+    """waitress decodes paths itself: the same answers there, never a 500 or a dropped connection."""
+    _, app = make_app(tmp_path)
+    with server_thread(app) as port:
+        for method, path in list(_hz_bad_name_requests())[::7]:
+            status, headers, body = http_request(port, method, path, b"{}")
+            assert status in (400, 404), (method, path[:80], status, body[:200])
+        status, _, _ = http_request(port, "GET", "/db/_plugins")
+        assert status == 200
+
+
+class _HzCountingInput:
+    """A wsgi.input that counts what the app reads (and has only a few bytes to give)."""
+
+    def __init__(self, data: bytes = b"0123456789"):
+        self.data, self.read_bytes = data, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.data[:len(self.data) if size is None or size < 0 else size]
+        self.data = self.data[len(chunk):]
+        self.read_bytes += len(chunk)
+        return chunk
+
+    def readline(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+
+def test_hardening_oversized_bodies_are_413_unread(tmp_path):
+    limits = {"max_module_size": 1000, "max_request_size": 2000, "max_file_size": 3000}
+    client, app = make_app(tmp_path, **limits)
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    routes = [("PUT", "/db/s/u/_deploy", 1000), ("POST", "/db/s/t/f/_invoke", 2000),
+              ("PUT", "/db/_files/big", 3000), ("POST", "/db/_query", 2000)]
+    for method, path, limit in routes:
+        # Over the limit by one byte: 413 and a JSON error naming the limit.
+        answer = client.request(path, method=method, headers=AUTH, body=b" " * (limit + 1), expect_errors=True)
+        assert answer.status_int == 413, (path, answer.status)
+        assert str(limit) in _hz_error(answer)
+        # At the limit: accepted (a deploy of spaces is a bad module, 400, but not too large).
+        answer = client.request(path, method=method, headers=AUTH, body=b" " * limit, expect_errors=True)
+        assert answer.status_int in (200, 201, 400) and answer.status_int != 413, (path, answer.status)
+        # A body announced as huge is refused from its Content-Length alone: nothing is read.
+        for announced in (limit + 1, 10 ** 12):
+            body = _HzCountingInput()
+            environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "127.0.0.1",
+                       "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": body,
+                       "CONTENT_LENGTH": str(announced), "HTTP_AUTHORIZATION": AUTH["Authorization"],
+                       "wsgi.errors": sys.stderr}
+            answer = webtest.TestRequest(environ).get_response(app)
+            assert answer.status_int == 413 and body.read_bytes == 0, (path, announced, answer.status)
+    assert client.get("/db/_files/", headers=AUTH).json["entries"] == [
+        {"name": "big", "type": "file", "size": 3000}]
+
+
+def _hz_send_raw(port: int, head: bytes, body: bytes, timeout: float = 5.0) -> bytes:
+    """Send a raw request (headers, then only ``body``) and answer what the server says first."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def test_hardening_oversized_bodies_on_a_real_server(tmp_path):
+    """waitress's global cap (the one serve() sets) refuses a huge Content-Length before any body."""
+    client, app = make_app(tmp_path, max_module_size=1000, max_request_size=1000, max_file_size=1000)
+    settings = app.config["aeordb.settings"]
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    with server_thread(app, max_request_body_size=settings.max_body_size) as port:
+        for method, path in [("PUT", "/db/s/u/_deploy"), ("POST", "/db/s/t/f/_invoke"),
+                             ("PUT", "/db/_files/big")]:
+            head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                    f"Content-Length: {10 ** 10}\r\n\r\n").encode()
+            started = time.monotonic()
+            answer = _hz_send_raw(port, head, b"only a few bytes")
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+            assert time.monotonic() - started < 3.0
+            # Over the route's limit but under the global cap: the app refuses it from Content-Length.
+            status, _, body = http_request(port, method, path, b"x" * 1500)
+            assert status == 413 and "1000" in json.loads(body)["error"]
+            # Chunked, so without Content-Length: refused all the same.
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request(method, path, body=iter([b"y" * 800, b"y" * 800]), headers={**AUTH},
+                         encode_chunked=True)
+            assert conn.getresponse().status == 413
+            conn.close()
+        status, _, body = http_request(port, "GET", "/db/_files/")
+        assert status == 200 and json.loads(body)["entries"] == []
+
+
+def test_hardening_wrong_methods_are_405_with_allow(client):
+    cases = [("GET", "/db/s/t/_deploy", {"PUT"}), ("POST", "/db/s/t/_deploy", {"PUT"}),
+             ("GET", "/db/s/t/f/_invoke", {"POST"}), ("PUT", "/db/s/t/f/_invoke", {"POST"}),
+             ("POST", "/db/_plugins", {"GET"}), ("DELETE", "/db/_plugins", {"GET"}),
+             ("GET", "/db/s/t/f/_remove", {"DELETE"}), ("POST", "/db/_files/x", {"GET", "PUT", "DELETE"}),
+             ("PATCH", "/db/_files/x", {"GET", "PUT", "DELETE"}), ("GET", "/db/_query", {"POST"}),
+             ("DELETE", "/_health", {"GET"}), ("POST", "/_health", {"GET"})]
+    for method, path, allowed in cases:
+        answer = client.request(path, method=method, headers=AUTH, body=b"", expect_errors=True)
+        assert answer.status_int == 405, (method, path, answer.status)
+        allow = {item.strip() for item in answer.headers["Allow"].split(",")}
+        assert allowed <= allow and method not in allow, (method, path, allow)
+        assert method in _hz_error(answer)
+
+
+def test_hardening_fuzzed_modules_are_200_or_400_never_500(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.3)
+    base = host_call_module("aeordb_context", b"{}")
+    rng = random.Random(20240404)
+    outcomes = {200: 0, 400: 0}
+    invoked = 0
+    for round_ in range(300):
+        data = bytearray(base)
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            kind = rng.randrange(5)
+            at = rng.randrange(len(data))
+            if kind == 0:
+                data[at] ^= rng.randrange(1, 256)
+            elif kind == 1:
+                del data[max(at, 1):]
+            elif kind == 2:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+            elif kind == 3:
+                data[at] = rng.choice((0x00, 0x7F, 0x80, 0xFF))
+            else:
+                size = rng.randrange(1, 17)
+                data[at:at] = data[rng.randrange(len(data)):][:size]
+        if round_ % 50 == 0:
+            data = bytearray(b"\0asm\x01\0\0\0" + bytes(rng.randrange(256) for _ in range(rng.randrange(64))))
+        answer = client.put("/db/s/fuzz/_deploy", bytes(data), headers=AUTH, expect_errors=True)
+        assert answer.status_int in (200, 400), (round_, answer.status, answer.body[:300])
+        outcomes[answer.status_int] += 1
+        if answer.status_int == 400:
+            _hz_error(answer)
+        elif invoked < 40:
+            invoked += 1
+            result = client.post("/db/s/fuzz/f/_invoke", b"", headers=AUTH, expect_errors=True)
+            assert result.status_int in (200, 500), (round_, result.status, result.body[:300])
+            if result.status_int == 500:
+                assert _hz_error(result).startswith("plugin")
+    assert outcomes[400] > 100 and outcomes[200] > 5, outcomes
+    deploy(client, "db/s/fuzz", wat(ECHO_WAT))
+    assert json.loads(invoke(client, "db/s/fuzz/f", b"!").body)["arguments"] == [33]
+
+
+_HZ_PLUGIN_HEADERS = {
+    "X-Ok": "yes", "x-lower": "fine", "Cache-Control": "no-store", "ETag": '"v1"', "Vary": "Accept",
+    "Set-Cookie": "session=stolen", "Location": "http://evil.example/", "Content-Length": "1",
+    "Transfer-Encoding": "chunked", "Server": "evil", "WWW-Authenticate": "Basic", "Connection": "close",
+    "Access-Control-Allow-Origin": "*", "Strict-Transport-Security": "max-age=0", "Content-Type": "text/html",
+    "X-Split": "a\r\nSet-Cookie: injected=1", "X-Lf": "a\nInjected: 1", "X-Cr": "a\rInjected: 1",
+    "X-Nul": "a\u0000b", "X-Bad Name": "v", "X-Colon:Name": "v", "X-Crlf\r\nInjected": "v",
+    "X-Unicode": "\u2603", "X-Latin": "caf\u00e9", "X-Tab": "a\tb",
+}
+
+
+def test_hardening_unsafe_plugin_headers_are_dropped(tmp_path):
+    envelope = {"status_code": 201, "body": "hi", "content_type": "text/plain\r\nSet-Cookie: ct=1",
+                "headers": _HZ_PLUGIN_HEADERS}
+    client, app = make_app(tmp_path)
+    deploy(client, "db/s/h", answer_module(json.dumps(envelope).encode()))
+
+    def check(status, headers, body):
+        assert status == 201 and body == b"hi"
+        names = {name.lower() for name in headers}
+        assert {"x-ok", "x-lower", "cache-control", "etag", "vary"} <= names, names
+        assert not names & {"set-cookie", "location", "transfer-encoding", "www-authenticate",
+                            "access-control-allow-origin", "strict-transport-security", "x-split", "x-lf",
+                            "x-cr", "x-nul", "x-bad name", "x-colon:name", "injected"}, names
+        assert all("injected" not in str(v).lower() and "evil" not in str(v) for v in headers.values())
+        assert headers.get("content-type", headers.get("Content-Type")) == "application/octet-stream"
+
+    answer = invoke(client, "db/s/h/f", status=201)
+    check(answer.status_int, dict(answer.headers), answer.body)
+    with server_thread(app) as port:
+        check(*http_request(port, "POST", "/db/s/h/f/_invoke", b""))
+        assert http_request(port, "GET", "/_health")[0] == 200
+
+
+# Faults and concurrency #######################################################
+
+def _hz_temp_files(root: Path) -> list:
+    return [p for p in root.rglob("*") if aeordb.TEMP_MARK in p.name]
+
+
+def test_hardening_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path):
+    """SIGKILL while a client deploys, removes, writes and deletes; every acknowledged change survives."""
+    data_dir = tmp_path / "data"
+    expected: dict = {}        # key -> value (bytes) or None: the acknowledged state
+    in_flight: dict = {}       # key -> value the unanswered request would have set
+    unexpected: list = []
+    stop = threading.Event()
+
+    def stream(port: int) -> None:
+        rng = random.Random(99)
+        for number in range(100_000):
+            if stop.is_set():
+                return
+            kind = rng.choice(("deploy", "deploy", "remove", "write", "write", "write", "delete"))
+            if kind in ("deploy", "remove"):
+                key = f"p{rng.randrange(8)}"
+                value = f"{key}-v{number}".encode() if kind == "deploy" else None
+                method, path = ("PUT", f"/db/s/{key}/_deploy") if value else ("DELETE", f"/db/s/{key}/f/_remove")
+                body = answer_module(value) if value else None
+            else:
+                key = f"f{rng.randrange(12)}"
+                value = (f"{key}-{number}|".encode() * rng.randrange(1, 20_000)) if kind == "write" else None
+                method, path, body = ("PUT" if value else "DELETE"), f"/db/_files/{key}", value
+            in_flight.clear()
+            in_flight[key] = value
+            try:
+                status, _, answer = http_request(port, method, path, body, timeout=10)
+            except OSError:
+                return                       # the server is gone: this change is unacknowledged
+            if status in (200, 201) or (status == 404 and value is None):
+                expected[key] = value
+            else:
+                unexpected.append((method, path, status, answer[:200]))
+            in_flight.clear()
+
+    with server_process(data_dir) as (process, port):
+        # serve() hands waitress the global body cap: a huge Content-Length is refused before any body.
+        head = (f"PUT /db/_files/huge HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                f"Content-Length: {10 ** 12}\r\n\r\n").encode()
+        assert _hz_send_raw(port, head, b"abc").startswith(b"HTTP/1.1 413")
+        client = threading.Thread(target=stream, args=(port,), daemon=True)
+        client.start()
+        deadline = time.monotonic() + 30
+        while len(expected) < 12 or sum(v is not None for v in expected.values()) < 6:
+            assert time.monotonic() < deadline and client.is_alive(), unexpected
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        stop.set()
+        client.join(timeout=15)
+        output = process.stdout.read()
+    assert not client.is_alive() and not unexpected, unexpected
+    assert TOKEN.encode() not in output
+    # Leftovers of interrupted writes, as a crash at another moment would leave them.
+    for planted in (data_dir / "plugins" / "db" / "s" / "p0" / f"plugin.json{aeordb.TEMP_MARK}x1",
+                    data_dir / "cache" / f"deadbeef.cwasm{aeordb.TEMP_MARK}x2"):
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.write_bytes(b"torn")
+    with server_process(data_dir) as (process, port):
+        assert _hz_temp_files(data_dir) == []
+        listed = {meta["path"]: meta for meta in json.loads(http_request(port, "GET", "/db/_plugins")[2])}
+        for key in sorted(set(expected) | set(in_flight)):
+            allowed = {expected.get(key, None)} | ({in_flight[key]} if key in in_flight else set())
+            if key.startswith("p"):
+                if f"db/s/{key}" in listed:
+                    status, _, body = http_request(port, "POST", f"/db/s/{key}/f/_invoke", b"")
+                    assert status == 200 and body in allowed, (key, status, body, allowed)
+                else:
+                    assert None in allowed, (key, allowed)
+            else:
+                status, _, body = http_request(port, "GET", f"/db/_files/{key}")
+                assert (body if status == 200 else None) in allowed, (key, status, body[:80], allowed)
+                assert status in (200, 404)
+        # Nothing listed that was never deployed, every listed plugin answers.
+        assert set(listed) <= {f"db/s/p{k}" for k in range(8)}
+        for path in listed:
+            assert http_request(port, "POST", f"/{path}/f/_invoke", b"")[0] == 200
+
+
+def test_hardening_concurrent_clients_keep_the_registry_consistent(tmp_path):
+    """6 threads deploy, invoke, list and remove shared and own plugins at once against waitress."""
+    _, app = make_app(tmp_path)
+    registry = app.config["aeordb.registry"]
+    trap = wat('(module (memory (export "memory") 1)'
+               ' (func (export "handle") (param i32 i32) (result i64) unreachable))')
+    problems: list = []
+    counts = {"ok": 0}
+    lock = threading.Lock()
+
+    def worker(index: int, port: int) -> None:
+        rng = random.Random(index)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        own = f"t{index}"
+        deadline = time.monotonic() + 2.5
+        done = 0
+        while time.monotonic() < deadline and done < 400:
+            done += 1
+            target = rng.choice(("shared", "shared", own))
+            kind = rng.choice(("deploy", "deploy", "invoke", "invoke", "list", "remove", "trap"))
+            if kind == "deploy":
+                method, path, body = "PUT", f"/db/s/{target}/_deploy", answer_module(f"{target}|{index}|{done}".encode())
+            elif kind == "invoke":
+                method, path, body = "POST", f"/db/s/{target}/f/_invoke", b"x"
+            elif kind == "list":
+                method, path, body = "GET", "/db/_plugins", None
+            elif kind == "remove":
+                method, path, body = "DELETE", f"/db/s/{target}/f/_remove", None
+            else:
+                method, path, body = "POST", "/db/s/trap/f/_invoke", b""
+            try:
+                conn.request(method, path, body=body, headers=AUTH)
+                response = conn.getresponse()
+                status, data = response.status, response.read()
+                ctype = response.getheader("Content-Type", "")
+            except (OSError, http.client.HTTPException) as exc:
+                problems.append((method, path, repr(exc)))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                continue
+            try:
+                if kind == "invoke" and status == 200:
+                    assert data.split(b"|")[0].decode() == target and ctype == "application/octet-stream"
+                elif kind == "trap":
+                    assert status == 500 and "unreachable" in json.loads(data)["error"]
+                else:
+                    payload = json.loads(data)
+                    assert ctype == "application/json"
+                    if kind == "deploy":
+                        assert status == 200 and payload["path"] == f"db/s/{target}"
+                    elif kind == "list":
+                        assert status == 200 and all(isinstance(m["path"], str) and m["sha256"] for m in payload)
+                    elif kind == "remove":
+                        assert status in (200, 404)
+                    else:
+                        assert status == 404 and payload["error"]
+            except (AssertionError, ValueError, KeyError, TypeError) as exc:
+                problems.append((method, path, status, data[:200], repr(exc)))
+            with lock:
+                counts["ok"] += 1
+        conn.close()
+
+    with server_thread(app, threads=6) as port:
+        assert http_request(port, "PUT", "/db/s/trap/_deploy", trap)[0] == 200
+        workers = [threading.Thread(target=worker, args=(i, port)) for i in range(6)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in workers)
+        assert not problems, problems[:5]
+        assert counts["ok"] > 300, counts
+        listed = json.loads(http_request(port, "GET", "/db/_plugins")[2])
+        for meta in listed:
+            status, _, body = http_request(port, "POST", f"/{meta['path']}/f/_invoke", b"")
+            assert status == (500 if meta["path"] == "db/s/trap" else 200), (meta, status, body[:200])
+    # The registry, its files on disk and a fresh load all agree.
+    assert listed == registry.list("db")
+    _hz_check_plugin_files(tmp_path, listed)
+    assert _hz_temp_files(tmp_path) == []
+    reloaded, _ = make_app(tmp_path)
+    assert reloaded.get("/db/_plugins", headers=AUTH).json == listed
+
+
+def _hz_check_plugin_files(data_dir: Path, listed: list) -> None:
+    """plugin.json files on disk match ``listed``, each beside exactly its own module."""
+    on_disk = {}
+    for meta_file in (data_dir / "plugins").glob("*/*/*/plugin.json"):
+        meta = json.loads(meta_file.read_text())
+        on_disk[meta["path"]] = meta
+        folder = meta_file.parent
+        assert meta["path"] == "/".join(folder.parts[-3:])
+        assert sorted(p.name for p in folder.glob("module-*.wasm")) == [f"module-{meta['sha256']}.wasm"], meta
+    assert on_disk == {meta["path"]: meta for meta in listed}
+
+
+def test_hardening_racing_deploys_and_removes_of_one_plugin_keep_its_files(tmp_path, monkeypatch):
+    """Forces the interleavings the concurrency test only meets by chance.
+
+    Each deploy pauses (bounded) right after writing its module file, letting
+    the other thread's deploy or remove run into that gap if nothing prevents it.
+    """
+    _, app = make_app(tmp_path)
+    registry = app.config["aeordb.registry"]
+    real_write = aeordb.atomic_write
+    module_written, other_done = threading.Event(), threading.Event()
+
+    def pausing_write(path, data, mode=0o644):
+        real_write(path, data, mode)
+        if path.name.startswith("module-") and threading.current_thread().name == "hz-first":
+            module_written.set()
+            other_done.wait(timeout=0.3)
+
+    monkeypatch.setattr(aeordb, "atomic_write", pausing_write)
+    for second in ("deploy", "remove"):
+        registry.deploy("db", "s", "t", answer_module(b"v0"), "t", "wasm")
+        module_written.clear()
+        other_done.clear()
+        first = threading.Thread(name="hz-first", target=registry.deploy,
+                                 args=("db", "s", "t", answer_module(b"v1-" + second.encode()), "t", "wasm"))
+        first.start()
+        assert module_written.wait(timeout=10)
+        if second == "deploy":
+            registry.deploy("db", "s", "t", answer_module(b"v2"), "t", "wasm")
+        else:
+            with contextlib.suppress(aeordb.ApiError):
+                registry.remove("db", "s", "t")
+        other_done.set()
+        first.join(timeout=10)
+        listed = registry.list("db")
+        _hz_check_plugin_files(tmp_path, listed)
+        reloaded, _ = make_app(tmp_path)
+        assert reloaded.get("/db/_plugins", headers=AUTH).json == listed
+        for meta in listed:
+            assert invoke(reloaded, meta["path"] + "/f").status_int == 200
+
+
+def _hz_disk_error(code: int = 28) -> OSError:
+    """The OSError a full (ENOSPC, 28) or read-only (EROFS, 30) disk raises."""
+    return OSError(code, os.strerror(code))
+
+
+def test_hardening_disk_full_on_deploy_and_remove_is_503_without_partial_state(tmp_path, monkeypatch):
+    import errno
+    client, _ = make_app(tmp_path)
+    deploy(client, "db/s/t", answer_module(b"v1"))
+    real_write = aeordb.atomic_write
+
+    def failing_write(only: str):
+        def write(path, data, mode=0o644):
+            if only in path.name:
+                raise _hz_disk_error()
+            return real_write(path, data, mode)
+        return write
+
+    for only in ("", "plugin.json", ".wasm"):
+        monkeypatch.setattr(aeordb, "atomic_write", failing_write(only))
+        message = _hz_error(deploy(client, "db/s/t", answer_module(b"v2"), status=503))
+        assert "storage" in message and "No space" in message, message
+        assert invoke(client, "db/s/t/f").body == b"v1"
+        _hz_error(deploy(client, "db/s/new", answer_module(b"n"), status=503))
+        assert [m["path"] for m in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+        assert client.get("/_health").status_int == 200
+    monkeypatch.setattr(aeordb, "atomic_write", real_write)
+    # A remove whose unlink the disk refuses.
+    real_unlink = Path.unlink
+
+    def failing_unlink(self, *args, **kwargs):
+        if self.name == "plugin.json":
+            raise _hz_disk_error(errno.EROFS)
+        return real_unlink(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", failing_unlink)
+    assert "storage" in _hz_error(client.delete("/db/s/t/f/_remove", headers=AUTH, status=503))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert invoke(client, "db/s/t/f").body == b"v1"
+    # A restart sees v1 alone: no half-deployed v2, no stray module or temp file.
+    reloaded, _ = make_app(tmp_path)
+    assert [m["path"] for m in reloaded.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+    assert invoke(reloaded, "db/s/t/f").body == b"v1"
+    assert len(list((tmp_path / "plugins" / "db" / "s" / "t").glob("module-*.wasm"))) == 1
+    assert not list((tmp_path / "plugins").glob("db/s/new/*"))
+    assert _hz_temp_files(tmp_path) == []
+
+
+def test_hardening_read_only_database_is_503_and_reads_keep_working(tmp_path, monkeypatch):
+    import sqlite3
+    client, app = make_app(tmp_path)
+    files = app.config["aeordb.files"]
+    client.put("/db/_files/docs/a.json", b'{"n": 1}', headers=AUTH, status=201)
+    writer = host_call_module("aeordb_write_file", json.dumps({"path": "/docs/b.json", "data": "e30="}).encode())
+    deploy(client, "db/s/writer", writer)
+    files._conn()      # this thread's connection exists; swap it for a read-only one
+    read_only = sqlite3.connect(f"file:{files.path}?mode=ro", uri=True, isolation_level=None,
+                                check_same_thread=False)
+    monkeypatch.setattr(files._local, "conn", read_only)
+    for method, path, body in [("PUT", "/db/_files/docs/c.json", b"{}"), ("PUT", "/db/_files/docs/a.json", b"{}"),
+                               ("DELETE", "/db/_files/docs/a.json", b"")]:
+        answer = client.request(path, method=method, headers=AUTH, body=body, expect_errors=True)
+        assert answer.status_int == 503 and "storage" in _hz_error(answer), (method, path, answer.body)
+    assert "storage" in json.loads(invoke(client, "db/s/writer/f").body)["error"]
+    # Reads keep working and nothing changed.
+    assert client.get("/db/_files/docs/a.json", headers=AUTH).body == b'{"n": 1}'
+    assert [e["name"] for e in client.get("/db/_files/docs", headers=AUTH).json["entries"]] == ["a.json"]
+    assert client.post("/db/_query", b'{"path": "/docs"}', headers=AUTH).json["items"][0]["path"] == "/docs/a.json"
+    monkeypatch.undo()
+    read_only.close()
+    client.put("/db/_files/docs/c.json", b"{}", headers=AUTH, status=201)
+    assert json.loads(invoke(client, "db/s/writer/f").body)["ok"] is True
+
+
+def test_hardening_token_file_is_owner_only_and_token_never_logged(tmp_path, caplog):
+    import logging
+    import stat
+    caplog.set_level(logging.DEBUG)
+    settings = aeordb.Settings(data_dir=tmp_path, token=None, access_log=True)
+    client = webtest.TestApp(aeordb.create_app(settings))
+    token = client.app.config["aeordb.token"]
+    token_file = tmp_path / "token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token_file.read_text().strip() == token and len(token) >= 32
+    again = aeordb.create_app(settings)
+    assert again.config["aeordb.token"] == token and not again.config["aeordb.token_created"]
+    good = {"Authorization": f"Bearer {token}"}
+    bodies = []
+    for value in (f"Bearer {token} ", f"Bearer {token}x", f"Basic {token}", token, f"Token {token}"):
+        answer = client.get("/db/_plugins", headers={"Authorization": value}, status=401)
+        bodies.append(answer.body + str(answer.headers).encode())
+    module = _hz_module("unreachable", head='(import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))',
+                        extra='(data (i32.const 3000) "debug") (data (i32.const 3010) "hello from the plugin")'
+                              '(func $start (call $log (i32.const 3000) (i32.const 5) (i32.const 3010)'
+                              ' (i32.const 21))) (start $start)')
+    client.put("/db/s/t/_deploy", module, headers=good, status=200)
+    bodies.append(client.post("/db/s/t/f/_invoke", _HZ_HOSTILE, headers=good, status=500).body)
+    bodies.append(client.post("/db/s/t/f/_invoke", b"", headers=good, status=200).body)
+    bodies.append(client.put("/db/s/u/_deploy", b"\0asm junk", headers=good, status=400).body)
+    bodies.append(client.get("/db/_files/nothing", headers=good, status=404).body)
+    assert "hello from the plugin" in caplog.text          # logging was on and captured
+    assert token not in caplog.text
+    assert all(token.encode() not in body for body in bodies)
+
+
+@pytest.mark.parametrize("options", RUNTIME_PATHS)
+def test_tables_within_the_limit_run_on_every_allocator(tmp_path, options):
+    client, _ = _runtime_client(tmp_path, options)
+    module = wat('(module (memory (export "memory") 1) (table 30000 funcref) (table $b 2 funcref)'
+                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
+    deploy(client, "db/s/tables", module)
+    assert invoke(client, "db/s/tables/f").body == b""

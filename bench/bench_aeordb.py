@@ -192,6 +192,12 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -433,17 +439,25 @@ class Bench:
             status, answer = request(port, "POST", path, body, headers)
             if status != 200 or answer != body:
                 raise RuntimeError(f"{label} answered {status} {answer[:200]!r}, expected {body!r}")
-        duration = 2 if self.quick else 8
+        # Alternate the two servers in rounds, so that a change in the machine's
+        # load (other processes) hits both alike; report medians over rounds.
+        duration, rounds = (2, 1) if self.quick else (4, 3)
+        procs = {"aeordb": aeordb_proc, "bare": bare_proc}
         for label, (port, path, headers) in targets.items():   # warm both up
             self.loadgen.run(port, path, body, headers, 4, 1)
         for clients in (1, 4, 16):
-            results = {}
-            for label, (port, path, headers) in targets.items():
-                results[label] = self.loadgen.run(port, path, body, headers, clients, duration)
-                if results[label]["errors"]:
-                    self.notes.append(f"http c={clients} {label}: {results[label]['errors']} errors")
-            ours, base = results["aeordb"], results["bare"]
-            ratio = ours["rps"] / base["rps"]
+            runs: dict = {"aeordb": [], "bare": []}
+            for _ in range(rounds):
+                for label, (port, path, headers) in targets.items():
+                    before = cpu_seconds(procs[label].pid)
+                    result = self.loadgen.run(port, path, body, headers, clients, duration)
+                    result["cpu"] = (cpu_seconds(procs[label].pid) - before) / max(1, result["requests"])
+                    runs[label].append(result)
+                    if result["errors"]:
+                        self.notes.append(f"http c={clients} {label}: {result['errors']} errors")
+            ours, base = ({key: statistics.median(r[key] for r in runs[label]) for key in ("rps", "p50", "p99", "cpu")}
+                          for label in ("aeordb", "bare"))
+            ratio = statistics.median(a["rps"] / b["rps"] for a, b in zip(runs["aeordb"], runs["bare"]))
             goal, met = ("", None)
             if clients == 4:
                 goal, met = ">=0.6x (0.75x stretch)", ratio >= 0.6
@@ -453,6 +467,8 @@ class Bench:
                      f"{ours['p50'] * 1e3:.2f} / {ours['p99'] * 1e3:.2f} ms",
                      f"{base['p50'] * 1e3:.2f} / {base['p99'] * 1e3:.2f} ms",
                      f"{ours['p50'] / base['p50']:.2f}x / {ours['p99'] / base['p99']:.2f}x")
+            self.row(f"1 server CPU per request, {clients} client(s)", f"{ours['cpu'] * 1e6:.0f} µs",
+                     f"{base['cpu'] * 1e6:.0f} µs", ours["cpu"] / base["cpu"])
         self.stop(aeordb_proc)
         self.stop(bare_proc)
 
@@ -758,16 +774,76 @@ class Bench:
 
 
 def profile(bench: Bench) -> None:
-    """cProfile of the in-process invocation path (run after part 'invoke')."""
+    """Where an invocation's time goes: a staged WSGI breakdown and a cProfile (--profile)."""
     import cProfile
+    import io
     import pstats
-    aeordb_path, _ = bench._invoke_callables
-    profiler = cProfile.Profile()
-    profiler.enable()
-    aeordb_path(5000)
-    profiler.disable()
-    print("\ncProfile of 5,000 in-process invocations (tottime):")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+    import bottle
+    app = bench._inprocess_app("profile")
+    runtime = app.config["aeordb.runtime"]
+    answer = b'{"status_code":200,"body":[104,101,108,108,111]}'
+    app.config["aeordb.registry"].deploy("bench", "s", "min", answer_module(answer), "min", "wasm")
+    bare = bottle.Bottle()
+
+    @bare.post("/echo")
+    def echo() -> bytes:
+        bottle.response.content_type = "application/octet-stream"
+        return bottle.request.body.read()
+
+    def call(wsgi, method: str, path: str, n: int) -> None:
+        def start_response(status, headers, exc_info=None):
+            call.status = status
+        for _ in range(n):
+            environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
+                       "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+                       "CONTENT_TYPE": "application/octet-stream", "CONTENT_LENGTH": "5",
+                       "HTTP_AUTHORIZATION": AUTH["Authorization"], "wsgi.input": io.BytesIO(b"hello"),
+                       "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+                       "wsgi.multiprocess": False, "wsgi.run_once": False}
+            b"".join(wsgi(environ, start_response))
+        if not call.status.startswith("200"):
+            raise RuntimeError(f"{method} {path} answered {call.status}")
+
+    def timed(wsgi, method: str, path: str) -> float:
+        n, best = 5000, float("inf")
+        call(wsgi, method, path, n // 10)
+        for _ in range(5):
+            started = time.perf_counter()
+            call(wsgi, method, path, n)
+            best = min(best, (time.perf_counter() - started) / n * 1e6)
+        return best
+
+    invoke_path = "/bench/s/min/run/_invoke"
+    stages = [("bare bottle app, POST /echo", timed(bare, "POST", "/echo")),
+              ("aeordb GET /_health", timed(app, "GET", "/_health"))]
+    parsed = aeordb.parse_response_envelope(answer, runtime.codec)
+    saved = (runtime.invoke, aeordb.build_request_envelope, aeordb.parse_response_envelope)
+    try:
+        runtime.invoke = lambda plugin, request, invocation: answer
+        aeordb.build_request_envelope = lambda body, metadata: b""
+        aeordb.parse_response_envelope = lambda raw, codec: parsed
+        stages.append(("aeordb invoke route, WASM + envelopes stubbed out", timed(app, "POST", invoke_path)))
+        aeordb.build_request_envelope, aeordb.parse_response_envelope = saved[1], saved[2]
+        stages.append(("... + real envelope build/parse", timed(app, "POST", invoke_path)))
+    finally:
+        runtime.invoke, aeordb.build_request_envelope, aeordb.parse_response_envelope = saved
+    stages.append(("... + real runtime.invoke (the whole route)", timed(app, "POST", invoke_path)))
+    print("\nIn-process WSGI cost per request (no sockets, one thread, best of 5 x 5,000):")
+    previous = None
+    for label, value in stages:
+        delta = f"  (+{value - previous:.1f})" if previous is not None and label.startswith("...") else ""
+        print(f"  {label:55s} {value:6.1f} µs{delta}")
+        previous = value
+
+    if getattr(bench, "_invoke_callables", None):
+        aeordb_path, _ = bench._invoke_callables
+        profiler = cProfile.Profile()
+        profiler.enable()
+        aeordb_path(5000)
+        profiler.disable()
+        print("\ncProfile of 5,000 in-process invocations (part 2's aeordb path), by own time:")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 def main() -> None:
@@ -780,7 +856,8 @@ def main() -> None:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                         help="HTTP load generator (default: wrk if on PATH, else Python)")
     parser.add_argument("--profile", action="store_true",
-                        help="also print a cProfile of the in-process invoke path (needs part 'invoke')")
+                        help="also print where an invocation's time goes: a staged in-process WSGI breakdown "
+                             "and a cProfile of part 2's path (when part 'invoke' ran)")
     args = parser.parse_args()
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(only) - set(PARTS)
@@ -798,7 +875,9 @@ def main() -> None:
                 f"wasmtime-py {importlib.metadata.version('wasmtime')}, "
                 f"bottle {importlib.metadata.version('bottle')}, waitress {importlib.metadata.version('waitress')}",
                 f"CPUs: {cpus} (usable {affinity}), server threads: {args.threads}",
-                f"load generator: {bench.loadgen.describe()}"]
+                f"load generator: {bench.loadgen.describe()}",
+                "load average at start: %.2f %.2f %.2f (other processes on the machine skew every figure)"
+                % os.getloadavg()]
         print("\n".join(info), flush=True)
         # In-process parts first, then those that start servers; never two at once.
         order = ["invoke", "query", "echo", "http", "memory", "restart"]
@@ -806,11 +885,12 @@ def main() -> None:
             if name in only:
                 bench.log(f"part {name}")
                 getattr(bench, f"part_{name}")()
-        if args.profile and "invoke" in only:
+        if args.profile:
             profile(bench)
         print()
         print("\n".join(info))
         print(bench.table())
+        print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
         for note in bench.notes:
             print("note:", note)
         print(f"total time {time.perf_counter() - started:.0f} s; command: "
