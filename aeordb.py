@@ -1067,22 +1067,20 @@ class FileStore:
 
     def read(self, db: str, path: str) -> tuple:
         """(bytes, metadata) of a file; 404 when absent."""
-        path = normalize_file_path(path)
-        rows = self._read("SELECT path, size, content_type, created_at, updated_at, etag, doc, data"
-                          " FROM files WHERE db=? AND path=?", (db, path))
-        if not rows:
-            raise ApiError(404, f"no file at {path}")
-        row = rows[0]
+        row = self._file_row(db, path, ", doc, data")
         data = row[7] if row[6] is None else row[6].encode("utf-8")
         return bytes(data), _file_meta(row)
 
     def metadata(self, db: str, path: str) -> dict:
+        return _file_meta(self._file_row(db, path))
+
+    def _file_row(self, db: str, path: str, more_columns: str = "") -> tuple:
         path = normalize_file_path(path)
-        rows = self._read("SELECT path, size, content_type, created_at, updated_at, etag"
-                          " FROM files WHERE db=? AND path=?", (db, path))
+        rows = self._read("SELECT path, size, content_type, created_at, updated_at, etag" + more_columns
+                          + " FROM files WHERE db=? AND path=?", (db, path))
         if not rows:
             raise ApiError(404, f"no file at {path}")
-        return _file_meta(rows[0])
+        return rows[0]
 
     def delete(self, db: str, path: str) -> None:
         path = normalize_file_path(path)
