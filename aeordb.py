@@ -59,6 +59,8 @@ plugin_log = logging.getLogger("aeordb.plugin")
 
 KiB = 1024
 MiB = 1024 * KiB
+# json.dumps with arguments builds a new encoder per call; this one is built once.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 ###############################################################################
@@ -423,10 +425,10 @@ class GuestOps:
     def instantiate(self, store: Any, pre: wasmtime.InstancePre) -> Any:
         return pre.instantiate(store)
 
-    def exports(self, store: Any, instance: Any) -> tuple:
+    def exports(self, store: Any, instance: Any, with_alloc: bool = True) -> tuple:
         """(handle, memory or None, alloc or None) of an instance."""
         exports = instance.exports(store)
-        return exports["handle"], exports.get("memory"), exports.get("alloc")
+        return exports["handle"], exports.get("memory"), exports.get("alloc") if with_alloc else None
 
     def call(self, store: Any, func: wasmtime.Func, *args: int) -> int:
         return func(store, *args)
@@ -520,12 +522,12 @@ class FastGuestOps(GuestOps):
                 raise wasmtime.WasmtimeError._from_ptr(error)
         return instance
 
-    def exports(self, store: Any, instance: Any) -> tuple:
+    def exports(self, store: Any, instance: Any, with_alloc: bool = True) -> tuple:
         if isinstance(instance, wasmtime.Instance):
-            return super().exports(store, instance)
+            return super().exports(store, instance, with_alloc)
         return (self._export(store, instance, b"handle", self.extern_func),
                 self._export(store, instance, b"memory", self.extern_memory),
-                self._export(store, instance, b"alloc", self.extern_func))
+                self._export(store, instance, b"alloc", self.extern_func) if with_alloc else None)
 
     def _export(self, store: Any, instance: Any, name: bytes, kind: int) -> Any:
         item = self.ffi.wasmtime_extern_t()
@@ -1415,7 +1417,7 @@ class QueryPlan:
         if isinstance(value, str):
             self.where_params += [path, path, value]
             return "(json_type(doc, ?) = 'text' AND json_extract(doc, ?) = ?)"
-        self.where_params += [path, path, json.dumps(value, separators=(",", ":"))]
+        self.where_params += [path, path, compact_json(value)]
         return "(json_type(doc, ?) IN ('object','array') AND json_extract(doc, ?) = json(?))"
 
     def _compare(self, path: str, operator: str, value: Any) -> str:
@@ -1496,7 +1498,7 @@ def encode_byte_array(data: bytes) -> bytes:
 
 def build_request_envelope(body: bytes, metadata: dict) -> bytes:
     return (b'{"arguments":' + encode_byte_array(body) + b',"metadata":'
-            + json.dumps(metadata, separators=(",", ":")).encode() + b"}")
+            + compact_json(metadata).encode() + b"}")
 
 
 _CODEC_WAT = r"""
@@ -1611,8 +1613,8 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
     if not raw.lstrip()[:1] == b"{":
         return None
     envelope, body = None, None
-    start = raw.find(_BODY_MARK)
-    if len(raw) >= codec.SMALL and start >= 0:
+    start = raw.find(_BODY_MARK) if len(raw) >= codec.SMALL else -1
+    if start >= 0:
         # Decode the byte array apart from the rest; a random sentinel proves
         # that the array found was the top-level body, not a nested one.
         end = raw.find(b"]", start)
@@ -1656,9 +1658,9 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
         raise ApiError(500, f"plugin answered status_code {status}, outside 200-599")
     if not content_type or _CONTROL_CHARS.search(content_type):
         content_type = DEFAULT_CONTENT_TYPE
-    safe = {name: value for name, value in (headers or {}).items()
+    safe = {name: value for name, value in headers.items()
             if (name.lower().startswith("x-") or name.lower() in SAFE_HEADERS)
-            and _HEADER_NAME.fullmatch(name) and not _CONTROL_CHARS.search(value)}
+            and _HEADER_NAME.fullmatch(name) and not _CONTROL_CHARS.search(value)} if headers else {}
     return PluginAnswer(status, content_type, safe, body)
 
 
@@ -1748,7 +1750,8 @@ class WasmRuntime:
         memory = None
         try:
             if plugin.pre is not None:
-                handle, memory, alloc = ops.exports(store, ops.instantiate(store, plugin.pre))
+                handle, memory, alloc = ops.exports(store, ops.instantiate(store, plugin.pre),
+                                                    plugin.shape.has_alloc)
             else:
                 handle, memory, alloc = self._instantiate_importing_memory(plugin, store, invocation)
             pointer = self._place(store, memory, alloc, request, "request")
@@ -1852,7 +1855,7 @@ class WasmRuntime:
                 except Exception as exc:   # a bug of ours must not kill the guest or the server
                     log.exception("host function %s failed", name)
                     answer = {"error": f"{name} failed: {type(exc).__name__}"}
-                data = json.dumps(answer, separators=(",", ":")).encode()
+                data = compact_json(answer).encode()
                 alloc = caller.get("alloc")
                 pointer = self._place(caller, memory, alloc if isinstance(alloc, wasmtime.Func) else None,
                                       data, f"answer of {name}")
