@@ -14,9 +14,11 @@ this file and prints the bearer token to use. ``python aeordb.py --help``
 lists every setting. ``create_app(settings)`` returns the WSGI application for
 tests and embedding.
 
-The file reads top to bottom: configuration, errors, names and paths, atomic
-files, the plugin registry, the file store, the WASM runtime with its host
-functions, the envelope, the HTTP routes and finally the command line.
+The file reads top to bottom, each section leaning only on those before it:
+configuration, errors, names and paths, atomic files, the WASM engine, module
+validation, the plugin registry, the query language, the file store, the
+envelope, the WASM runtime with its host functions, the HTTP routes and
+finally the command line.
 """
 
 from __future__ import annotations
@@ -112,14 +114,25 @@ _SETTING_HELP = [
 ]
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
+def _positive(kind: type, maximum: float = math.inf) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value <= 0:
-            raise ValueError(f"must be positive, got {text}")
+        if not 0 < value < math.inf:   # also refuses 'nan' and 'inf'
+            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text}")
+    return text.upper()
 
 
 def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) -> Settings:
@@ -133,17 +146,22 @@ def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) 
                     "the command line wins.")
     for field, kind, text in _SETTING_HELP:
         env_name = "AEORDB_" + field.upper()
-        parse = kind if kind in (str, Path) else _positive(kind)
+        if field == "log_level":
+            parse = _log_level
+        elif kind in (str, Path):
+            parse = kind
+        else:   # waitress would take port 70000 modulo 65536 without a word
+            parse = _positive(kind, 65535 if field == "port" else math.inf)
         default = getattr(defaults, field)
         if env_name in environ:
             try:
                 default = parse(environ[env_name])
-            except ValueError as exc:
+            except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{env_name}: {exc}")
         parser.add_argument("--" + field.replace("_", "-"), dest=field, type=parse, default=default,
                             help=f"{text} (env {env_name}; default: {getattr(defaults, field)})")
-    parser.add_argument("--access-log", action="store_true",
-                        default=environ.get("AEORDB_ACCESS_LOG", "") not in ("", "0", "false"),
+    access_log = environ.get("AEORDB_ACCESS_LOG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    parser.add_argument("--access-log", action="store_true", default=access_log,
                         help="log one line per request (env AEORDB_ACCESS_LOG)")
     parser.add_argument("--version", action="version", version=f"aeordb.py {__version__}")
     args = parser.parse_args(argv)
@@ -185,6 +203,8 @@ def is_storage_fault(exc: BaseException) -> bool:
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_PATH_LENGTH = 1024
+# In a header, CR/LF would split it; the rest (even tab) is refused by strict WSGI stacks.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_segment(value: str, what: str) -> str:
@@ -216,7 +236,7 @@ def normalize_file_path(raw: Any, *, allow_root: bool = False) -> str:
     for segment in body.split("/"):
         if segment in ("", ".", ".."):
             raise ApiError(400, f"invalid path {raw!r}: empty, '.' or '..' segment")
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in segment):
+        if _CONTROL_CHARS.search(segment):
             raise ApiError(400, f"invalid path {raw!r}: control character")
         if len(segment.encode("utf-8", "surrogatepass")) > 255:
             raise ApiError(400, "path segment longer than 255 bytes")
@@ -225,6 +245,33 @@ def normalize_file_path(raw: Any, *, allow_root: bool = False) -> str:
     except UnicodeEncodeError:
         raise ApiError(400, "path is not valid UTF-8") from None
     return "/" + body
+
+
+def is_header_value(value: str) -> bool:
+    """Whether ``value`` (a content type, a plugin's header) can go out as an HTTP header value."""
+    if _CONTROL_CHARS.search(value):
+        return False
+    try:
+        value.encode("utf-8")   # bottle sends it as UTF-8; a lone surrogate would crash the response
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _require(args: dict, key: str, kind: type) -> Any:
+    value = args.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ApiError(400, f"'{key}' is required and must be a {kind.__name__}")
+    return value
+
+
+def _optional_int(args: dict, key: str, default: int) -> int:
+    value = args.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(400, f"'{key}' must be an integer or null")
+    return value
 
 
 def parent_of(path: str) -> str:
@@ -247,7 +294,7 @@ TEMP_MARK = ".tmp-"
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, temp = tempfile.mkstemp(prefix=path.name + TEMP_MARK, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -261,6 +308,22 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(temp)
         raise
     fsync_dir(path.parent)
+
+
+def make_dirs(directory: Path) -> None:
+    """``mkdir -p`` that survives a crash: each new directory's entry is fsynced into its parent.
+
+    Without that, a crash could take away a new plugin's folder, and with it
+    the plugin.json whose own fsync acknowledged the deploy.
+    """
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            new.mkdir()
+        fsync_dir(new.parent)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -403,6 +466,17 @@ class Wasm:
 
     def compile(self, wasm_bytes: bytes) -> wasmtime.Module:
         return wasmtime.Module(self.engine, wasm_bytes)
+
+    @staticmethod
+    def interrupt(caller: wasmtime.Caller) -> None:
+        """Set the epoch deadline of the Store behind ``caller`` to now: the guest traps soon.
+
+        wasmtime-py sets deadlines on a Store only, not through a Caller; where
+        the C API is not reachable the guest runs on to its own time limit.
+        """
+        with contextlib.suppress(Exception):
+            from wasmtime import _ffi as ffi
+            ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
 
 
 class GuestOps:
@@ -607,7 +681,6 @@ LOG_SIGNATURE = (("i32", "i32", "i32", "i32"), ())
 class ModuleShape:
     has_alloc: bool
     imports_memory: bool
-    imported_memory_min_pages: int = 0
 
 
 def inspect_module(module: wasmtime.Module, settings: Settings) -> ModuleShape:
@@ -651,8 +724,7 @@ def inspect_module(module: wasmtime.Module, settings: Settings) -> ModuleShape:
         if isinstance(export, wasmtime.TableType) and export.limits.min > settings.table_limit:
             raise ApiError(400, f"module asks for a table of {export.limits.min} elements, "
                                 f"over the limit of {settings.table_limit}")
-    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory,
-                       imported_memory_min_pages=memory_min)
+    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory)
 
 
 def _describe(kind: Any) -> str:
@@ -769,6 +841,11 @@ class PluginRegistry:
     def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
                plugin_type: str) -> dict:
         path = f"{db}/{schema}/{table}"
+        if not wasm_bytes.startswith(b"\0asm"):
+            # wasmtime-py would compile anything else as the text format, past
+            # check_declared_sizes and into a module file that is not a module.
+            raise ApiError(400, "not a valid WebAssembly module: it does not start with '\\0asm' "
+                                "(send the binary format)")
         check_declared_sizes(wasm_bytes, self.settings)
         try:
             module = self.wasm.compile(wasm_bytes)
@@ -812,9 +889,7 @@ class PluginRegistry:
             del self._plugins[path]
             self._remove_stale_modules(folder, keep=None)
             self._prune_cache()
-            for empty in (folder, folder.parent, folder.parent.parent):
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
+            self._remove_empty_folders(folder)
 
     # -- loading ---------------------------------------------------------------
 
@@ -847,9 +922,7 @@ class PluginRegistry:
         for folder in {module_file.parent for module_file in self.root.glob("*/*/*/module-*.wasm")}:
             if not (folder / "plugin.json").exists():
                 self._remove_stale_modules(folder, keep=None)
-                for empty in (folder, folder.parent, folder.parent.parent):
-                    with contextlib.suppress(OSError):
-                        empty.rmdir()
+                self._remove_empty_folders(folder)
         self._prune_cache()
 
     def _load_module(self, sha: str, module_file: Path) -> wasmtime.Module:
@@ -898,10 +971,202 @@ class PluginRegistry:
                 with contextlib.suppress(OSError):
                     stale.unlink()
 
+    @staticmethod
+    def _remove_empty_folders(folder: Path) -> None:
+        """A plugin's table folder, then its schema and db folders, where nothing else is left."""
+        for empty in (folder, folder.parent, folder.parent.parent):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+###############################################################################
+# Query language ###############################################################
+###############################################################################
+
+_FIELD = re.compile(r"[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*")
+MAX_QUERY_LIMIT = 10_000
+MAX_QUERY_CONDITIONS = 5_000   # conditions plus 'in' values: SQLite caps bound parameters at 32766
+_COMBINATORS = {"and": "AND", "or": "OR", "not": "NOT"}
+SPECIAL_ORDER_FIELDS = {"@path": "path", "@size": "size", "@created_at": "created_at",
+                        "@updated_at": "updated_at"}
+
+
+def json_path(field: Any) -> str:
+    if not isinstance(field, str) or not _FIELD.fullmatch(field):
+        raise ApiError(400, f"invalid field {field!r}: use names of letters, digits, '_', '-', "
+                            "joined by '.'")
+    return "$" + "".join(f'."{part}"' for part in field.split("."))
+
+
+def _balanced(parts: list, word: str) -> str:
+    """``parts`` joined by AND/OR as a balanced tree: SQLite refuses expressions nested
+    deeper than 1000, and a flat 'a OR b OR c ...' nests one level per term."""
+    if len(parts) == 1:
+        return parts[0]
+    middle = len(parts) // 2
+    return f"({_balanced(parts[:middle], word)} {word} {_balanced(parts[middle:], word)})"
+
+
+def _sql_text(value: str) -> str:
+    """A string for SQLite, which cannot take JSON's lone surrogates ("\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"string value {value[:64]!r} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _sql_number(value: Any) -> Any:
+    """JSON integers beyond 64 bits as floats, as SQLite's JSON functions read them."""
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        return float(value) if abs(value) < 2 ** 1000 else (math.inf if value > 0 else -math.inf)
+    return value
+
+
+class QueryPlan:
+    """A query or aggregate JSON (ABI section 5) compiled to SQL over the `files` table."""
+
+    def __init__(self, spec: Any, default_limit: int):
+        if not isinstance(spec, dict):
+            raise ApiError(400, "a query must be a JSON object")
+        self.directory = normalize_file_path(spec.get("path", "/"), allow_root=True)
+        self.fields: list = []
+        self.where_params: list = []
+        self.conditions = 0
+        self.where_sql = self._node(spec.get("where"), depth=0)
+        self.limit = _optional_int(spec, "limit", default_limit)
+        self.offset = _optional_int(spec, "offset", 0)
+        if self.limit < 0 or self.offset < 0:
+            raise ApiError(400, "limit and offset must not be negative")
+        self.limit = min(self.limit, MAX_QUERY_LIMIT)
+        self.offset = min(self.offset, 2 ** 62)   # past any table; SQLite integers are 64-bit
+        self.include_total = bool(spec.get("include_total", False))
+        self.order_sql, self.order_params = self._order(spec.get("order_by"))
+        self.aggregate = self._aggregate(spec.get("aggregate")) if "aggregate" in spec else None
+
+    def _node(self, node: Any, depth: int) -> str:
+        if depth > 32:
+            raise ApiError(400, "query nested too deeply")
+        if node is None or node == {} or node == []:
+            return "1"
+        if isinstance(node, list):   # legacy form: an implicit AND
+            return _balanced([self._node(child, depth + 1) for child in node], "AND")
+        if not isinstance(node, dict):
+            raise ApiError(400, f"a query condition must be an object, found {type(node).__name__}")
+        combinators = [key for key in node if key.lower() in _COMBINATORS]
+        if combinators:
+            if len(node) != 1:
+                raise ApiError(400, f"combinator {combinators[0]!r} must be the only key of its object")
+            key = combinators[0]
+            word, child = _COMBINATORS[key.lower()], node[key]
+            if word == "NOT":
+                return f"(NOT {self._node(child, depth + 1)})"
+            if not isinstance(child, list) or not child:
+                raise ApiError(400, f"{key!r} takes a non-empty list of conditions")
+            return _balanced([self._node(c, depth + 1) for c in child], word)
+        return self._condition(node)
+
+    def _condition(self, node: dict) -> str:
+        op, field = node.get("op"), node.get("field")
+        if "value" not in node and op != "between":
+            raise ApiError(400, "a condition needs 'field', 'op' and 'value'")
+        path = json_path(field)
+        if field not in self.fields:
+            self.fields.append(field)
+        value = node.get("value")
+        self.conditions += len(value) if op == "in" and isinstance(value, list) else 1
+        if self.conditions > MAX_QUERY_CONDITIONS:
+            raise ApiError(400, f"query has more than {MAX_QUERY_CONDITIONS} conditions "
+                                "(counting each value of 'in')")
+        if op == "eq":
+            return self._equals(path, value)
+        if op == "in":
+            if not isinstance(value, list):
+                raise ApiError(400, "'in' takes a list value")
+            if not value:
+                return "0"
+            return _balanced([self._equals(path, v) for v in value], "OR")
+        if op in ("gt", "lt"):
+            return self._compare(path, ">" if op == "gt" else "<", value)
+        if op == "between":
+            if "value" not in node or "value2" not in node:
+                raise ApiError(400, "'between' needs 'value' and 'value2'")
+            return (f"({self._compare(path, '>=', value)} AND "
+                    f"{self._compare(path, '<=', node['value2'])})")
+        if op == "contains":
+            if not isinstance(value, str):
+                raise ApiError(400, "'contains' takes a string value")
+            self.where_params += [path, path, _sql_text(value.lower())]
+            return "(json_type(doc, ?) = 'text' AND instr(aeordb_lower(json_extract(doc, ?)), ?) > 0)"
+        raise ApiError(400, f"unsupported operator {op!r}: use eq, gt, lt, between, in or contains")
+
+    def _equals(self, path: str, value: Any) -> str:
+        if value is None:
+            self.where_params.append(path)
+            return "(json_type(doc, ?) = 'null')"
+        if isinstance(value, bool):
+            self.where_params.append(path)
+            return f"(json_type(doc, ?) = '{'true' if value else 'false'}')"
+        if isinstance(value, (int, float)):
+            self.where_params += [path, path, _sql_number(value)]
+            return "(json_type(doc, ?) IN ('integer','real') AND json_extract(doc, ?) = ?)"
+        if isinstance(value, str):
+            self.where_params += [path, path, _sql_text(value)]
+            return "(json_type(doc, ?) = 'text' AND json_extract(doc, ?) = ?)"
+        self.where_params += [path, path, compact_json(value)]
+        return "(json_type(doc, ?) IN ('object','array') AND json_extract(doc, ?) = json(?))"
+
+    def _compare(self, path: str, operator: str, value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ApiError(400, "gt, lt and between compare numbers or strings")
+        kinds = "('integer','real')" if not isinstance(value, str) else "('text')"
+        self.where_params += [path, path, _sql_text(value) if isinstance(value, str) else _sql_number(value)]
+        return f"(json_type(doc, ?) IN {kinds} AND json_extract(doc, ?) {operator} ?)"
+
+    def _order(self, order_by: Any) -> tuple:
+        if order_by is None:
+            return "path", []
+        if isinstance(order_by, (str, dict)):
+            order_by = [order_by]
+        if not isinstance(order_by, list):
+            raise ApiError(400, "order_by must be a list of {field, direction}")
+        parts, params = [], []
+        for item in order_by:
+            field, direction = (item, "asc") if isinstance(item, str) else \
+                (item.get("field"), item.get("direction", "asc")) if isinstance(item, dict) else (None, None)
+            if not isinstance(direction, str) or direction.lower() not in ("asc", "desc"):
+                raise ApiError(400, "order_by direction must be 'asc' or 'desc'")
+            if isinstance(field, str) and field in SPECIAL_ORDER_FIELDS:
+                parts.append(f"{SPECIAL_ORDER_FIELDS[field]} {direction.upper()}")
+            else:
+                parts.append(f"json_extract(doc, ?) {direction.upper()}")
+                params.append(json_path(field))
+        return ", ".join(parts + ["path"]), params
+
+    @staticmethod
+    def _aggregate(agg: Any) -> dict:
+        if not isinstance(agg, dict):
+            raise ApiError(400, "'aggregate' must be an object")
+        known = {"count", "sum", "avg", "min", "max", "group_by"}
+        unknown = set(agg) - known
+        if unknown:
+            raise ApiError(400, f"unsupported aggregate(s): {', '.join(sorted(unknown))}")
+        out = {"count": bool(agg.get("count", False))}
+        for kind in ("sum", "avg", "min", "max", "group_by"):
+            fields = agg.get(kind) or []
+            if isinstance(fields, str):
+                fields = [fields]
+            if not isinstance(fields, list):
+                raise ApiError(400, f"aggregate {kind!r} takes a list of fields")
+            for field in fields:
+                json_path(field)
+            out[kind] = fields
+        return out
 
 
 ###############################################################################
@@ -961,7 +1226,7 @@ class FileStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -1028,11 +1293,14 @@ class FileStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
+                # Also after a failed COMMIT: SQLite may keep the transaction
+                # open, and this thread's connection would hold the write lock.
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if is_storage_fault(exc):
                 raise storage_error("writing", exc) from None
@@ -1054,9 +1322,10 @@ class FileStore:
         if len(data) > self.settings.max_file_size:
             raise ApiError(413, f"file of {len(data)} bytes exceeds the limit of "
                                 f"{self.settings.max_file_size} bytes")
-        content_type = (content_type or mimetypes.guess_type(path)[0] or DEFAULT_CONTENT_TYPE).strip()
-        if any(ch in content_type for ch in "\r\n") or len(content_type) > 256:
-            raise ApiError(400, "invalid content type")
+        content_type = (content_type or "").strip() or mimetypes.guess_type(path)[0] or DEFAULT_CONTENT_TYPE
+        # Checked here, not when served: a stored bad value would fail every later GET.
+        if not is_header_value(content_type) or len(content_type) > 256:
+            raise ApiError(400, "invalid content type: at most 256 characters of text, no control characters")
         doc = _json_object_text(data, self._conn())
         etag = hashlib.sha256(data).hexdigest()[:32]
         stamp = now_ms()
@@ -1276,198 +1545,6 @@ def _sql_json_value(json_type: Optional[str], value: Any) -> Any:
     return value
 
 
-def _require(args: dict, key: str, kind: type) -> Any:
-    value = args.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ApiError(400, f"'{key}' is required and must be a {kind.__name__}")
-    return value
-
-
-def _optional_int(args: dict, key: str, default: int) -> int:
-    value = args.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ApiError(400, f"'{key}' must be an integer or null")
-    return value
-
-
-###############################################################################
-# Query language ###############################################################
-###############################################################################
-
-_FIELD = re.compile(r"[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*")
-MAX_QUERY_LIMIT = 10_000
-MAX_QUERY_CONDITIONS = 5_000   # conditions plus 'in' values: SQLite caps bound parameters at 32766
-_COMBINATORS = {"and": "AND", "or": "OR", "not": "NOT"}
-SPECIAL_ORDER_FIELDS = {"@path": "path", "@size": "size", "@created_at": "created_at",
-                        "@updated_at": "updated_at"}
-
-
-def json_path(field: Any) -> str:
-    if not isinstance(field, str) or not _FIELD.fullmatch(field):
-        raise ApiError(400, f"invalid field {field!r}: use names of letters, digits, '_', '-', "
-                            "joined by '.'")
-    return "$" + "".join(f'."{part}"' for part in field.split("."))
-
-
-def _balanced(parts: list, word: str) -> str:
-    """``parts`` joined by AND/OR as a balanced tree: SQLite refuses expressions nested
-    deeper than 1000, and a flat 'a OR b OR c ...' nests one level per term."""
-    if len(parts) == 1:
-        return parts[0]
-    middle = len(parts) // 2
-    return f"({_balanced(parts[:middle], word)} {word} {_balanced(parts[middle:], word)})"
-
-
-def _sql_number(value: Any) -> Any:
-    """JSON integers beyond 64 bits as floats, as SQLite's JSON functions read them."""
-    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
-        return float(value) if abs(value) < 2 ** 1000 else (math.inf if value > 0 else -math.inf)
-    return value
-
-
-class QueryPlan:
-    """A query or aggregate JSON (ABI section 5) compiled to SQL over the `files` table."""
-
-    def __init__(self, spec: Any, default_limit: int):
-        if not isinstance(spec, dict):
-            raise ApiError(400, "a query must be a JSON object")
-        self.directory = normalize_file_path(spec.get("path", "/"), allow_root=True)
-        self.fields: list = []
-        self.where_params: list = []
-        self.conditions = 0
-        self.where_sql = self._node(spec.get("where"), depth=0)
-        self.limit = _optional_int(spec, "limit", default_limit)
-        self.offset = _optional_int(spec, "offset", 0)
-        if self.limit < 0 or self.offset < 0:
-            raise ApiError(400, "limit and offset must not be negative")
-        self.limit = min(self.limit, MAX_QUERY_LIMIT)
-        self.offset = min(self.offset, 2 ** 62)   # past any table; SQLite integers are 64-bit
-        self.include_total = bool(spec.get("include_total", False))
-        self.order_sql, self.order_params = self._order(spec.get("order_by"))
-        self.aggregate = self._aggregate(spec.get("aggregate")) if "aggregate" in spec else None
-
-    def _node(self, node: Any, depth: int) -> str:
-        if depth > 32:
-            raise ApiError(400, "query nested too deeply")
-        if node is None or node == {} or node == []:
-            return "1"
-        if isinstance(node, list):   # legacy form: an implicit AND
-            return _balanced([self._node(child, depth + 1) for child in node], "AND")
-        if not isinstance(node, dict):
-            raise ApiError(400, f"a query condition must be an object, found {type(node).__name__}")
-        combinators = [key for key in node if key.lower() in _COMBINATORS]
-        if combinators:
-            if len(node) != 1:
-                raise ApiError(400, f"combinator {combinators[0]!r} must be the only key of its object")
-            key = combinators[0]
-            word, child = _COMBINATORS[key.lower()], node[key]
-            if word == "NOT":
-                return f"(NOT {self._node(child, depth + 1)})"
-            if not isinstance(child, list) or not child:
-                raise ApiError(400, f"{key!r} takes a non-empty list of conditions")
-            return _balanced([self._node(c, depth + 1) for c in child], word)
-        return self._condition(node)
-
-    def _condition(self, node: dict) -> str:
-        op, field = node.get("op"), node.get("field")
-        if "value" not in node and op != "between":
-            raise ApiError(400, "a condition needs 'field', 'op' and 'value'")
-        path = json_path(field)
-        if field not in self.fields:
-            self.fields.append(field)
-        value = node.get("value")
-        self.conditions += len(value) if op == "in" and isinstance(value, list) else 1
-        if self.conditions > MAX_QUERY_CONDITIONS:
-            raise ApiError(400, f"query has more than {MAX_QUERY_CONDITIONS} conditions "
-                                "(counting each value of 'in')")
-        if op == "eq":
-            return self._equals(path, value)
-        if op == "in":
-            if not isinstance(value, list):
-                raise ApiError(400, "'in' takes a list value")
-            if not value:
-                return "0"
-            return _balanced([self._equals(path, v) for v in value], "OR")
-        if op in ("gt", "lt"):
-            return self._compare(path, ">" if op == "gt" else "<", value)
-        if op == "between":
-            if "value" not in node or "value2" not in node:
-                raise ApiError(400, "'between' needs 'value' and 'value2'")
-            return (f"({self._compare(path, '>=', value)} AND "
-                    f"{self._compare(path, '<=', node['value2'])})")
-        if op == "contains":
-            if not isinstance(value, str):
-                raise ApiError(400, "'contains' takes a string value")
-            self.where_params += [path, path, value.lower()]
-            return "(json_type(doc, ?) = 'text' AND instr(aeordb_lower(json_extract(doc, ?)), ?) > 0)"
-        raise ApiError(400, f"unsupported operator {op!r}: use eq, gt, lt, between, in or contains")
-
-    def _equals(self, path: str, value: Any) -> str:
-        if value is None:
-            self.where_params.append(path)
-            return "(json_type(doc, ?) = 'null')"
-        if isinstance(value, bool):
-            self.where_params.append(path)
-            return f"(json_type(doc, ?) = '{'true' if value else 'false'}')"
-        if isinstance(value, (int, float)):
-            self.where_params += [path, path, _sql_number(value)]
-            return "(json_type(doc, ?) IN ('integer','real') AND json_extract(doc, ?) = ?)"
-        if isinstance(value, str):
-            self.where_params += [path, path, value]
-            return "(json_type(doc, ?) = 'text' AND json_extract(doc, ?) = ?)"
-        self.where_params += [path, path, compact_json(value)]
-        return "(json_type(doc, ?) IN ('object','array') AND json_extract(doc, ?) = json(?))"
-
-    def _compare(self, path: str, operator: str, value: Any) -> str:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ApiError(400, "gt, lt and between compare numbers or strings")
-        kinds = "('integer','real')" if not isinstance(value, str) else "('text')"
-        self.where_params += [path, path, value if isinstance(value, str) else _sql_number(value)]
-        return f"(json_type(doc, ?) IN {kinds} AND json_extract(doc, ?) {operator} ?)"
-
-    def _order(self, order_by: Any) -> tuple:
-        if order_by is None:
-            return "path", []
-        if isinstance(order_by, (str, dict)):
-            order_by = [order_by]
-        if not isinstance(order_by, list):
-            raise ApiError(400, "order_by must be a list of {field, direction}")
-        parts, params = [], []
-        for item in order_by:
-            field, direction = (item, "asc") if isinstance(item, str) else \
-                (item.get("field"), item.get("direction", "asc")) if isinstance(item, dict) else (None, None)
-            if not isinstance(direction, str) or direction.lower() not in ("asc", "desc"):
-                raise ApiError(400, "order_by direction must be 'asc' or 'desc'")
-            if field in SPECIAL_ORDER_FIELDS:
-                parts.append(f"{SPECIAL_ORDER_FIELDS[field]} {direction.upper()}")
-            else:
-                parts.append(f"json_extract(doc, ?) {direction.upper()}")
-                params.append(json_path(field))
-        return ", ".join(parts + ["path"]), params
-
-    @staticmethod
-    def _aggregate(agg: Any) -> dict:
-        if not isinstance(agg, dict):
-            raise ApiError(400, "'aggregate' must be an object")
-        known = {"count", "sum", "avg", "min", "max", "group_by"}
-        unknown = set(agg) - known
-        if unknown:
-            raise ApiError(400, f"unsupported aggregate(s): {', '.join(sorted(unknown))}")
-        out = {"count": bool(agg.get("count", False))}
-        for kind in ("sum", "avg", "min", "max", "group_by"):
-            fields = agg.get(kind) or []
-            if isinstance(fields, str):
-                fields = [fields]
-            if not isinstance(fields, list):
-                raise ApiError(400, f"aggregate {kind!r} takes a list of fields")
-            for field in fields:
-                json_path(field)
-            out[kind] = fields
-        return out
-
-
 ###############################################################################
 # Envelope #####################################################################
 ###############################################################################
@@ -1482,6 +1559,7 @@ _CELLS = [b"%3d," % value for value in range(256)]
 _CELL_PLANES = [bytes(cell[k] for cell in _CELLS) for k in range(4)]
 SAFE_HEADERS = frozenset({"cache-control", "etag", "last-modified", "content-disposition",
                           "content-language", "content-encoding", "vary"})
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
 def encode_byte_array(data: bytes) -> bytes:
@@ -1639,7 +1717,10 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
             return None
         body = envelope.get("body")
         if isinstance(body, str):
-            body = body.encode("utf-8")
+            try:
+                body = body.encode("utf-8")
+            except UnicodeEncodeError:   # a lone surrogate ("\\ud800"): not a text body
+                return None
         elif isinstance(body, list) and all(type(v) is int and 0 <= v <= 255 for v in body):
             body = bytes(body)
         else:
@@ -1656,17 +1737,12 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
         return None
     if not 200 <= status <= 599:
         raise ApiError(500, f"plugin answered status_code {status}, outside 200-599")
-    if not content_type or _CONTROL_CHARS.search(content_type):
+    if not content_type or not is_header_value(content_type):
         content_type = DEFAULT_CONTENT_TYPE
     safe = {name: value for name, value in headers.items()
             if (name.lower().startswith("x-") or name.lower() in SAFE_HEADERS)
-            and _HEADER_NAME.fullmatch(name) and not _CONTROL_CHARS.search(value)} if headers else {}
+            and _HEADER_NAME.fullmatch(name) and is_header_value(value)} if headers else {}
     return PluginAnswer(status, content_type, safe, body)
-
-
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
-# CR/LF would split the header; the rest (even tab) is refused by strict WSGI stacks.
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 ###############################################################################
@@ -1844,14 +1920,15 @@ class WasmRuntime:
             try:
                 memory = caller.get("memory") or invocation.memory
                 try:
-                    args = json.loads(_guest_bytes(caller, memory, ptr, length, MAX_HOST_ARGUMENT))
+                    try:
+                        args = json.loads(_guest_bytes(caller, memory, ptr, length, MAX_HOST_ARGUMENT))
+                    except (ValueError, RecursionError) as exc:
+                        raise ApiError(400, f"arguments are not valid JSON: {exc}") from None
                     if not isinstance(args, dict):
                         raise ApiError(400, f"{name} takes a JSON object")
                     answer = handler(invocation, args)
                 except ApiError as exc:
                     answer = {"error": exc.message}
-                except (ValueError, RecursionError) as exc:
-                    answer = {"error": f"arguments are not valid JSON: {exc}"}
                 except Exception as exc:   # a bug of ours must not kill the guest or the server
                     log.exception("host function %s failed", name)
                     answer = {"error": f"{name} failed: {type(exc).__name__}"}
@@ -1879,9 +1956,7 @@ class WasmRuntime:
         """
         if invocation is not None and invocation.failure is None:
             invocation.failure = reason
-        with contextlib.suppress(Exception):
-            from wasmtime import _ffi as ffi
-            ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
+        Wasm.interrupt(caller)
         return 0
 
     def _log_message(self, caller: wasmtime.Caller, level_ptr: int, level_len: int,
@@ -2012,7 +2087,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
                fast_calls: bool = True) -> bottle.Bottle:
     """The WSGI application for ``settings``: isolated state, nothing shared but the engine."""
     settings = settings or Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(settings.data_dir)
     token, token_created = load_or_create_token(settings)
     wasm = Wasm.shared(settings.memory_limit, settings.table_limit, pooling=pooling, fast=fast_calls)
     files = FileStore(settings)
@@ -2054,15 +2129,12 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
 
     # -- files (before the plugin routes: '/db/_files/a/b/_deploy' is a file path) --
 
-    def file_path(path: str) -> str:
-        return normalize_file_path("/" + path, allow_root=True)
-
     @app.route("/<db>/_files", method=["GET", "HEAD"])
     @app.route("/<db>/_files/", method=["GET", "HEAD"])
     @app.route("/<db>/_files/<path:path>", method=["GET", "HEAD"])
     def get_file(db: str, path: str = "") -> bottle.HTTPResponse:
         check_segment(db, "database name")
-        target = file_path(path)
+        target = normalize_file_path("/" + path, allow_root=True)
         if target == "/" or path.endswith("/") or files.is_directory(db, target):
             return _json_response({"path": target, "entries": files.list_directory(db, target)})
         data, meta = files.read(db, target)
@@ -2160,7 +2232,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
 ###############################################################################
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+    logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Under load waitress warns "Task queue depth is N" on every request.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)

@@ -2998,3 +2998,118 @@ def test_tables_within_the_limit_run_on_every_allocator(tmp_path, options):
                  ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
     deploy(client, "db/s/tables", module)
     assert invoke(client, "db/s/tables/f").body == b""
+
+
+# Review fixes #################################################################
+
+@pytest.mark.parametrize("argv, environ", [
+    (["--port", "70000"], {}), (["--timeout", "nan"], {}), (["--timeout", "inf"], {}),
+    (["--log-level", "bogus"], {}), ([], {"AEORDB_PORT": "70000"}), ([], {"AEORDB_TIMEOUT": "nan"}),
+])
+def test_review_settings_out_of_range_are_refused(argv, environ, capsys):
+    with pytest.raises(SystemExit) as exited:
+        aeordb.parse_settings(argv, environ)
+    assert exited.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_review_settings_accept_their_edges():
+    settings = aeordb.parse_settings(["--port", "65535", "--log-level", "debug"], {"AEORDB_ACCESS_LOG": "off"})
+    assert (settings.port, settings.log_level, settings.access_log) == (65535, "DEBUG", False)
+    assert aeordb.parse_settings([], {"AEORDB_ACCESS_LOG": "1"}).access_log is True
+
+
+def test_review_order_by_with_a_non_string_field_is_400(client):
+    answer = client.post("/db/_query", json.dumps({"order_by": [{"field": ["a"]}]}), headers=AUTH, status=400)
+    assert "invalid field" in answer.json["error"]
+
+
+@pytest.mark.parametrize("op", ["eq", "gt", "contains", "in"])
+def test_review_lone_surrogates_in_query_strings_are_400(client, op):
+    value = b'["\\ud800"]' if op == "in" else b'"\\ud800"'
+    body = b'{"where": {"field": "a", "op": "' + op.encode() + b'", "value": ' + value + b'}}'
+    answer = client.post("/db/_query", body, headers=AUTH, status=400)
+    assert "surrogate" in answer.json["error"]
+
+
+def test_review_a_content_type_that_cannot_be_served_is_never_stored(client):
+    for content_type in ("text/plain\u0000evil", "text/\ud800", "a\u007fb"):
+        args = json.dumps({"path": "/x", "data": "aGk=", "content_type": content_type}).encode()
+        deploy(client, "db/s/t", host_call_module("aeordb_write_file", args))
+        assert "invalid content type" in json.loads(invoke(client, "db/s/t/f").body)["error"]
+        client.get("/db/_files/x", headers=AUTH, status=404)
+    args = json.dumps({"path": "/blank", "data": "aGk=", "content_type": "   "}).encode()
+    deploy(client, "db/s/t", host_call_module("aeordb_write_file", args))
+    assert json.loads(invoke(client, "db/s/t/f").body) == {"ok": True, "size": 2}
+    served = client.get("/db/_files/blank", headers=AUTH, status=200)
+    assert served.headers["Content-Type"] == "application/octet-stream" and served.body == b"hi"
+
+
+def test_review_plugin_answers_with_lone_surrogates_are_served(client):
+    answer = b'{"status_code":201,"body":"ok","content_type":"\\ud800","headers":{"x-a":"\\ud800","x-b":"fine"}}'
+    deploy(client, "db/s/t", answer_module(answer))
+    response = invoke(client, "db/s/t/f", status=201)
+    assert response.body == b"ok" and response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["x-b"] == "fine" and "x-a" not in response.headers
+    raw = b'{"status_code":201,"body":"\\ud800"}'      # not a text body: sent raw, as any non-envelope
+    deploy(client, "db/s/t", answer_module(raw))
+    response = invoke(client, "db/s/t/f", status=200)
+    assert response.body == raw and response.headers["Content-Type"] == "application/octet-stream"
+
+
+def test_review_deploy_refuses_the_text_format(client):
+    # wasmtime-py would compile WAT text, past the declared-size check, into a "module-*.wasm" of text.
+    answer = deploy(client, "db/s/t", ECHO_WAT.encode(), status=400)
+    assert "not a valid WebAssembly module" in answer.json["error"]
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+class _ReviewCommitFails:
+    """A connection whose next COMMIT fails as a full disk makes it fail."""
+
+    def __init__(self, conn):
+        self.conn, self.failed = conn, False
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and not self.failed:
+            self.failed = True
+            raise aeordb.sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_review_failed_commit_leaves_no_open_transaction(client):
+    files = client.app.config["aeordb.files"]
+    real = files._conn()
+    files._local.conn = _ReviewCommitFails(real)
+    try:
+        client.put("/db/_files/a.txt", b"a", headers=AUTH, status=503)
+        assert not real.in_transaction            # else this thread would hold the write lock for good
+        client.put("/db/_files/b.txt", b"b", headers=AUTH, status=201)
+    finally:
+        files._local.conn = real
+    client.get("/db/_files/a.txt", headers=AUTH, status=404)
+    assert client.get("/db/_files/b.txt", headers=AUTH).body == b"b"
+
+
+def test_review_new_plugin_folders_are_fsynced_into_their_parents(client, tmp_path, monkeypatch):
+    synced, real_fsync_dir = [], aeordb.fsync_dir
+
+    def recording(directory):
+        synced.append(Path(directory))
+        real_fsync_dir(directory)
+    monkeypatch.setattr(aeordb, "fsync_dir", recording)
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    plugins = tmp_path / "plugins"
+    for parent in (tmp_path, plugins, plugins / "db", plugins / "db" / "s", plugins / "db" / "s" / "t"):
+        assert parent in synced, parent
+
+
+def test_review_host_function_failure_is_not_blamed_on_the_arguments(client, monkeypatch):
+    def broken(self, db, path):
+        raise ValueError("a bug of the server")
+    monkeypatch.setattr(aeordb.FileStore, "metadata", broken)
+    deploy(client, "db/s/t", host_call_module("aeordb_file_metadata", b'{"path": "/x"}'))
+    error = json.loads(invoke(client, "db/s/t/f").body)["error"]
+    assert "not valid JSON" not in error and "aeordb_file_metadata failed: ValueError" in error
