@@ -82,7 +82,7 @@ class Settings:
     memory_limit: int = 64 * MiB         # linear memory per invocation
     table_limit: int = 100_000           # table elements per invocation
     max_module_size: int = 64 * MiB      # deploy body
-    max_request_size: int = 16 * MiB     # invoke body
+    max_request_size: int = 8 * MiB      # invoke body (its envelope takes ~4x that in guest memory)
     max_response_size: int = 16 * MiB    # what a plugin may answer
     max_file_size: int = 16 * MiB        # one stored file
     query_limit: int = 100               # items a query answers when it sets no limit
@@ -94,6 +94,12 @@ class Settings:
         """The outer bound handed to waitress: no route takes more."""
         return max(self.max_module_size, self.max_request_size, self.max_file_size) + 64 * KiB
 
+
+# Each worker thread may run one invocation; the pooling allocator has slots
+# for 256 instances and memories (see Wasm._config), two per invocation at most.
+MAX_THREADS = 100
+# Above these, a value is refused: waitress would take port 70000 modulo 65536.
+_SETTING_MAXIMA = {"port": 65535, "threads": MAX_THREADS}
 
 # (field, type, help); the environment variable is AEORDB_<FIELD>.
 _SETTING_HELP = [
@@ -150,8 +156,8 @@ def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) 
             parse = _log_level
         elif kind in (str, Path):
             parse = kind
-        else:   # waitress would take port 70000 modulo 65536 without a word
-            parse = _positive(kind, 65535 if field == "port" else math.inf)
+        else:
+            parse = _positive(kind, _SETTING_MAXIMA.get(field, math.inf))
         default = getattr(defaults, field)
         if env_name in environ:
             try:
@@ -860,11 +866,12 @@ class PluginRegistry:
             # Everything is written under the lock: a concurrent deploy or remove
             # would otherwise delete our module or artifact as stale before our
             # plugin.json points at it.
+            prepared = self._prepare(meta, module, shape)   # before any write: it may fail
             with self._lock:
                 self._store_artifact(sha, module)
                 atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
                 atomic_write(folder / "plugin.json", json.dumps(meta, indent=2).encode())
-                self._plugins[path] = self._prepare(meta, module, shape)
+                self._plugins[path] = prepared
                 self._remove_stale_modules(folder, keep=sha)
                 self._prune_cache()
         except OSError as exc:

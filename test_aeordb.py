@@ -3113,3 +3113,25 @@ def test_review_host_function_failure_is_not_blamed_on_the_arguments(client, mon
     deploy(client, "db/s/t", host_call_module("aeordb_file_metadata", b'{"path": "/x"}'))
     error = json.loads(invoke(client, "db/s/t/f").body)["error"]
     assert "not valid JSON" not in error and "aeordb_file_metadata failed: ValueError" in error
+
+
+def test_threads_over_the_pool_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        aeordb.parse_settings(["--threads", str(aeordb.MAX_THREADS + 1)], environ={})
+    assert "at most" in capsys.readouterr().err
+    assert aeordb.parse_settings(["--threads", str(aeordb.MAX_THREADS)], environ={}).threads == aeordb.MAX_THREADS
+
+
+def test_default_request_limit_fits_the_default_memory_limit(client):
+    """A body as large as --max-request-size allows must reach the plugin, not fail placement."""
+    module = wat(f"""
+(module
+  (memory (export "memory") 1)
+  {ALLOC_WAT}
+  (data (i32.const 16) "fits")
+  (func (export "handle") (param i32 i32) (result i64)
+    (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 4))))
+""")
+    deploy(client, "db/s/big", module)
+    body = os.urandom(aeordb.Settings().max_request_size)
+    assert invoke(client, "db/s/big/f", body).body == b"fits"
