@@ -112,7 +112,7 @@ _SETTING_HELP = [
     ("memory_limit", int, "linear memory limit of one invocation, bytes"),
     ("table_limit", int, "table elements limit of one invocation"),
     ("max_module_size", int, "largest module a deploy accepts, bytes"),
-    ("max_request_size", int, "largest invoke body, bytes"),
+    ("max_request_size", int, "largest invoke or query body, bytes"),
     ("max_response_size", int, "largest answer a plugin may return, bytes"),
     ("max_file_size", int, "largest stored file, bytes"),
     ("query_limit", int, "items a query answers when it sets no limit"),
@@ -164,8 +164,9 @@ def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) 
                 default = parse(environ[env_name])
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{env_name}: {exc}")
+        shown = getattr(defaults, field)   # None (the token): its help says what happens instead
         parser.add_argument("--" + field.replace("_", "-"), dest=field, type=parse, default=default,
-                            help=f"{text} (env {env_name}; default: {getattr(defaults, field)})")
+                            help=f"{text} (env {env_name}" + ("" if shown is None else f"; default: {shown}") + ")")
     access_log = environ.get("AEORDB_ACCESS_LOG", "").strip().lower() not in ("", "0", "false", "no", "off")
     parser.add_argument("--access-log", action="store_true", default=access_log,
                         help="log one line per request (env AEORDB_ACCESS_LOG)")
@@ -1707,7 +1708,7 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
         if end > 0:
             try:
                 envelope = json.loads(raw[:start] + b'"body":"' + sentinel.encode() + b'"' + raw[end + 1:])
-            except ValueError:
+            except (ValueError, RecursionError):   # as below: deep nesting is not an envelope
                 envelope = None
             if isinstance(envelope, dict) and envelope.get("body") == sentinel:
                 body = codec.decode(raw[start + len(_BODY_MARK):end])
