@@ -265,6 +265,29 @@ def is_header_value(value: str) -> bool:
     return True
 
 
+MAX_JSON_DEPTH = 200
+_NOT_BRACKET_OR_QUOTE = bytes(b for b in range(256) if b not in b'"[]{}')
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def load_json(data: Any) -> Any:
+    """json.loads for untrusted input, refusing nesting deeper than MAX_JSON_DEPTH.
+
+    json.loads recurses once per level until Python's recursion limit; a
+    garbage collection that starts down there runs finalizers without stack,
+    and they fail (wasmtime objects would then leak their native memory). The
+    depth is measured in C-speed passes: drop escaped quotes, keep brackets
+    outside strings, then a running sum.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        skeleton = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_BRACKET_OR_QUOTE)
+        outside = b"".join(skeleton.split(b'"')[0::2])
+        if max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, outside)), default=0) > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(data)
+
+
 def _require(args: dict, key: str, kind: type) -> Any:
     value = args.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
@@ -1549,7 +1572,7 @@ def _sql_json_value(json_type: Optional[str], value: Any) -> Any:
     if json_type in ("true", "false"):
         return json_type == "true"
     if json_type in ("object", "array"):
-        return json.loads(value)
+        return load_json(value)
     return value
 
 
@@ -1660,7 +1683,7 @@ class ByteArrayCodec:
         """The bytes of the array whose inside is ``text`` (no brackets), or None if invalid."""
         if len(text) < self.SMALL:
             try:
-                values = json.loads(b"[" + text + b"]")
+                values = load_json(b"[" + text + b"]")
                 return bytes(values) if all(type(v) is int for v in values) else None
             except (ValueError, TypeError):
                 return None
@@ -1707,7 +1730,7 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
         sentinel = secrets.token_hex(8)
         if end > 0:
             try:
-                envelope = json.loads(raw[:start] + b'"body":"' + sentinel.encode() + b'"' + raw[end + 1:])
+                envelope = load_json(raw[:start] + b'"body":"' + sentinel.encode() + b'"' + raw[end + 1:])
             except (ValueError, RecursionError):   # as below: deep nesting is not an envelope
                 envelope = None
             if isinstance(envelope, dict) and envelope.get("body") == sentinel:
@@ -1718,7 +1741,7 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
                 envelope = None
     if envelope is None:
         try:
-            envelope = json.loads(raw)
+            envelope = load_json(raw)
         except (ValueError, RecursionError):
             return None
         if not isinstance(envelope, dict):
@@ -1929,7 +1952,7 @@ class WasmRuntime:
                 memory = caller.get("memory") or invocation.memory
                 try:
                     try:
-                        args = json.loads(_guest_bytes(caller, memory, ptr, length, MAX_HOST_ARGUMENT))
+                        args = load_json(_guest_bytes(caller, memory, ptr, length, MAX_HOST_ARGUMENT))
                     except (ValueError, RecursionError) as exc:
                         raise ApiError(400, f"arguments are not valid JSON: {exc}") from None
                     if not isinstance(args, dict):
@@ -2086,7 +2109,7 @@ def read_body(limit: int, what: str) -> bytes:
 
 def read_json_body(limit: int) -> Any:
     try:
-        return json.loads(read_body(limit, "request body") or b"null")
+        return load_json(read_body(limit, "request body") or b"null")
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 

@@ -155,24 +155,6 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
         time.sleep(0.002)
 
 
-@contextlib.contextmanager
-def collector_paused():
-    """No garbage collection inside: for requests carrying JSON nested past the recursion limit.
-
-    The server's json.loads of such JSON runs to the interpreter's recursion limit;
-    a collection starting down there runs finalizers (of any earlier test's garbage)
-    without stack: they fail as "unraisable" exceptions, which pytest pins on the test.
-    """
-    import gc
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
 
 def wait_until_healthy(port: int, timeout: float = 20.0, process=None) -> None:
     """Poll /_health until the server answers 200 (readiness, not a fixed sleep)."""
@@ -2319,11 +2301,10 @@ def test_hardening_host_functions_answer_errors_for_bad_arguments(client):
               ("aeordb_query", b'{"path": "/", "where": "1=1; DROP TABLE files"}'),
               ("aeordb_aggregate", b'{"path": "/", "aggregate": {"sum": 5}}'),
               ("aeordb_extract_file", b'{"path": "/x", "mode": "words"}')]
-    with collector_paused():   # b"[" * 50_000 nests past the recursion limit
-        for function, args in calls:
-            deploy(client, "db/s/bad", host_call_module(function, args))
-            answer = json.loads(invoke(client, "db/s/bad/f").body)
-            assert isinstance(answer.get("error"), str), (function, args[:80], answer)
+    for function, args in calls:   # b"[" * 50_000 among them: past the recursion limit
+        deploy(client, "db/s/bad", host_call_module(function, args))
+        answer = json.loads(invoke(client, "db/s/bad/f").body)
+        assert isinstance(answer.get("error"), str), (function, args[:80], answer)
     # Nothing was written by any of them.
     assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
 
@@ -3179,6 +3160,25 @@ def test_review_large_answer_nested_past_the_recursion_limit_is_sent_raw(client)
     # recursion limit; like any answer that is no envelope, it goes out as it is (not a 500).
     raw = b'{"status_code":201,"x":' + b"[" * 20_000 + b'"body":[104,105]}'
     assert len(raw) > aeordb.ByteArrayCodec.SMALL
-    with collector_paused():
-        response = _api_answer(client, raw, status=200)
+    response = _api_answer(client, raw, status=200)
     assert response.content_type == "application/octet-stream" and response.body == raw
+
+
+def test_json_nested_past_the_depth_limit_is_refused_everywhere(client):
+    deep = b"[" * 5000 + b"]" * 5000
+    # An HTTP query body: 400 naming the cause.
+    answer = client.post("/db/_query", b'{"path": "/", "where": ' + deep + b"}", headers=AUTH, status=400)
+    assert "nested deeper" in answer.json["error"]
+    # Host-function arguments: an error answer to the plugin, the invocation itself fine.
+    deploy(client, "db/s/deep", host_call_module("aeordb_query", b'{"where": ' + deep + b"}"))
+    assert "nested deeper" in json.loads(invoke(client, "db/s/deep/f").body)["error"]
+    # A plugin answer nested that deep is not an envelope: it goes out raw.
+    raw = b'{"status_code": 200, "body": [], "x": ' + deep + b"}"
+    deploy(client, "db/s/answer", answer_module(raw))
+    answer = invoke(client, "db/s/answer/f")
+    assert answer.body == raw and answer.content_type == "application/octet-stream"
+    # Just inside the limit, and brackets inside strings, are ordinary JSON.
+    limit = aeordb.MAX_JSON_DEPTH
+    assert aeordb.load_json(b"[" * limit + b"]" * limit) is not None
+    assert aeordb.load_json(json.dumps({"s": "[" * 5000 + '\\"' + "{" * 5000})) == \
+        {"s": "[" * 5000 + '\\"' + "{" * 5000}
