@@ -3182,3 +3182,47 @@ def test_json_nested_past_the_depth_limit_is_refused_everywhere(client):
     assert aeordb.load_json(b"[" * limit + b"]" * limit) is not None
     assert aeordb.load_json(json.dumps({"s": "[" * 5000 + '\\"' + "{" * 5000})) == \
         {"s": "[" * 5000 + '\\"' + "{" * 5000}
+
+
+_START_LOOP_WAT = """
+(module
+  (memory (export "memory") 1)
+  (func $start (loop $forever (br $forever)))
+  (start $start)
+  (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))
+"""
+
+
+def test_start_function_is_known_and_runs_without_the_gil(tmp_path):
+    """Instantiation keeps the GIL only for modules known to have no start function."""
+    client, app = make_app(tmp_path, timeout=2)
+    deploy(client, "db/s/starts", wat(_START_LOOP_WAT))
+    deploy(client, "db/s/plain", wat(ECHO_WAT))
+    registry = app.config["aeordb.registry"]
+    assert registry.get("db/s/starts").shape.may_start is True
+    assert registry.get("db/s/plain").shape.may_start is False
+    _, reloaded = make_app(tmp_path, timeout=2)   # the same answer after a restart
+    assert reloaded.config["aeordb.registry"].get("db/s/starts").shape.may_start is True
+    assert reloaded.config["aeordb.registry"].get("db/s/plain").shape.may_start is False
+
+    # While the start function spins, other requests are served: it does not hold the GIL.
+    runtime, started = app.config["aeordb.runtime"], threading.Event()
+    real_invoke = runtime.invoke
+
+    def observed_invoke(plugin, request, invocation):
+        if plugin.path == "db/s/starts":
+            started.set()
+        return real_invoke(plugin, request, invocation)
+    runtime.invoke = observed_invoke
+    with server_thread(app) as port:
+        outcome = {}
+        spinner = threading.Thread(target=lambda: outcome.update(
+            result=http_request(port, "POST", "/db/s/starts/f/_invoke", b"")))
+        spinner.start()
+        assert started.wait(10)
+        status, _, body = http_request(port, "POST", "/db/s/plain/f/_invoke", b"hi", timeout=1.5)
+        assert status == 200 and json.loads(body)["arguments"] == [104, 105]
+        assert spinner.is_alive(), "the looping start function ended before the other request"
+        spinner.join(15)
+    status, _, body = outcome["result"]
+    assert status == 500 and "time limit" in json.loads(body)["error"]
