@@ -414,6 +414,7 @@ HOST_FUNCTION_NAMES = (
     "aeordb_context",
 )
 LOG_FUNCTION_NAME = "log_message"
+WRITING_HOST_FUNCTIONS = ("aeordb_write_file", "aeordb_delete_file")
 
 
 class Wasm:
@@ -719,6 +720,7 @@ class ModuleShape:
     has_alloc: bool
     imports_memory: bool
     may_start: bool = True    # False only when the module is known to have no start function
+    writes_files: bool = True  # False when it imports no host function that writes
 
 
 def inspect_module(module: wasmtime.Module, settings: Settings) -> ModuleShape:
@@ -762,7 +764,8 @@ def inspect_module(module: wasmtime.Module, settings: Settings) -> ModuleShape:
         if isinstance(export, wasmtime.TableType) and export.limits.min > settings.table_limit:
             raise ApiError(400, f"module asks for a table of {export.limits.min} elements, "
                                 f"over the limit of {settings.table_limit}")
-    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory)
+    writes = any(item.module == "aeordb" and item.name in WRITING_HOST_FUNCTIONS for item in module.imports)
+    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory, writes_files=writes)
 
 
 def _describe(kind: Any) -> str:
@@ -2071,7 +2074,10 @@ def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = No
 
 
 class ApiPlugin:
-    """Bottle plugin: bearer-token check and ApiError -> JSON, around every route."""
+    """Bottle plugin around every route: bearer-token check, ApiError and dict/list results -> JSON.
+
+    It replaces bottle's JSONPlugin: one wrapper per request instead of two.
+    """
 
     name = "aeordb-api"
     api = 2
@@ -2092,6 +2098,8 @@ class ApiPlugin:
                         raise ApiError(401, "missing or invalid bearer token",
                                        {"WWW-Authenticate": 'Bearer realm="aeordb"'})
                 result = callback(*args, **kwargs)
+                if isinstance(result, (dict, list)):
+                    result = _json_response(result)
             except ApiError as exc:
                 result = _json_response({"error": exc.message}, exc.status, exc.headers)
             except bottle.HTTPResponse:
@@ -2148,6 +2156,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
     app.config["aeordb.registry"] = registry
     app.config["aeordb.files"] = files
     app.config["aeordb.runtime"] = runtime
+    app.uninstall(bottle.JSONPlugin)
     app.install(ApiPlugin(token, settings.access_log))
     request_prefix, request_numbers = secrets.token_hex(4), itertools.count(1)
 
@@ -2250,7 +2259,8 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
                     "request_id": f"{request_prefix}-{next(request_numbers)}"}
         invocation = Invocation(db=db, plugin_path=plugin.path, metadata=metadata,
                                 deadline=time.monotonic() + settings.timeout)
-        with files.batch():
+        # Only a plugin that can write needs its invocation to be one transaction.
+        with files.batch() if plugin.shape.writes_files else contextlib.nullcontext():
             raw = runtime.invoke(plugin, build_request_envelope(body, metadata), invocation)
             answer = parse_response_envelope(raw, runtime.codec)
         if answer is None:

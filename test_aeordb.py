@@ -3226,3 +3226,18 @@ def test_start_function_is_known_and_runs_without_the_gil(tmp_path):
         spinner.join(15)
     status, _, body = outcome["result"]
     assert status == 500 and "time limit" in json.loads(body)["error"]
+
+
+def test_only_plugins_that_can_write_run_in_a_transaction(client, monkeypatch):
+    deploy(client, "db/s/reader", host_call_module("aeordb_read_file", b'{"path": "/x"}'))
+    deploy(client, "db/s/writer", host_call_module("aeordb_delete_file", b'{"path": "/x"}'))
+    registry = client.app.config["aeordb.registry"]
+    assert registry.get("db/s/reader").shape.writes_files is False
+    assert registry.get("db/s/writer").shape.writes_files is True
+    files, batches = client.app.config["aeordb.files"], []
+    real_batch = files.batch
+    monkeypatch.setattr(files, "batch", lambda: batches.append(1) or real_batch())
+    assert "error" in json.loads(invoke(client, "db/s/reader/f").body)
+    assert batches == []
+    assert "error" in json.loads(invoke(client, "db/s/writer/f").body)
+    assert batches == [1]
