@@ -2024,7 +2024,9 @@ class WasmRuntime:
             level_no = getattr(logging, level.strip().upper(), logging.INFO)
             if not isinstance(level_no, int):
                 level_no = logging.INFO
-            plugin_log.log(level_no, "[%s] %s", invocation.plugin_path, message.replace("\n", "\\n"))
+            # One plugin line is one log line: a plugin must not forge others.
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
+            plugin_log.log(level_no, "[%s] %s", invocation.plugin_path, message)
         except Exception:
             pass
 

@@ -3241,3 +3241,23 @@ def test_only_plugins_that_can_write_run_in_a_transaction(client, monkeypatch):
     assert batches == []
     assert "error" in json.loads(invoke(client, "db/s/writer/f").body)
     assert batches == [1]
+
+
+def test_plugin_log_lines_cannot_forge_other_lines(client, caplog):
+    message = b"first\r\nINFO aeordb: forged\rthird"
+    module = wat(f"""
+(module
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 32768) "warn")
+  (data (i32.const 32800) "{wat_string(message)}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (call $log (i32.const 32768) (i32.const 4) (i32.const 32800) (i32.const {len(message)}))
+    (i64.const 0)))
+""")
+    deploy(client, "db/s/logger", module)
+    with caplog.at_level("INFO", logger="aeordb.plugin"):
+        invoke(client, "db/s/logger/f")
+    lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
+    assert lines == ["[db/s/logger] first\\r\\nINFO aeordb: forged\\rthird"]
+    assert not any(ch in lines[0] for ch in "\r\n")
