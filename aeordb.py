@@ -2235,8 +2235,12 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
     def deploy(db: str, schema: str, table: str) -> dict:
         for value, what in ((db, "database name"), (schema, "schema name"), (table, "table name")):
             check_segment(value, what)
-        name = bottle.request.query.getunicode("name") or table
-        plugin_type = bottle.request.query.getunicode("plugin_type") or "wasm"
+        query = bottle.request.query
+        for key in ("name", "plugin_type"):
+            if key in query and query.getunicode(key) is None:   # bottle answers None for bad UTF-8
+                raise ApiError(400, f"{key} is not valid UTF-8")
+        name = query.getunicode("name") or table
+        plugin_type = query.getunicode("plugin_type") or "wasm"
         if len(name) > 128 or any(ord(ch) < 32 for ch in name):
             raise ApiError(400, "name must be 1-128 printable characters")
         if plugin_type != "wasm":

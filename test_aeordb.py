@@ -3261,3 +3261,10 @@ def test_plugin_log_lines_cannot_forge_other_lines(client, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
     assert lines == ["[db/s/logger] first\\r\\nINFO aeordb: forged\\rthird"]
     assert not any(ch in lines[0] for ch in "\r\n")
+
+
+def test_deploy_parameters_that_are_not_utf8_are_refused(client):
+    for query in ("name=%FF%FE", "plugin_type=%C3"):
+        answer = client.put(f"/db/s/t/_deploy?{query}", wat(ECHO_WAT), headers=AUTH, status=400)
+        assert "not valid UTF-8" in answer.json["error"]
+    assert client.get("/db/_plugins", headers=AUTH).json == []
