@@ -614,10 +614,11 @@ class FastGuestOps(GuestOps):
         self.copy.argtypes = (ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
         self.func_call = ffi.wasmtime_func_call
         self.trap_pointer = ctypes.POINTER(ffi.wasm_trap_t)
+        self.no_finalizer = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))   # stores carry no data
         self._arrays = threading.local()
 
     def new_store(self, engine: wasmtime.Engine, settings: Settings, deadline_ticks: int) -> Any:
-        pointer = self.store_new(engine.ptr(), None, ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p)))
+        pointer = self.store_new(engine.ptr(), None, self.no_finalizer)
         store = _RawStore(pointer, self.store_context(pointer))
         self.store_limiter(pointer, settings.memory_limit, settings.table_limit,
                            STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
