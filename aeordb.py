@@ -527,7 +527,7 @@ class GuestOps:
     def close_store(self, store: Any) -> None:
         store.close()
 
-    def instantiate(self, store: Any, pre: wasmtime.InstancePre, may_start: bool = True) -> Any:
+    def instantiate(self, store: Any, pre: wasmtime.InstancePre) -> Any:
         return pre.instantiate(store)
 
     def exports(self, store: Any, instance: Any, with_alloc: bool = True) -> tuple:
@@ -605,8 +605,6 @@ class FastGuestOps(GuestOps):
         self.memory_data = keep_gil("wasmtime_memory_data")
         self.memory_data.restype = ctypes.c_size_t      # the address as an int, no cast needed
         self.memory_data_size = keep_gil("wasmtime_memory_data_size")
-        self.instantiate_holding = keep_gil("wasmtime_instance_pre_instantiate")
-        self.instantiate_releasing = ffi.wasmtime_instance_pre_instantiate
         # ctypes.memmove is a CFUNCTYPE and so releases the GIL too; libc's,
         # bound through PyDLL, copies without that hand-off.
         self.copy = ctypes.PyDLL(None).memmove
@@ -630,12 +628,13 @@ class FastGuestOps(GuestOps):
             self.store_delete(store.pointer)
             store.pointer = store.context = None
 
-    def instantiate(self, store: Any, pre: wasmtime.InstancePre, may_start: bool = True) -> Any:
-        # Without a start function instantiating runs no guest code, so it may keep the GIL.
-        call = self.instantiate_releasing if may_start else self.instantiate_holding
+    def instantiate(self, store: Any, pre: wasmtime.InstancePre) -> Any:
+        # Releases the GIL: a start function is guest code. (Keeping it for
+        # modules without one measured within noise, not worth the risk.)
         instance = self.ffi.wasmtime_instance_t()
         with self.enter_wasm(store) as trap:
-            error = call(pre.ptr(), store._context(), ctypes.byref(instance), trap)
+            error = self.ffi.wasmtime_instance_pre_instantiate(pre.ptr(), store._context(),
+                                                               ctypes.byref(instance), trap)
             if error:
                 raise wasmtime.WasmtimeError._from_ptr(error)
         return instance
@@ -725,7 +724,6 @@ LOG_SIGNATURE = (("i32", "i32", "i32", "i32"), ())
 class ModuleShape:
     has_alloc: bool
     imports_memory: bool
-    may_start: bool = True    # False only when the module is known to have no start function
     writes_files: bool = True  # False when it imports no host function that writes
 
 
@@ -781,11 +779,8 @@ def _describe(kind: Any) -> str:
     return type(kind).__name__.replace("Type", "").lower()
 
 
-def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> bool:
+def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
     """Refuse, before compiling, a module whose own memories or tables start over the limits.
-
-    Answers whether the module may have a start function: False only when
-    every section was read and none is the start section (8).
 
     wasmtime-py lists only imported and exported ones: an unexported memory or
     table over the limit would deploy fine and fail every invocation (or, with
@@ -804,12 +799,11 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> bool:
                 return value, pos
         raise ValueError("LEB128 number too long")
 
-    pos, sections, has_start = 8, 0, False
+    pos, sections = 8, 0
     with contextlib.suppress(IndexError, ValueError):
         while pos < len(data) and sections < 1000:   # bounded: garbage may be all tiny sections
             kind, (size, pos) = data[pos], leb(pos + 1)
             sections += 1
-            has_start = has_start or kind == 8
             if kind in (4, 5):
                 count, item = leb(pos)
                 for _ in range(min(count, 100)):      # wasmtime allows at most 100 of each
@@ -832,7 +826,6 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> bool:
                         raise ApiError(400, f"module asks for {minimum * page // KiB} KiB of initial "
                                             f"memory, over the limit of {settings.memory_limit // KiB} KiB")
             pos += size
-    return has_start or pos != len(data)
 
 
 ###############################################################################
@@ -898,12 +891,12 @@ class PluginRegistry:
             # check_declared_sizes and into a module file that is not a module.
             raise ApiError(400, "not a valid WebAssembly module: it does not start with '\\0asm' "
                                 "(send the binary format)")
-        may_start = check_declared_sizes(wasm_bytes, self.settings)
+        check_declared_sizes(wasm_bytes, self.settings)
         try:
             module = self.wasm.compile(wasm_bytes)
         except wasmtime.WasmtimeError as exc:
             raise ApiError(400, f"not a valid WebAssembly module: {_first_line(exc)}") from None
-        shape = dataclasses.replace(inspect_module(module, self.settings), may_start=may_start)
+        shape = inspect_module(module, self.settings)
         sha = hashlib.sha256(wasm_bytes).hexdigest()
         meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": path, "plugin_type": plugin_type,
                 "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
@@ -963,8 +956,6 @@ class PluginRegistry:
                 module_file = folder / f"module-{meta['sha256']}.wasm"
                 module = self._load_module(meta["sha256"], module_file)
                 shape = inspect_module(module, self.settings)
-                if module_file.exists():
-                    shape.may_start = check_declared_sizes(module_file.read_bytes(), self.settings)
                 self._plugins[meta["path"]] = self._prepare(meta, module, shape)
                 self._remove_stale_modules(folder, keep=meta["sha256"])
                 if not module_file.exists():
@@ -1881,7 +1872,7 @@ class WasmRuntime:
         memory = None
         try:
             if plugin.pre is not None:
-                instance = ops.instantiate(store, plugin.pre, plugin.shape.may_start)
+                instance = ops.instantiate(store, plugin.pre)
                 handle, memory, alloc = ops.exports(store, instance,
                                                     plugin.shape.has_alloc)
             else:
