@@ -214,13 +214,16 @@ MAX_PATH_LENGTH = 1024
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def check_segment(value: str, what: str) -> str:
-    """Validate one URL name segment ({db}, {schema}, {table}, {function})."""
-    if not _SEGMENT.fullmatch(value or "") or value in (".", "..") or value.startswith("_"):
-        shown = value if len(value) <= 64 else value[:64] + "..."
-        raise ApiError(400, f"invalid {what} {shown!r}: use 1-128 letters, digits, '-', '_' or '.', "
-                            "not starting with '_' (reserved) and not '.' or '..'")
-    return value
+_SEGMENT_KINDS = ("database name", "schema name", "table name", "function name")
+
+
+def check_segments(*values: str) -> None:
+    """Validate URL name segments, given in the order {db}, {schema}, {table}, {function}."""
+    for value, what in zip(values, _SEGMENT_KINDS):
+        if not _SEGMENT.fullmatch(value or "") or value in (".", "..") or value.startswith("_"):
+            shown = value if len(value) <= 64 else value[:64] + "..."
+            raise ApiError(400, f"invalid {what} {shown!r}: use 1-128 letters, digits, '-', '_' or '.', "
+                                "not starting with '_' (reserved) and not '.' or '..'")
 
 
 def normalize_file_path(raw: Any, *, allow_root: bool = False) -> str:
@@ -2187,11 +2190,11 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
     @app.route("/<db>/_files", method=["GET", "HEAD"])
     @app.route("/<db>/_files/", method=["GET", "HEAD"])
     @app.route("/<db>/_files/<path:path>", method=["GET", "HEAD"])
-    def get_file(db: str, path: str = "") -> bottle.HTTPResponse:
-        check_segment(db, "database name")
+    def get_file(db: str, path: str = "") -> Any:
+        check_segments(db)
         target = normalize_file_path("/" + path, allow_root=True)
         if target == "/" or path.endswith("/") or files.is_directory(db, target):
-            return _json_response({"path": target, "entries": files.list_directory(db, target)})
+            return {"path": target, "entries": files.list_directory(db, target)}
         data, meta = files.read(db, target)
         etag = f'"{meta["etag"]}"'
         headers = {"Content-Type": meta["content_type"], "ETag": etag,
@@ -2203,7 +2206,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
 
     @app.put("/<db>/_files/<path:path>")
     def put_file(db: str, path: str) -> bottle.HTTPResponse:
-        check_segment(db, "database name")
+        check_segments(db)
         if path.endswith("/"):   # GET answers such a path with a listing: it names a directory
             raise ApiError(400, f"cannot store a file at a directory path ending in '/': /{path}")
         target = normalize_file_path("/" + path)
@@ -2213,14 +2216,14 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
 
     @app.delete("/<db>/_files/<path:path>")
     def delete_file(db: str, path: str) -> dict:
-        check_segment(db, "database name")
+        check_segments(db)
         target = normalize_file_path("/" + path)
         files.delete(db, target)
         return {"deleted": True, "path": target}
 
     @app.post("/<db>/_query")
     def query(db: str) -> dict:
-        check_segment(db, "database name")
+        check_segments(db)
         spec = read_json_body(settings.max_request_size)
         if isinstance(spec, dict) and "aggregate" in spec:
             return files.aggregate(db, spec)
@@ -2230,8 +2233,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
 
     @app.put("/<db>/<schema>/<table>/_deploy")
     def deploy(db: str, schema: str, table: str) -> dict:
-        for value, what in ((db, "database name"), (schema, "schema name"), (table, "table name")):
-            check_segment(value, what)
+        check_segments(db, schema, table)
         query = bottle.request.query
         for key in ("name", "plugin_type"):
             if key in query and query.getunicode(key) is None:   # bottle answers None for bad UTF-8
@@ -2249,9 +2251,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
 
     @app.post("/<db>/<schema>/<table>/<function>/_invoke")
     def invoke(db: str, schema: str, table: str, function: str) -> bottle.HTTPResponse:
-        for value, what in ((db, "database name"), (schema, "schema name"), (table, "table name"),
-                            (function, "function name")):
-            check_segment(value, what)
+        check_segments(db, schema, table, function)
         plugin = registry.get(f"{db}/{schema}/{table}")
         body = read_body(settings.max_request_size, "request body")
         environ = bottle.request.environ
@@ -2272,15 +2272,13 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
                                    headers={**answer.headers, "Content-Type": answer.content_type})
 
     @app.get("/<db>/_plugins")
-    def list_plugins(db: str) -> bottle.HTTPResponse:
-        check_segment(db, "database name")
-        return _json_response(registry.list(db))
+    def list_plugins(db: str) -> list:
+        check_segments(db)
+        return registry.list(db)
 
     @app.delete("/<db>/<schema>/<table>/<function>/_remove")
     def remove(db: str, schema: str, table: str, function: str) -> dict:
-        for value, what in ((db, "database name"), (schema, "schema name"), (table, "table name"),
-                            (function, "function name")):
-            check_segment(value, what)
+        check_segments(db, schema, table, function)
         registry.remove(db, schema, table)
         return {"removed": True, "path": f"{db}/{schema}/{table}"}
 
