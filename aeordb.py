@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import email.utils
 import errno
+import functools
 import hashlib
 import hmac
 import importlib.metadata
@@ -513,59 +514,122 @@ class Wasm:
             ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
 
 
-class GuestOps:
-    """The operations one invocation performs on a guest, through wasmtime-py's public API.
+@dataclasses.dataclass(frozen=True)
+class GuestLimits:
+    """What one invocation's Store may use, and the largest answer read back from it."""
 
-    ``FastGuestOps`` does the same below the public API; both take and give
-    wasmtime-py's own ``Func``/``Memory`` objects, so either serves any caller.
+    memory: int           # bytes of linear memory
+    table_elements: int
+    deadline_ticks: int   # epoch ticks until the guest is interrupted
+    max_answer: int       # bytes
+
+
+class GuestFailure(Exception):
+    """The guest trapped, or wasmtime refused a step of the invocation."""
+
+    def __init__(self, error: Exception, memory_in_use: Optional[int]):
+        super().__init__(str(error))
+        self.error = error
+        self.memory_in_use = memory_in_use   # bytes, when the guest's memory was reached
+
+
+def place_in_guest(store: Any, memory: wasmtime.Memory, alloc: Optional[wasmtime.Func],
+                   data: bytes, what: str) -> int:
+    """Copy ``data`` into guest memory at alloc(len), or at 0 without alloc; answers the pointer.
+
+    ``store`` may be a Caller: host functions place their answers this way too.
+    """
+    if alloc is not None:
+        pointer = alloc(store, len(data)) & 0xFFFFFFFF
+    else:
+        pointer = 0
+        missing = len(data) - memory.data_len(store)
+        if missing > 0:
+            try:
+                memory.grow(store, (missing + 65535) // 65536)
+            except wasmtime.WasmtimeError:
+                raise ApiError(500, f"the {what} ({len(data)} bytes) does not fit in plugin memory") from None
+    if pointer + len(data) > memory.data_len(store):
+        raise ApiError(500, f"plugin alloc returned a bad pointer for the {what}: "
+                            f"{len(data)} bytes at {pointer} are outside its memory")
+    if data:
+        memory.write(store, data, pointer)
+    return pointer
+
+
+def answer_span(packed: int, memory_size: int, max_answer: int) -> tuple:
+    """(pointer, length) of handle's packed i64 answer, checked against the memory and the limit."""
+    packed &= 0xFFFFFFFFFFFFFFFF    # wasmtime hands the i64 back signed
+    pointer, length = packed >> 32, packed & 0xFFFFFFFF
+    if length > max_answer:
+        raise ApiError(500, f"plugin answered {length} bytes, over the response limit of {max_answer} bytes")
+    if pointer + length > memory_size:
+        raise ApiError(500, f"plugin answered a bad pointer: {length} bytes at {pointer} "
+                            f"are outside its {memory_size}-byte memory")
+    return pointer, length
+
+
+class GuestOps:
+    """One invocation's guest work, through wasmtime-py's public API.
+
+    ``run`` is all of it: a fresh Store with the limits, instantiate, place the
+    request (at alloc(len), else at 0), call handle, bounds-check and read the
+    answer, drop the Store. ``FastGuestOps`` does the same below the public API.
     """
 
-    def new_store(self, engine: wasmtime.Engine, settings: Settings, deadline_ticks: int) -> Any:
+    def run(self, engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
+            has_alloc: bool, runs_start: bool = True) -> bytes:
+        """The answer bytes of handle(request).
+
+        ``target`` is the plugin's InstancePre, or a callable making
+        (instance, memory) in a Store (a module importing env.memory). Raises
+        GuestFailure when the guest traps, ApiError for a bad pointer.
+        """
         store = wasmtime.Store(engine)
-        store.set_limits(memory_size=settings.memory_limit, table_elements=settings.table_limit,
+        store.set_limits(memory_size=limits.memory, table_elements=limits.table_elements,
                          instances=STORE_INSTANCES, tables=STORE_TABLES, memories=STORE_MEMORIES)
-        store.set_epoch_deadline(deadline_ticks)
-        return store
-
-    def close_store(self, store: Any) -> None:
-        store.close()
-
-    def instantiate(self, store: Any, pre: wasmtime.InstancePre) -> Any:
-        return pre.instantiate(store)
-
-    def exports(self, store: Any, instance: Any, with_alloc: bool = True) -> tuple:
-        """(handle, memory or None, alloc or None) of an instance."""
-        exports = instance.exports(store)
-        return exports["handle"], exports.get("memory"), exports.get("alloc") if with_alloc else None
-
-    def call(self, store: Any, func: wasmtime.Func, *args: int) -> int:
-        return func(store, *args)
-
-    def size(self, store: Any, memory: wasmtime.Memory) -> int:
-        return memory.data_len(store)
-
-    def write(self, store: Any, memory: wasmtime.Memory, data: bytes, offset: int) -> None:
-        memory.write(store, data, offset)
-
-    def read(self, store: Any, memory: wasmtime.Memory, start: int, length: int) -> bytes:
-        return bytes(memory.read(store, start, start + length))
+        store.set_epoch_deadline(limits.deadline_ticks)
+        memory = None
+        try:
+            if isinstance(target, wasmtime.InstancePre):
+                instance = target.instantiate(store)
+                memory = instance.exports(store)["memory"]
+            else:
+                instance, memory = target(store)
+            exports = instance.exports(store)
+            pointer = place_in_guest(store, memory, exports["alloc"] if has_alloc else None, request, "request")
+            packed = exports["handle"](store, pointer, len(request))
+            start, length = answer_span(packed, memory.data_len(store), limits.max_answer)
+            return bytes(memory.read(store, start, start + length)) if length else b""
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            in_use = None
+            with contextlib.suppress(Exception):
+                in_use = memory.data_len(store) if memory is not None else None
+            raise GuestFailure(exc, in_use) from None
+        finally:
+            store.close()
 
 
 class FastGuestOps(GuestOps):
-    """GuestOps on wasmtime's C API: no per-call type lookups, no export dictionaries.
+    """GuestOps.run on wasmtime's C API: no wrapper objects, no export dictionaries, few GIL hand-offs.
 
-    An invocation costs about 100 µs through the public API and about 30 µs
-    here, and fewer GIL hand-offs under load. ``available()`` tries to build
-    it, so anything missing from the installed wasmtime-py means the public
-    API; traps still surface as wasmtime-py's own ``Trap``.
+    An invocation costs about 100 µs through the public API and about 12 µs
+    here. ctypes releases the GIL around every foreign call, and under load
+    each release hands the GIL to another thread and waits to get it back
+    (about 20 µs of CPU, measured): short calls that run no guest code are
+    bound through PyDLL and keep it; calls that run guest code (alloc, handle,
+    and instantiation of a module with a start function) release it, so an
+    endless loop never stalls other requests. ``available()`` tries to build
+    it: anything missing from the installed wasmtime-py means the public API.
+    Traps surface as wasmtime-py's own ``Trap``.
     """
 
     _NEEDS = ("wasmtime_func_call", "wasmtime_val_t", "WASMTIME_I32", "wasmtime_instance_export_get",
               "wasmtime_instance_pre_instantiate", "wasmtime_instance_t", "wasmtime_extern_t",
-              "wasmtime_memory_data", "wasmtime_memory_data_size", "WASMTIME_EXTERN_FUNC",
-              "WASMTIME_EXTERN_MEMORY", "wasmtime_store_new", "wasmtime_store_context",
-              "wasmtime_store_limiter", "wasmtime_store_delete", "wasmtime_context_set_epoch_deadline",
-              "wasm_trap_t")
+              "wasmtime_memory_data", "wasmtime_memory_data_size", "wasmtime_memory_grow",
+              "WASMTIME_EXTERN_FUNC", "WASMTIME_EXTERN_MEMORY", "wasmtime_store_new",
+              "wasmtime_store_context", "wasmtime_store_limiter", "wasmtime_store_delete",
+              "wasmtime_context_set_epoch_deadline", "wasm_trap_t")
 
     @classmethod
     def available(cls) -> bool:
@@ -578,20 +642,14 @@ class FastGuestOps(GuestOps):
     def __init__(self) -> None:
         from wasmtime import _bindings as bindings
         from wasmtime import _ffi as ffi
-        from wasmtime._func import enter_wasm, maybe_raise_last_exn
+        from wasmtime._func import maybe_raise_last_exn
         missing = [name for name in self._NEEDS if not hasattr(ffi, name)]
-        if missing or not (hasattr(wasmtime.Func, "_from_raw") and hasattr(wasmtime.Memory, "_from_raw")):
-            raise AttributeError(f"wasmtime-py lacks {', '.join(missing) or '_from_raw'}")
+        if missing:
+            raise AttributeError(f"wasmtime-py lacks {', '.join(missing)}")
         self.ffi = ffi
-        self.enter_wasm = enter_wasm
         self.raise_host_exception = maybe_raise_last_exn
         self.extern_func = ffi.WASMTIME_EXTERN_FUNC.value
         self.extern_memory = ffi.WASMTIME_EXTERN_MEMORY.value
-        self.i32, self.i64 = ffi.WASMTIME_I32.value, ffi.WASMTIME_I64.value
-        # ctypes releases the GIL around every foreign call; for these short
-        # calls that hand-off costs more than the call, and under concurrency a
-        # thread waits up to a switch interval to get the GIL back. Calls that
-        # run guest code (func_call, instantiate) keep releasing it.
         holding = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle)
 
         def keep_gil(name: str) -> Any:
@@ -605,110 +663,111 @@ class FastGuestOps(GuestOps):
         self.store_delete = keep_gil("wasmtime_store_delete")
         self.set_deadline = keep_gil("wasmtime_context_set_epoch_deadline")
         self.export_get = keep_gil("wasmtime_instance_export_get")
+        self.memory_grow = keep_gil("wasmtime_memory_grow")
         self.memory_data = keep_gil("wasmtime_memory_data")
         self.memory_data.restype = ctypes.c_size_t      # the address as an int, no cast needed
         self.memory_data_size = keep_gil("wasmtime_memory_data_size")
+        self.instantiate_holding = keep_gil("wasmtime_instance_pre_instantiate")
+        self.instantiate_releasing = ffi.wasmtime_instance_pre_instantiate
+        self.func_call = ffi.wasmtime_func_call         # always releases: it runs guest code
         # ctypes.memmove is a CFUNCTYPE and so releases the GIL too; libc's,
         # bound through PyDLL, copies without that hand-off.
         self.copy = ctypes.PyDLL(None).memmove
         self.copy.restype = ctypes.c_void_p
         self.copy.argtypes = (ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
-        self.func_call = ffi.wasmtime_func_call
-        self.trap_pointer = ctypes.POINTER(ffi.wasm_trap_t)
         self.no_finalizer = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))   # stores carry no data
-        self._arrays = threading.local()
+        self._local = threading.local()
+        _CallSlots(ffi)   # fails here, not on a first request, if a struct is not as expected
 
-    def new_store(self, engine: wasmtime.Engine, settings: Settings, deadline_ticks: int) -> Any:
-        pointer = self.store_new(engine.ptr(), None, self.no_finalizer)
-        store = _RawStore(pointer, self.store_context(pointer))
-        self.store_limiter(pointer, settings.memory_limit, settings.table_limit,
-                           STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
-        self.set_deadline(store.context, deadline_ticks)
-        return store
+    def run(self, engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
+            has_alloc: bool, runs_start: bool = True) -> bytes:
+        if not isinstance(target, wasmtime.InstancePre):
+            return super().run(engine, limits, target, request, has_alloc=has_alloc)
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = _CallSlots(self.ffi)
+        store = self.store_new(engine.ptr(), None, self.no_finalizer)
+        context = self.store_context(store)
+        memory = None
+        try:
+            self.store_limiter(store, limits.memory, limits.table_elements,
+                               STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
+            self.set_deadline(context, limits.deadline_ticks)
+            # Instantiating runs guest code only in a start function.
+            instantiate = self.instantiate_releasing if runs_start else self.instantiate_holding
+            self._check(instantiate(target.ptr(), context, slots.instance_ref, slots.trap_ref), slots)
+            self._export(context, slots, b"handle", slots.handle, self.extern_func)
+            self._export(context, slots, b"memory", slots.memory, self.extern_memory)
+            memory = slots.memory_ref
+            length = len(request)
+            if has_alloc:
+                self._export(context, slots, b"alloc", slots.alloc, self.extern_func)
+                slots.params[0].of.i32 = length
+                self._check(self.func_call(context, slots.alloc_ref, slots.params, 1, slots.results, 1,
+                                           slots.trap_ref), slots)
+                pointer = slots.results[0].of.i32 & 0xFFFFFFFF
+                if pointer + length > self.memory_data_size(context, memory):
+                    raise ApiError(500, "plugin alloc returned a bad pointer for the request: "
+                                        f"{length} bytes at {pointer} are outside its memory")
+            else:
+                pointer, missing = 0, length - self.memory_data_size(context, memory)
+                if missing > 0:
+                    error = self.memory_grow(context, memory, (missing + 65535) // 65536,
+                                             ctypes.byref(ctypes.c_uint64()))
+                    if error:
+                        wasmtime.WasmtimeError._from_ptr(error)   # takes the message, and frees it
+                        raise ApiError(500, f"the request ({length} bytes) does not fit in plugin memory")
+            if length:
+                self.copy(self.memory_data(context, memory) + pointer, request, length)
+            slots.params[0].of.i32 = pointer
+            slots.params[1].of.i32 = length
+            self._check(self.func_call(context, slots.handle_ref, slots.params, 2, slots.results, 1,
+                                       slots.trap_ref), slots)
+            start, size = answer_span(slots.results[0].of.i64, self.memory_data_size(context, memory),
+                                      limits.max_answer)
+            return ctypes.string_at(self.memory_data(context, memory) + start, size) if size else b""
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            raise GuestFailure(exc, None if memory is None else self.memory_data_size(context, memory)) from None
+        finally:
+            self.store_delete(store)
 
-    def close_store(self, store: Any) -> None:
-        if store.pointer is not None:
-            self.store_delete(store.pointer)
-            store.pointer = store.context = None
-
-    def instantiate(self, store: Any, pre: wasmtime.InstancePre) -> Any:
-        # Releases the GIL: a start function is guest code. (Keeping it for
-        # modules without one measured within noise, not worth the risk.)
-        instance = self.ffi.wasmtime_instance_t()
-        with self.enter_wasm(store) as trap:
-            error = self.ffi.wasmtime_instance_pre_instantiate(pre.ptr(), store._context(),
-                                                               ctypes.byref(instance), trap)
-            if error:
-                raise wasmtime.WasmtimeError._from_ptr(error)
-        return instance
-
-    def exports(self, store: Any, instance: Any, with_alloc: bool = True) -> tuple:
-        if isinstance(instance, wasmtime.Instance):
-            return super().exports(store, instance, with_alloc)
-        return (self._export(store, instance, b"handle", self.extern_func),
-                self._export(store, instance, b"memory", self.extern_memory),
-                self._export(store, instance, b"alloc", self.extern_func) if with_alloc else None)
-
-    def _export(self, store: Any, instance: Any, name: bytes, kind: int) -> Any:
-        item = self.ffi.wasmtime_extern_t()
-        if not self.export_get(store._context(), ctypes.byref(instance), name,
-                               len(name), ctypes.byref(item)) or item.kind != kind:
-            return None
-        if kind == self.extern_func:
-            return wasmtime.Func._from_raw(item.of.func)
-        return wasmtime.Memory._from_raw(item.of.memory)
-
-    def call(self, store: Any, func: wasmtime.Func, *args: int) -> int:
-        params, results = self._values(len(args))
-        for index, value in enumerate(args):
-            params[index].kind = self.i32
-            params[index].of.i32 = value
-        trap = self.trap_pointer()
-        error = self.func_call(store._context(), ctypes.byref(func._func), params, len(args),
-                               results, 1, ctypes.byref(trap))
+    def _check(self, error: Any, slots: "_CallSlots") -> None:
+        """Raise what a foreign call reported, as wasmtime-py's own enter_wasm would."""
         if error:
             raise wasmtime.WasmtimeError._from_ptr(error)
-        if trap:   # raised as wasmtime-py's enter_wasm would
-            trap_object = wasmtime.Trap._from_ptr(trap)
+        if slots.trap:
+            trap = wasmtime.Trap._from_ptr(slots.trap)   # takes the pointer: the slot gets a new one
+            slots.new_trap_slot()
             self.raise_host_exception()
-            raise trap_object
-        result = results[0]
-        return result.of.i64 if result.kind == self.i64 else result.of.i32
+            raise trap
 
-    def _values(self, count: int) -> tuple:
-        """This thread's reusable (params, results) value arrays."""
-        arrays = getattr(self._arrays, "by_count", None)
-        if arrays is None:
-            arrays = self._arrays.by_count = {}
-        pair = arrays.get(count)
-        if pair is None:
-            pair = arrays[count] = ((self.ffi.wasmtime_val_t * count)(), (self.ffi.wasmtime_val_t * 1)())
-        return pair
-
-    def size(self, store: Any, memory: wasmtime.Memory) -> int:
-        return self.memory_data_size(store._context(), ctypes.byref(memory._memory))
-
-    def write(self, store: Any, memory: wasmtime.Memory, data: bytes, offset: int) -> None:
-        self.copy(self.memory_data(store._context(), ctypes.byref(memory._memory)) + offset,
-                  data, len(data))
-
-    def read(self, store: Any, memory: wasmtime.Memory, start: int, length: int) -> bytes:
-        return ctypes.string_at(self.memory_data(store._context(), ctypes.byref(memory._memory)) + start,
-                                length)
+    def _export(self, context: Any, slots: "_CallSlots", name: bytes, item: Any, kind: int) -> None:
+        if not self.export_get(context, slots.instance_ref, name, len(name), ctypes.byref(item)) \
+                or item.kind != kind:
+            # inspect_module checked this at deploy; never hand wasmtime a stale struct.
+            raise ApiError(500, f"plugin instance has no {name.decode()} export of the right kind")
 
 
-class _RawStore:
-    """A Store made through the C API; quacks like ``wasmtime.Store`` where wasmtime-py needs one."""
+class _CallSlots:
+    """One thread's reusable out-parameters for FastGuestOps.run: ctypes objects cost to create."""
 
-    __slots__ = ("pointer", "context")
+    def __init__(self, ffi: Any):
+        self._trap_type = ctypes.POINTER(ffi.wasm_trap_t)
+        self.instance = ffi.wasmtime_instance_t()
+        self.instance_ref = ctypes.byref(self.instance)
+        self.handle, self.memory, self.alloc = (ffi.wasmtime_extern_t() for _ in range(3))
+        self.handle_ref = ctypes.byref(self.handle.of.func)
+        self.alloc_ref = ctypes.byref(self.alloc.of.func)
+        self.memory_ref = ctypes.byref(self.memory.of.memory)
+        self.params = (ffi.wasmtime_val_t * 2)()
+        self.params[0].kind = self.params[1].kind = ffi.WASMTIME_I32.value
+        self.results = (ffi.wasmtime_val_t * 1)()
+        self.new_trap_slot()
 
-    def __init__(self, pointer: Any, context: Any):
-        self.pointer, self.context = pointer, context
+    def new_trap_slot(self) -> None:
+        self.trap = self._trap_type()
+        self.trap_ref = ctypes.byref(self.trap)
 
-    def _context(self) -> Any:
-        if self.context is None:
-            raise ValueError("store already closed")
-        return self.context
 
 
 ###############################################################################
@@ -728,10 +787,15 @@ class ModuleShape:
     has_alloc: bool
     imports_memory: bool
     writes_files: bool = True  # False when it imports no host function that writes
+    runs_start: bool = True    # False when the binary has no start function: instantiating runs no guest code
 
 
-def inspect_module(module: wasmtime.Module, settings: Settings) -> ModuleShape:
-    """Check a compiled module against the ABI without instantiating it."""
+def inspect_module(module: wasmtime.Module, settings: Settings, wasm_bytes: Optional[bytes]) -> ModuleShape:
+    """Check a compiled module against the ABI without instantiating it.
+
+    ``wasm_bytes`` is its binary, when at hand and trusted; without it the
+    module is assumed to have a start function.
+    """
     exports = {export.name: export.type for export in module.exports}
     handle = exports.get("handle")
     if not isinstance(handle, wasmtime.FuncType):
@@ -772,7 +836,8 @@ def inspect_module(module: wasmtime.Module, settings: Settings) -> ModuleShape:
             raise ApiError(400, f"module asks for a table of {export.limits.min} elements, "
                                 f"over the limit of {settings.table_limit}")
     writes = any(item.module == "aeordb" and item.name in WRITING_HOST_FUNCTIONS for item in module.imports)
-    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory, writes_files=writes)
+    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory, writes_files=writes,
+                       runs_start=wasm_bytes is None or has_start_function(wasm_bytes))
 
 
 def _describe(kind: Any) -> str:
@@ -782,6 +847,44 @@ def _describe(kind: Any) -> str:
     return type(kind).__name__.replace("Type", "").lower()
 
 
+def _read_leb(data: bytes, pos: int) -> tuple:
+    """(value, next position) of the unsigned LEB128 number at ``pos``."""
+    value = shift = 0
+    while shift < 70:
+        byte = data[pos]
+        value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+    raise ValueError("LEB128 number too long")
+
+
+def _sections(wasm_bytes: bytes) -> Iterator[tuple]:
+    """(id, start, size) of a binary module's sections; stops quietly at the first malformed one.
+
+    Bounded to 1,000 sections (garbage may be all tiny sections): past that it
+    raises OverflowError, and callers assume the worst.
+    """
+    pos, count = 8, 0
+    while pos < len(wasm_bytes):
+        count += 1
+        if count > 1000:
+            raise OverflowError("more than 1000 sections")
+        try:
+            size, start = _read_leb(wasm_bytes, pos + 1)
+        except (IndexError, ValueError):
+            return
+        yield wasm_bytes[pos], start, size
+        pos = start + size
+
+
+def has_start_function(wasm_bytes: bytes) -> bool:
+    """Whether instantiating runs guest code: a start section (id 8), or a binary not fully read."""
+    try:
+        return any(kind == 8 for kind, _, _ in _sections(wasm_bytes))
+    except OverflowError:
+        return True
+
+
 def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
     """Refuse, before compiling, a module whose own memories or tables start over the limits.
 
@@ -789,46 +892,34 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
     table over the limit would deploy fine and fail every invocation (or, with
     the pooling allocator, fail compilation with a vague message). Reads the
     table (4) and memory (5) sections; stops quietly at anything unexpected,
-    since the compiler validates the module anyway.
+    since the compiler validates the module anyway (and the pooling
+    allocator still refuses what does not fit its slots).
     """
     data = wasm_bytes
-
-    def leb(pos: int) -> tuple:
-        value = shift = 0
-        while shift < 70:
-            byte = data[pos]
-            value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
-            if byte < 0x80:
-                return value, pos
-        raise ValueError("LEB128 number too long")
-
-    pos, sections = 8, 0
-    with contextlib.suppress(IndexError, ValueError):
-        while pos < len(data) and sections < 1000:   # bounded: garbage may be all tiny sections
-            kind, (size, pos) = data[pos], leb(pos + 1)
-            sections += 1
-            if kind in (4, 5):
-                count, item = leb(pos)
-                for _ in range(min(count, 100)):      # wasmtime allows at most 100 of each
-                    if kind == 4:
-                        if data[item] == 0x40:        # a table with an initializer: not read further
-                            break
-                        item = leb(item + 1)[1] if data[item] in (0x63, 0x64) else item + 1
-                    flags = data[item]
-                    minimum, item = leb(item + 1)
-                    if flags & 1:
-                        item = leb(item)[1]
-                    page = 65536
-                    if kind == 5 and flags & 8:       # custom page size: its log2 follows
-                        log2, item = leb(item)
-                        page = 1 << min(log2, 16)
-                    if kind == 4 and minimum > settings.table_limit:
-                        raise ApiError(400, f"module asks for a table of {minimum} elements, "
-                                            f"over the limit of {settings.table_limit}")
-                    if kind == 5 and minimum * page > settings.memory_limit:
-                        raise ApiError(400, f"module asks for {minimum * page // KiB} KiB of initial "
-                                            f"memory, over the limit of {settings.memory_limit // KiB} KiB")
-            pos += size
+    with contextlib.suppress(IndexError, ValueError, OverflowError):
+        for kind, pos, _ in _sections(wasm_bytes):
+            if kind not in (4, 5):
+                continue
+            count, item = _read_leb(data, pos)
+            for _ in range(min(count, 100)):      # wasmtime allows at most 100 of each
+                if kind == 4:
+                    if data[item] == 0x40:        # a table with an initializer: not read further
+                        break
+                    item = _read_leb(data, item + 1)[1] if data[item] in (0x63, 0x64) else item + 1
+                flags = data[item]
+                minimum, item = _read_leb(data, item + 1)
+                if flags & 1:
+                    item = _read_leb(data, item)[1]
+                page = 65536
+                if kind == 5 and flags & 8:       # custom page size: its log2 follows
+                    log2, item = _read_leb(data, item)
+                    page = 1 << min(log2, 16)
+                if kind == 4 and minimum > settings.table_limit:
+                    raise ApiError(400, f"module asks for a table of {minimum} elements, "
+                                        f"over the limit of {settings.table_limit}")
+                if kind == 5 and minimum * page > settings.memory_limit:
+                    raise ApiError(400, f"module asks for {minimum * page // KiB} KiB of initial "
+                                        f"memory, over the limit of {settings.memory_limit // KiB} KiB")
 
 
 ###############################################################################
@@ -899,7 +990,7 @@ class PluginRegistry:
             module = self.wasm.compile(wasm_bytes)
         except wasmtime.WasmtimeError as exc:
             raise ApiError(400, f"not a valid WebAssembly module: {_first_line(exc)}") from None
-        shape = inspect_module(module, self.settings)
+        shape = inspect_module(module, self.settings, wasm_bytes)
         sha = hashlib.sha256(wasm_bytes).hexdigest()
         meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": path, "plugin_type": plugin_type,
                 "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
@@ -957,8 +1048,8 @@ class PluginRegistry:
                 # folder an operator copied elsewhere must not shadow the original.
                 meta["path"] = "/".join(folder.relative_to(self.root).parts)
                 module_file = folder / f"module-{meta['sha256']}.wasm"
-                module = self._load_module(meta["sha256"], module_file)
-                shape = inspect_module(module, self.settings)
+                module, wasm_bytes = self._load_module(meta["sha256"], module_file)
+                shape = inspect_module(module, self.settings, wasm_bytes)
                 self._plugins[meta["path"]] = self._prepare(meta, module, shape)
                 self._remove_stale_modules(folder, keep=meta["sha256"])
                 if not module_file.exists():
@@ -974,7 +1065,14 @@ class PluginRegistry:
                 self._remove_empty_folders(folder)
         self._prune_cache()
 
-    def _load_module(self, sha: str, module_file: Path) -> wasmtime.Module:
+    def _load_module(self, sha: str, module_file: Path) -> tuple:
+        """(compiled module, its verified binary or None when the module file is missing)."""
+        wasm_bytes = None
+        with contextlib.suppress(OSError):
+            wasm_bytes = module_file.read_bytes()
+        if wasm_bytes is not None and hashlib.sha256(wasm_bytes).hexdigest() != sha:
+            log.warning("%s does not match its recorded sha256; not used", module_file)
+            wasm_bytes = None
         artifact = self.cache / f"{sha}-{self.wasm.fingerprint}.cwasm"
         with contextlib.suppress(OSError):
             blob = artifact.read_bytes()
@@ -983,18 +1081,17 @@ class PluginRegistry:
                     blob[len(ARTIFACT_MAGIC):header].decode("ascii", "replace") == \
                     hashlib.sha256(blob[header:]).hexdigest():
                 try:
-                    return wasmtime.Module.deserialize(self.wasm.engine, blob[header:])
+                    return wasmtime.Module.deserialize(self.wasm.engine, blob[header:]), wasm_bytes
                 except wasmtime.WasmtimeError as exc:
                     log.warning("artifact %s rejected by wasmtime (%s); recompiling", artifact.name, exc)
             else:
                 log.warning("artifact %s is damaged; recompiling", artifact.name)
-        wasm_bytes = module_file.read_bytes()
-        if hashlib.sha256(wasm_bytes).hexdigest() != sha:
-            raise ValueError(f"{module_file.name} does not match its recorded sha256")
+        if wasm_bytes is None:
+            raise ValueError(f"no usable compiled artifact, and {module_file.name} is missing or damaged")
         module = self.wasm.compile(wasm_bytes)
         with contextlib.suppress(OSError):
             self._store_artifact(sha, module)
-        return module
+        return module, wasm_bytes
 
     def _store_artifact(self, sha: str, module: wasmtime.Module) -> None:
         payload = module.serialize()
@@ -1798,7 +1895,7 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
 # WASM runtime and host functions ##############################################
 ###############################################################################
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Invocation:
     """What host functions of one invocation need; lives in a thread-local while it runs."""
 
@@ -1836,7 +1933,9 @@ class WasmRuntime:
         self.files = files
         self.wasm = wasm
         self.codec = ByteArrayCodec()
-        self.deadline_ticks = max(1, math.ceil(settings.timeout / EPOCH_TICK))
+        self.limits = GuestLimits(memory=settings.memory_limit, table_elements=settings.table_limit,
+                                  deadline_ticks=max(1, math.ceil(settings.timeout / EPOCH_TICK)),
+                                  max_answer=settings.max_response_size)
         self._current = threading.local()
         self._host = {
             "aeordb_read_file": self._read_file,
@@ -1869,89 +1968,47 @@ class WasmRuntime:
 
     def invoke(self, plugin: Plugin, request: bytes, invocation: Invocation) -> bytes:
         """The raw answer bytes of ``handle``; ApiError(500) naming the cause on any failure."""
-        ops = self.wasm.ops
-        store = ops.new_store(self.wasm.engine, self.settings, self.deadline_ticks)
+        target = plugin.pre if plugin.pre is not None else functools.partial(
+            self._instantiate_importing_memory, plugin, invocation)
         self._current.invocation = invocation
-        memory = None
         try:
-            if plugin.pre is not None:
-                instance = ops.instantiate(store, plugin.pre)
-                handle, memory, alloc = ops.exports(store, instance,
-                                                    plugin.shape.has_alloc)
-            else:
-                handle, memory, alloc = self._instantiate_importing_memory(plugin, store, invocation)
-            pointer = self._place(store, memory, alloc, request, "request")
-            packed = ops.call(store, handle, pointer, len(request)) & 0xFFFFFFFFFFFFFFFF
-            if invocation.failure:
-                raise ApiError(500, f"plugin invocation failed: {invocation.failure}")
-            answer_ptr, answer_len = packed >> 32, packed & 0xFFFFFFFF
-            if answer_len > self.settings.max_response_size:
-                raise ApiError(500, f"plugin answered {answer_len} bytes, over the response limit of "
-                                    f"{self.settings.max_response_size} bytes")
-            size = ops.size(store, memory)
-            if answer_ptr + answer_len > size:
-                raise ApiError(500, f"plugin answered a bad pointer: {answer_len} bytes at {answer_ptr} "
-                                    f"are outside its {size}-byte memory")
-            return ops.read(store, memory, answer_ptr, answer_len) if answer_len else b""
-        except wasmtime.Trap as trap:
+            answer = self.wasm.ops.run(self.wasm.engine, self.limits, target, request,
+                                       has_alloc=plugin.shape.has_alloc, runs_start=plugin.shape.runs_start)
+        except GuestFailure as failure:
             raise ApiError(500, "plugin invocation failed: "
-                           + self._explain(trap, invocation, store, memory)) from None
-        except wasmtime.WasmtimeError as exc:
-            raise ApiError(500, "plugin invocation failed: "
-                           + self._explain(exc, invocation, store, memory)) from None
+                           + self._explain(failure.error, invocation, failure.memory_in_use)) from None
+        except ApiError:
+            if invocation.failure:   # a host function's reason comes first
+                raise ApiError(500, f"plugin invocation failed: {invocation.failure}") from None
+            raise
         finally:
             self._current.invocation = None
-            ops.close_store(store)
+        if invocation.failure:
+            raise ApiError(500, f"plugin invocation failed: {invocation.failure}")
+        return answer
 
-    def _instantiate_importing_memory(self, plugin: Plugin, store: wasmtime.Store,
-                                      invocation: Invocation) -> tuple:
-        """Slow path: a module importing env.memory needs that memory created in this Store."""
+    def _instantiate_importing_memory(self, plugin: Plugin, invocation: Invocation,
+                                      store: wasmtime.Store) -> tuple:
+        """Slow path: a module importing env.memory needs that memory created in its Store."""
         linker = self.new_linker()
         memory_type = next(i.type for i in plugin.module.imports if i.module == "env")
         invocation.memory = wasmtime.Memory(store, memory_type)
         linker.define(store, "env", "memory", invocation.memory)
-        handle, _, alloc = GuestOps().exports(store, linker.instantiate(store, plugin.module))
-        return handle, invocation.memory, alloc
+        return linker.instantiate(store, plugin.module), invocation.memory
 
-    def _place(self, store: Any, memory: wasmtime.Memory, alloc: Optional[wasmtime.Func],
-               data: bytes, what: str) -> int:
-        """Copy ``data`` into guest memory (at alloc(len), else at 0); answers the pointer."""
-        ops = self.wasm.ops
-        if alloc is not None:
-            pointer = ops.call(store, alloc, len(data)) & 0xFFFFFFFF
-        else:
-            pointer = 0
-            missing = len(data) - ops.size(store, memory)
-            if missing > 0:
-                try:
-                    memory.grow(store, (missing + 65535) // 65536)
-                except wasmtime.WasmtimeError:
-                    raise ApiError(500, f"the {what} ({len(data)} bytes) does not fit in plugin "
-                                        "memory") from None
-        if pointer + len(data) > ops.size(store, memory):
-            raise ApiError(500, f"plugin alloc returned a bad pointer for the {what}: "
-                                f"{len(data)} bytes at {pointer} are outside its memory")
-        if data:
-            ops.write(store, memory, data, pointer)
-        return pointer
-
-    def _explain(self, error: Exception, invocation: Invocation, store: Any,
-                 memory: Optional[wasmtime.Memory]) -> str:
-        if invocation.failure:
+    def _explain(self, error: Exception, invocation: Optional[Invocation], memory_in_use: Optional[int]) -> str:
+        if invocation is not None and invocation.failure:
             return invocation.failure
         code = getattr(error, "trap_code", None)
         name = getattr(code, "name", None)
-        if name == "UNREACHABLE" and memory is not None:
-            # wasmtime reports no refused memory.grow, and an allocator asks for
-            # what it needs (a growing Vec doubles), so the refusal can come
-            # well below the cap: an abort with over half the limit in use is
-            # most likely out-of-memory.
-            with contextlib.suppress(Exception):
-                used = memory.data_len(store)
-                if used * 2 >= self.settings.memory_limit:
-                    return (f"memory limit of {self.settings.memory_limit // MiB} MiB reached "
-                            f"(the plugin aborted with {used // MiB} MiB in use: it most likely "
-                            "ran out of memory)")
+        # wasmtime reports no refused memory.grow, and an allocator asks for
+        # what it needs (a growing Vec doubles), so the refusal can come well
+        # below the cap: an abort with over half the limit in use is most
+        # likely out-of-memory.
+        if name == "UNREACHABLE" and memory_in_use is not None and memory_in_use * 2 >= self.settings.memory_limit:
+            return (f"memory limit of {self.settings.memory_limit // MiB} MiB reached "
+                    f"(the plugin aborted with {memory_in_use // MiB} MiB in use: it most likely "
+                    "ran out of memory)")
         if name in _TRAP_MESSAGES:
             return _TRAP_MESSAGES[name].format(timeout=self.settings.timeout)
         text = str(error)
@@ -1984,13 +2041,16 @@ class WasmRuntime:
                     answer = {"error": f"{name} failed: {type(exc).__name__}"}
                 data = compact_json(answer).encode()
                 alloc = caller.get("alloc")
-                pointer = self._place(caller, memory, alloc if isinstance(alloc, wasmtime.Func) else None,
-                                      data, f"answer of {name}")
+                pointer = place_in_guest(caller, memory, alloc if isinstance(alloc, wasmtime.Func) else None,
+                                         data, f"answer of {name}")
                 return (pointer << 32) | len(data)
             except ApiError as exc:
                 return self._fail(caller, invocation, exc.message)
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:   # the guest's alloc trapped
-                why = self._explain(exc, invocation, caller, caller.get("memory") or invocation.memory)
+                in_use = None
+                with contextlib.suppress(Exception):
+                    in_use = (caller.get("memory") or invocation.memory).data_len(caller)
+                why = self._explain(exc, invocation, in_use)
                 return self._fail(caller, invocation, f"{name} could not answer: alloc failed: {why}")
             except Exception as exc:
                 return self._fail(caller, invocation, f"{name} could not answer: {_first_line(exc)}")
@@ -2161,6 +2221,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
     app.uninstall(bottle.JSONPlugin)
     app.install(ApiPlugin(token, settings.access_log))
     request_prefix, request_numbers = secrets.token_hex(4), itertools.count(1)
+    no_batch = contextlib.nullcontext()   # reusable, unlike files.batch()
 
     def default_error(error: bottle.HTTPError) -> str:
         bottle.response.content_type = "application/json"
@@ -2173,9 +2234,12 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
     def refuse_invalid_utf8_path() -> None:
         # Bottle routes on the path with invalid UTF-8 bytes silently dropped
         # ('/a%FFb' would reach '/ab'): refuse it before routing instead.
+        raw_path = bottle.request.environ.get("bottle.raw_path", "")
+        if raw_path.isascii():
+            return
         with contextlib.suppress(UnicodeEncodeError):
             try:
-                bottle.request.environ.get("bottle.raw_path", "").encode("latin-1").decode("utf-8")
+                raw_path.encode("latin-1").decode("utf-8")
             except UnicodeDecodeError:
                 raise _json_response({"error": "request path is not valid UTF-8"}, 400) from None
 
@@ -2250,7 +2314,7 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
         return registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
 
     @app.post("/<db>/<schema>/<table>/<function>/_invoke")
-    def invoke(db: str, schema: str, table: str, function: str) -> bottle.HTTPResponse:
+    def invoke(db: str, schema: str, table: str, function: str) -> bytes:
         check_segments(db, schema, table, function)
         plugin = registry.get(f"{db}/{schema}/{table}")
         body = read_body(settings.max_request_size, "request body")
@@ -2263,13 +2327,20 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
         invocation = Invocation(db=db, plugin_path=plugin.path, metadata=metadata,
                                 deadline=time.monotonic() + settings.timeout)
         # Only a plugin that can write needs its invocation to be one transaction.
-        with files.batch() if plugin.shape.writes_files else contextlib.nullcontext():
+        with files.batch() if plugin.shape.writes_files else no_batch:
             raw = runtime.invoke(plugin, build_request_envelope(body, metadata), invocation)
             answer = parse_response_envelope(raw, runtime.codec)
+        # Set on bottle's response and return the bytes: an HTTPResponse would
+        # be built, then copied onto the response twice.
+        response = bottle.response
         if answer is None:
-            return bottle.HTTPResponse(raw, status=200, headers={"Content-Type": DEFAULT_CONTENT_TYPE})
-        return bottle.HTTPResponse(answer.body, status=answer.status,
-                                   headers={**answer.headers, "Content-Type": answer.content_type})
+            response.content_type = DEFAULT_CONTENT_TYPE
+            return raw
+        response.status = answer.status
+        for name, value in answer.headers.items():
+            response.set_header(name, value)
+        response.content_type = answer.content_type
+        return answer.body
 
     @app.get("/<db>/_plugins")
     def list_plugins(db: str) -> list:
