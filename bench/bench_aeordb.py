@@ -546,7 +546,7 @@ class Bench:
 
         engine = runtime.wasm.engine     # the same engine (config, allocator) as aeordb.py's
         pre = wasmtime.Linker(engine).instantiate_pre(wasmtime.Module(engine, module))
-        ticks = runtime.deadline_ticks
+        ticks = runtime.limits.deadline_ticks
 
         def floor(n: int) -> None:
             for _ in range(n):
@@ -579,7 +579,7 @@ class Bench:
         self.row("2 ... whole invoke route as WSGI call (no sockets)", f"{route:.1f} µs",
                  f"{bare + base:.1f} µs (bare bottle {bare:.1f} + floor)", route / (bare + base))
         self.notes.append(f"invoke: wasmtime engine pooling={runtime.wasm.pooling}, "
-                          f"guest calls via {type(getattr(runtime.wasm, 'ops', None) or getattr(runtime.wasm, 'calls', None)).__name__}")
+                          f"guest calls via {type(runtime.wasm.ops).__name__}")
         self._invoke_callables = (aeordb_path, floor)
 
     # -- 3. restart-to-ready vs compile ---------------------------------------------
