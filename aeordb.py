@@ -414,9 +414,10 @@ def load_or_create_token(settings: Settings) -> tuple:
 ###############################################################################
 #
 # One Engine per distinct engine configuration in the process (in practice
-# one), with a daemon thread ticking its epoch so that a deadline set on each
-# Store interrupts runaway guests. Guest code runs in ctypes calls, which
-# release the GIL, so that thread keeps ticking while a plugin loops.
+# one), with a ticker advancing its epoch so that a deadline set on each Store
+# interrupts runaway guests: a POSIX timer calling into wasmtime where it can,
+# else a daemon thread. Guest code runs in ctypes calls that release the GIL,
+# so even the thread keeps ticking while a plugin loops.
 
 EPOCH_TICK = 0.01   # seconds per epoch tick: the granularity of the time limit
 # What one invocation's Store may create (a plugin is one instance; the rest is headroom).
@@ -431,8 +432,23 @@ LOG_FUNCTION_NAME = "log_message"
 WRITING_HOST_FUNCTIONS = ("aeordb_write_file", "aeordb_delete_file")
 
 
+class _SigEvent(ctypes.Structure):
+    """Linux's struct sigevent, as far as SIGEV_THREAD reads it (padded past its 64 bytes)."""
+
+    _fields_ = [("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                ("function", ctypes.c_void_p), ("attributes", ctypes.c_void_p), ("padding", ctypes.c_int * 12)]
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("seconds", ctypes.c_long), ("nanoseconds", ctypes.c_long)]
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("interval", _TimeSpec), ("first", _TimeSpec)]
+
+
 class Wasm:
-    """The seam to wasmtime-py: engine set-up, the pooling allocator and the per-call fast path.
+    """The seam to wasmtime-py: engine set-up, the pooling allocator, the epoch timer and the per-call fast path.
 
     Everything below wasmtime-py's public API lives here, is feature-detected,
     and falls back to the public API (``fast=False`` forces the fallback).
@@ -441,9 +457,10 @@ class Wasm:
     _engines: dict = {}
     _engines_lock = threading.Lock()
 
-    def __init__(self, engine: wasmtime.Engine, pooling: bool, fast: bool):
+    def __init__(self, engine: wasmtime.Engine, pooling: bool, fast: bool, ticker: str = "thread"):
         self.engine = engine
         self.pooling = pooling
+        self.ticker = ticker   # "timer" or "thread": what advances the epoch
         self.ops = FastGuestOps() if fast and FastGuestOps.available() else GuestOps()
         version = importlib.metadata.version("wasmtime")
         # Everything that makes a serialized artifact invalid goes into its key.
@@ -472,9 +489,10 @@ class Wasm:
                 log.info("pooling allocator unavailable (%s); using on-demand allocation", exc)
         if engine is None:
             engine = wasmtime.Engine(cls._config(memory_limit, table_limit, pooled=False))
-        ticker = threading.Thread(target=cls._tick, args=(engine,), name="aeordb-epoch", daemon=True)
-        ticker.start()
-        return cls(engine, pooled, fast)
+        if fast and cls._start_epoch_timer(engine):
+            return cls(engine, pooled, fast, ticker="timer")
+        threading.Thread(target=cls._tick, args=(engine,), name="aeordb-epoch", daemon=True).start()
+        return cls(engine, pooled, fast, ticker="thread")
 
     @staticmethod
     def _config(memory_limit: int, table_limit: int, pooled: bool) -> wasmtime.Config:
@@ -508,6 +526,48 @@ class Wasm:
         while True:
             time.sleep(EPOCH_TICK)
             engine.increment_epoch()
+
+    _timers: list = []   # what the epoch timers point at, kept for the life of the process
+
+    @classmethod
+    def _start_epoch_timer(cls, engine: wasmtime.Engine) -> bool:
+        """Advance the epoch from a POSIX timer that calls wasmtime itself: no Python, no GIL.
+
+        A ticker thread must take the GIL for every tick, and while it waits
+        for it each GIL release elsewhere wakes it: about 20 µs more per
+        in-process invocation, measured. The timer (SIGEV_THREAD) calls
+        wasmtime_engine_increment_epoch with the engine as its sigval, which
+        Linux ABIs pass exactly as a pointer. It ticks a clone of the engine
+        that is never released, so it can never tick a freed one. Linux only;
+        False when anything is missing.
+        """
+        if not sys.platform.startswith("linux"):
+            return False
+        try:
+            from wasmtime import _ffi as ffi
+            for library in (None, "librt.so.1"):   # glibc before 2.34 keeps timers in librt
+                with contextlib.suppress(OSError, AttributeError):
+                    libc = ctypes.CDLL(library)
+                    timer_create, timer_settime = libc.timer_create, libc.timer_settime
+                    break
+            else:
+                return False
+            timer_create.argtypes = (ctypes.c_int, ctypes.POINTER(_SigEvent), ctypes.POINTER(ctypes.c_void_p))
+            timer_settime.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_ITimerSpec), ctypes.c_void_p)
+            clone = ffi.wasmtime_engine_clone(engine.ptr())
+            event = _SigEvent(value=ctypes.cast(clone, ctypes.c_void_p).value, notify=2,   # SIGEV_THREAD
+                              function=ctypes.cast(ffi.dll.wasmtime_engine_increment_epoch, ctypes.c_void_p).value)
+            timer = ctypes.c_void_p()
+            if timer_create(1, ctypes.byref(event), ctypes.byref(timer)) != 0:   # CLOCK_MONOTONIC
+                return False
+            cls._timers.append((clone, timer))   # from here on the timer may tick the clone
+            period = _TimeSpec(0, int(EPOCH_TICK * 1e9))
+            if timer_settime(timer, 0, ctypes.byref(_ITimerSpec(period, period)), None) != 0:
+                return False
+            return True
+        except Exception as exc:
+            log.debug("no epoch timer (%s): a ticker thread instead", exc)
+            return False
 
     def compile(self, wasm_bytes: bytes) -> wasmtime.Module:
         return wasmtime.Module(self.engine, wasm_bytes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -1114,6 +1115,9 @@ def test_runtime_paths_agree(tmp_path, options):
     client, app = make_app(tmp_path, options=options, timeout=0.5)
     expected_ops = aeordb.FastGuestOps if options["fast_calls"] else aeordb.GuestOps
     assert type(app.config["aeordb.runtime"].wasm.ops) is expected_ops
+    # The time limit below is met by the epoch timer on the fast path (Linux), by a thread otherwise.
+    expected_ticker = "timer" if options["fast_calls"] and sys.platform.startswith("linux") else "thread"
+    assert app.config["aeordb.runtime"].wasm.ticker == expected_ticker
     body = bytes(range(256)) * 3
 
     deploy(client, "db/s/plain", wat(ECHO_WAT))
@@ -1142,11 +1146,79 @@ def test_runtime_paths_agree(tmp_path, options):
 def test_fast_path_is_feature_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(aeordb.FastGuestOps, "_NEEDS", ("no_such_wasmtime_symbol",))
     assert not aeordb.FastGuestOps.available()
+    # Without timer_create (say, not Linux) the epoch is ticked by a thread.
+    monkeypatch.setattr(aeordb.sys, "platform", "darwin")
     # A fresh engine key, so the detection runs again for this app.
-    client, app = make_app(tmp_path, options={"fast_calls": True, "pooling": False}, memory_limit=32 << 20)
-    assert type(app.config["aeordb.runtime"].wasm.ops) is aeordb.GuestOps
+    client, app = make_app(tmp_path, options={"fast_calls": True, "pooling": False},
+                           memory_limit=32 << 20, timeout=0.3)
+    wasm = app.config["aeordb.runtime"].wasm
+    assert type(wasm.ops) is aeordb.GuestOps and wasm.ticker == "thread"
     deploy(client, "db/s/t", wat(ECHO_WAT))
     assert json.loads(invoke(client, "db/s/t/f", b"x").body)["arguments"] == [120]
+    deploy(client, "db/s/loop", wat(LOOP_WAT))
+    assert "time limit" in invoke(client, "db/s/loop/f", status=500).json["error"]
+
+
+_HOLDING_THE_GIL_SCRIPT = """
+import ctypes, sys, wasmtime
+import aeordb
+from wasmtime import _bindings as bindings, _ffi as ffi
+wasm = aeordb.Wasm.shared(64 << 20, 10000)
+assert wasm.ticker == "timer", wasm.ticker
+holding = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle).wasmtime_func_call
+holding.restype, holding.argtypes = bindings._wasmtime_func_call.restype, bindings._wasmtime_func_call.argtypes
+store = wasmtime.Store(wasm.engine)
+store.set_epoch_deadline(20)
+module = wasmtime.Module(wasm.engine, sys.argv[1])
+spin = wasmtime.Instance(store, module, []).exports(store)["handle"]
+params = (ffi.wasmtime_val_t * 2)()
+for param in params:
+    param.kind = ffi.WASMTIME_I32.value
+results, trap = (ffi.wasmtime_val_t * 1)(), ctypes.POINTER(ffi.wasm_trap_t)()
+# No Python thread could tick now: this call keeps the GIL until the guest stops.
+error = holding(store._context(), ctypes.byref(spin._func), params, 2, results, 1, ctypes.byref(trap))
+assert not error and trap
+print(wasmtime.Trap._from_ptr(trap).trap_code.name)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the epoch timer is Linux's timer_create")
+def test_epoch_timer_ticks_without_the_gil():
+    """The timer calls wasmtime itself: it interrupts a guest while Python holds the GIL throughout."""
+    done = subprocess.run([sys.executable, "-c", _HOLDING_THE_GIL_SCRIPT, LOOP_WAT], cwd=Path(aeordb.__file__).parent,
+                          capture_output=True, text=True, timeout=60)   # a broken timer would spin forever
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "INTERRUPT"
+
+
+_START_SECTION_WAT = '(module (memory (export "memory") 1) (func $s) (start $s)' + \
+    ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))'
+
+
+def test_start_function_detection(tmp_path):
+    """Only a module without a start function is instantiated holding the GIL; unsure means it has one."""
+    client, app = make_app(tmp_path)
+    deploy(client, "db/s/plain", wat(ECHO_WAT))
+    deploy(client, "db/s/starts", wat(_START_SECTION_WAT))
+    registry = app.config["aeordb.registry"]
+    assert registry.get("db/s/plain").shape.runs_start is False
+    assert registry.get("db/s/starts").shape.runs_start is True
+    assert aeordb.has_start_function(wat(_START_SECTION_WAT))
+    assert not aeordb.has_start_function(wat(ECHO_WAT))
+    # Past 1,000 sections the scan gives up: assume a start function.
+    many_sections = b"\0asm\1\0\0\0" + b"\0\1a" * 1001   # empty custom sections
+    assert aeordb.has_start_function(many_sections)
+
+    # After a restart the shape comes from the verified module file; without it, assume the worst.
+    _, again = make_app(tmp_path)
+    assert again.config["aeordb.registry"].get("db/s/plain").shape.runs_start is False
+    for module_file in (tmp_path / "plugins" / "db" / "s" / "plain").glob("module-*.wasm"):
+        module_file.write_bytes(module_file.read_bytes() + b"tampered")
+    _, tampered = make_app(tmp_path)
+    plugin = tampered.config["aeordb.registry"].get("db/s/plain")   # runs from its artifact
+    assert plugin.shape.runs_start is True
+    client_after = webtest.TestApp(tampered)
+    assert json.loads(invoke(client_after, "db/s/plain/f", b"x").body)["arguments"] == [120]
 
 
 def test_example_plugin_matches_its_source_and_runs(client, caplog):
