@@ -592,6 +592,7 @@ class GuestLimits:
     table_elements: int
     deadline_ticks: int   # epoch ticks until the guest is interrupted
     max_answer: int       # bytes
+    in_pool: bool = False   # the engine's pooling allocator already caps memories and tables at these
 
 
 class GuestFailure(Exception):
@@ -770,8 +771,9 @@ class FastGuestOps(GuestOps):
         context = self.store_context(store)
         memory, trap_ref, params, results = None, slots.trap_ref, slots.params, slots.results
         try:
-            self.store_limiter(store, limits.memory, limits.table_elements,
-                               STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
+            if not limits.in_pool:   # else the pool's slots hold no more than this anyway
+                self.store_limiter(store, limits.memory, limits.table_elements,
+                                   STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
             self.set_deadline(context, limits.deadline_ticks)
             # Instantiating runs guest code only in a start function.
             instantiate = self.instantiate_releasing if runs_start else self.instantiate_holding
@@ -2030,7 +2032,7 @@ class WasmRuntime:
         self.codec = ByteArrayCodec()
         self.limits = GuestLimits(memory=settings.memory_limit, table_elements=settings.table_limit,
                                   deadline_ticks=max(1, math.ceil(settings.timeout / EPOCH_TICK)),
-                                  max_answer=settings.max_response_size)
+                                  max_answer=settings.max_response_size, in_pool=wasm.pooling)
         self._current = threading.local()
         self._host = {
             "aeordb_read_file": self._read_file,
