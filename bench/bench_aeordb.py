@@ -69,12 +69,23 @@ def wat_string(data: bytes) -> str:
     return "".join(f"\\{b:02x}" for b in data)
 
 
-def answer_module(answer: bytes) -> bytes:
-    """The minimal plugin: handle answers a fixed envelope from a data segment."""
+def answer_module(answer: bytes, with_alloc: bool = False) -> bytes:
+    """The minimal plugin: handle answers a fixed envelope from a data segment.
+
+    ``with_alloc`` makes it SDK-shaped: it also exports a bump ``alloc``, as
+    every plugin built with AeorDB's Rust SDK does, so the request goes through
+    one more guest call.
+    """
+    alloc = """
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "alloc") (param $size i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (local.get $p) (local.get $size)))
+    (local.get $p))""" if with_alloc else ""
     return wasmtime.wat2wasm(f"""
 (module
   (memory (export "memory") 1)
-  (data (i32.const 1024) "{wat_string(answer)}")
+  (data (i32.const 1024) "{wat_string(answer)}"){alloc}
   (func (export "handle") (param i32 i32) (result i64)
     (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const {len(answer)}))))
 """)
@@ -471,42 +482,53 @@ class Bench:
 
     def part_http(self) -> None:
         body = b"hello"
-        module = answer_module(b'{"status_code":200,"body":[104,101,108,108,111]}')
+        answer = b'{"status_code":200,"body":[104,101,108,108,111]}'
         aeordb_proc, aeordb_port = self.aeordb_server(self.data_dir("http"), "aeordb-http")
         wait_healthy(aeordb_port, "/_health", aeordb_proc)
-        self.deploy(aeordb_port, "bench/s/min", module)
+        self.deploy(aeordb_port, "bench/s/min", answer_module(answer))
+        self.deploy(aeordb_port, "bench/s/sdk", answer_module(answer, with_alloc=True))
         bare_proc, bare_port = self.bare_server()
-        targets = {"aeordb": (aeordb_port, "/bench/s/min/run/_invoke",
-                              {**AUTH, "Content-Type": "application/octet-stream"}),
+        invoke_headers = {**AUTH, "Content-Type": "application/octet-stream"}
+        targets = {"aeordb": (aeordb_port, "/bench/s/min/run/_invoke", invoke_headers),
+                   "aeordb-sdk": (aeordb_port, "/bench/s/sdk/run/_invoke", invoke_headers),
                    "bare": (bare_port, "/echo", {"Content-Type": "application/octet-stream"})}
+        procs = {"aeordb": aeordb_proc, "aeordb-sdk": aeordb_proc, "bare": bare_proc}
         for label, (port, path, headers) in targets.items():
-            status, answer = request(port, "POST", path, body, headers)
-            if status != 200 or answer != body:
-                raise RuntimeError(f"{label} answered {status} {answer[:200]!r}, expected {body!r}")
-        # Alternate the two servers in rounds, so that a change in the machine's
+            status, got = request(port, "POST", path, body, headers)
+            if status != 200 or got != body:
+                raise RuntimeError(f"{label} answered {status} {got[:200]!r}, expected {body!r}")
+        # Alternate the servers in rounds, so that a change in the machine's
         # load (other processes) hits both alike; report medians over rounds.
         duration, rounds = (2, 1) if self.quick else (4, 3)
-        procs = {"aeordb": aeordb_proc, "bare": bare_proc}
-        for label, (port, path, headers) in targets.items():   # warm both up
+        for label, (port, path, headers) in targets.items():   # warm all up
             self.loadgen.run(port, path, body, headers, 4, 1)
         for clients in (1, 4, 16):
-            runs: dict = {"aeordb": [], "bare": []}
+            # The SDK-shaped plugin (one more guest call, for alloc) at the goal's 4 clients only.
+            labels = ("aeordb", "aeordb-sdk", "bare") if clients == 4 else ("aeordb", "bare")
+            runs: dict = {label: [] for label in labels}
             for _ in range(rounds):
-                for label, (port, path, headers) in targets.items():
+                for label in labels:
+                    port, path, headers = targets[label]
                     before = cpu_seconds(procs[label].pid)
                     result = self.loadgen.run(port, path, body, headers, clients, duration)
                     result["cpu"] = (cpu_seconds(procs[label].pid) - before) / max(1, result["requests"])
                     runs[label].append(result)
                     if result["errors"]:
                         self.notes.append(f"http c={clients} {label}: {result['errors']} errors")
-            ours, base = ({key: statistics.median(r[key] for r in runs[label]) for key in ("rps", "p50", "p99", "cpu")}
-                          for label in ("aeordb", "bare"))
+            medians = {label: {key: statistics.median(r[key] for r in runs[label]) for key in ("rps", "p50", "p99", "cpu")}
+                       for label in labels}
+            ours, base = medians["aeordb"], medians["bare"]
             ratio = statistics.median(a["rps"] / b["rps"] for a, b in zip(runs["aeordb"], runs["bare"]))
             goal, met = ("", None)
             if clients == 4:
                 goal, met = ">=0.6x (0.75x stretch)", ratio >= 0.6
             self.row(f"1 HTTP invoke req/s, {clients} client(s)", f"{ours['rps']:,.0f} req/s",
                      f"{base['rps']:,.0f} req/s (bare)", ratio, goal, met)
+            if clients == 4:
+                sdk = medians["aeordb-sdk"]
+                sdk_ratio = statistics.median(a["rps"] / b["rps"] for a, b in zip(runs["aeordb-sdk"], runs["bare"]))
+                self.row("1 ... SDK-shaped plugin (exports alloc), 4 clients", f"{sdk['rps']:,.0f} req/s",
+                         f"{base['rps']:,.0f} req/s (bare)", sdk_ratio)
             self.row(f"1 HTTP latency p50/p99, {clients} client(s)",
                      f"{ours['p50'] * 1e3:.2f} / {ours['p99'] * 1e3:.2f} ms",
                      f"{base['p50'] * 1e3:.2f} / {base['p99'] * 1e3:.2f} ms",
