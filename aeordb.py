@@ -2249,7 +2249,7 @@ class ApiPlugin:
         public = route.config.get("public", False)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started = time.perf_counter() if self.access_log else 0.0
             try:
                 if not public:
                     given = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
@@ -2278,13 +2278,14 @@ class ApiPlugin:
 
 def read_body(limit: int, what: str) -> bytes:
     """The request body, refused with 413 from Content-Length before anything is read."""
-    length = bottle.request.content_length
+    request = bottle.request
+    length = request.content_length
     if length > limit:
         raise ApiError(413, f"{what} of {length} bytes exceeds the limit of {limit} bytes")
     if length < 0:
-        data = bottle.request.body.read(limit + 1)
+        data = request.body.read(limit + 1)
     else:
-        data = bottle.request.environ["wsgi.input"].read(length) if length else b""
+        data = request.environ["wsgi.input"].read(length) if length else b""
     if len(data) > limit:
         raise ApiError(413, f"{what} exceeds the limit of {limit} bytes")
     return data
