@@ -945,20 +945,22 @@ def _read_leb(data: bytes, pos: int) -> tuple:
 
 
 def _sections(wasm_bytes: bytes) -> Iterator[tuple]:
-    """(id, start, size) of a binary module's sections; stops quietly at the first malformed one.
+    """(id, start, size) of a binary module's sections.
 
-    Bounded to 1,000 sections (garbage may be all tiny sections): past that it
-    raises OverflowError, and callers assume the worst.
+    Raises ValueError at a malformed header, and past 1,000 sections (garbage
+    may be all tiny sections): callers stop there, or assume the worst.
     """
     pos, count = 8, 0
     while pos < len(wasm_bytes):
         count += 1
         if count > 1000:
-            raise OverflowError("more than 1000 sections")
+            raise ValueError("more than 1000 sections")
         try:
             size, start = _read_leb(wasm_bytes, pos + 1)
-        except (IndexError, ValueError):
-            return
+        except IndexError:
+            raise ValueError("truncated section header") from None
+        if start + size > len(wasm_bytes):
+            raise ValueError("section runs past the end")
         yield wasm_bytes[pos], start, size
         pos = start + size
 
@@ -967,7 +969,7 @@ def has_start_function(wasm_bytes: bytes) -> bool:
     """Whether instantiating runs guest code: a start section (id 8), or a binary not fully read."""
     try:
         return any(kind == 8 for kind, _, _ in _sections(wasm_bytes))
-    except OverflowError:
+    except ValueError:
         return True
 
 
@@ -982,7 +984,7 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
     allocator still refuses what does not fit its slots).
     """
     data = wasm_bytes
-    with contextlib.suppress(IndexError, ValueError, OverflowError):
+    with contextlib.suppress(IndexError, ValueError):
         for kind, pos, _ in _sections(wasm_bytes):
             if kind not in (4, 5):
                 continue

@@ -1205,9 +1205,11 @@ def test_start_function_detection(tmp_path):
     assert registry.get("db/s/starts").shape.runs_start is True
     assert aeordb.has_start_function(wat(_START_SECTION_WAT))
     assert not aeordb.has_start_function(wat(ECHO_WAT))
-    # Past 1,000 sections the scan gives up: assume a start function.
-    many_sections = b"\0asm\1\0\0\0" + b"\0\1a" * 1001   # empty custom sections
+    # Past 1,000 sections, or at a section it cannot read, the scan gives up: assume a start function.
+    many_sections = b"\0asm\1\0\0\0" + b"\0\1a" * 1001   # one-byte custom sections
+    assert not aeordb.has_start_function(many_sections[:8 + 3 * 1000])
     assert aeordb.has_start_function(many_sections)
+    assert aeordb.has_start_function(wat(ECHO_WAT)[:-3])   # the last section cut short
 
     # After a restart the shape comes from the verified module file; without it, assume the worst.
     _, again = make_app(tmp_path)
