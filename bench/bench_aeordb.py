@@ -601,7 +601,7 @@ class Bench:
         self.row("2 ... whole invoke route as WSGI call (no sockets)", f"{route:.1f} µs",
                  f"{bare + base:.1f} µs (bare bottle {bare:.1f} + floor)", route / (bare + base))
         self.notes.append(f"invoke: wasmtime engine pooling={runtime.wasm.pooling}, "
-                          f"guest calls via {type(runtime.wasm.ops).__name__}")
+                          f"guest calls via {type(runtime.wasm.ops).__name__}, epoch ticked by a {runtime.wasm.ticker}")
         self._invoke_callables = (aeordb_path, floor)
 
     # -- 3. restart-to-ready vs compile ---------------------------------------------
