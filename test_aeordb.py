@@ -1088,6 +1088,7 @@ def test_api_remove_during_a_deploy_leaves_a_consistent_registry(tmp_path):
 
 RUNTIME_PATHS = [
     pytest.param({"fast_calls": True, "pooling": True}, id="fast-pooled"),
+    pytest.param({"fast_calls": True, "pooling": False}, id="fast-ondemand"),
     pytest.param({"fast_calls": False, "pooling": True}, id="public-pooled"),
     pytest.param({"fast_calls": False, "pooling": False}, id="public-ondemand"),
 ]
@@ -1189,6 +1190,75 @@ def test_epoch_timer_ticks_without_the_gil():
                           capture_output=True, text=True, timeout=60)   # a broken timer would spin forever
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "INTERRUPT"
+
+
+_GUEST_LOOPS = {
+    "handle": '(module (memory (export "memory") 1)'
+              ' (func (export "handle") (param i32 i32) (result i64) (loop $l (br $l)) (i64.const 0)))',
+    "alloc": '(module (memory (export "memory") 1)'
+             ' (func (export "alloc") (param i32) (result i32) (loop $l (br $l)) (i32.const 0))'
+             ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))',
+    "start": '(module (memory (export "memory") 1) (func $spin (loop $l (br $l))) (start $spin)'
+             ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))',
+}
+
+
+@pytest.mark.parametrize("options", [path for path in RUNTIME_PATHS if path.values[0]["fast_calls"]],
+                         ids=["fast-pooled", "fast-ondemand"])
+@pytest.mark.parametrize("where", sorted(_GUEST_LOOPS))
+def test_looping_guest_never_holds_the_gil(tmp_path, options, where):
+    """While a guest spins in handle, alloc or its start function, this thread runs on.
+
+    (The epoch timer would stop such a guest even with the GIL held: only the
+    gaps this thread sees show whether other requests were stalled. The public
+    API path leaves every such call to wasmtime-py, which always releases it.)
+    """
+    client, app = make_app(tmp_path, options=options, timeout=1)
+    deploy(client, "db/s/spin", wat(_GUEST_LOOPS[where]))
+    watching, done, gaps = threading.Event(), threading.Event(), [0.0]
+
+    def watch() -> None:   # another thread of the server, as it were: it needs the GIL to go on
+        last = time.monotonic()
+        watching.set()
+        while not done.is_set():
+            now = time.monotonic()
+            gaps[0], last = max(gaps[0], now - last), now
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert watching.wait(10)
+    try:
+        response = invoke(client, "db/s/spin/f", b"x", status=500)
+    finally:
+        done.set()
+        watcher.join()
+    assert "time limit" in response.json["error"]
+    assert gaps[0] < 0.4, f"another thread stood still for {gaps[0]:.2f} s while the guest ran"
+
+
+_STOPPED_TIMER_SCRIPT = """
+import logging, sys, wasmtime
+import aeordb
+logging.basicConfig(level=logging.ERROR)
+aeordb.Wasm._start_epoch_timer = classmethod(lambda cls, engine: True)   # a timer that never ticks
+wasm = aeordb.Wasm.shared(64 << 20, 10000)
+assert wasm.ticker == "timer", wasm.ticker
+store = wasmtime.Store(wasm.engine)
+store.set_epoch_deadline(10)
+spin = wasmtime.Instance(store, wasmtime.Module(wasm.engine, sys.argv[1]), []).exports(store)["handle"]
+try:
+    spin(store, 0, 0)
+except wasmtime.Trap as trap:
+    print(trap.trap_code.name)
+"""
+
+
+def test_a_stopped_epoch_timer_is_taken_over():
+    """Should the timer stop ticking, the watching thread notices and ticks instead: no guest runs forever."""
+    done = subprocess.run([sys.executable, "-c", _STOPPED_TIMER_SCRIPT, LOOP_WAT],
+                          cwd=Path(aeordb.__file__).parent, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "INTERRUPT"
+    assert "the epoch timer stopped ticking" in done.stderr
 
 
 _START_SECTION_WAT = '(module (memory (export "memory") 1) (func $s) (start $s)' + \
@@ -2294,11 +2364,12 @@ _HZ_HOSTILE_CASES = {
 }
 
 
-@pytest.mark.parametrize("fast_calls", [True, False], ids=["fast_path", "public_api"])
+@pytest.mark.parametrize("options", [{"fast_calls": True}, {"fast_calls": True, "pooling": False},
+                                     {"fast_calls": False}], ids=["fast_path", "fast_ondemand", "public_api"])
 @pytest.mark.parametrize("case", sorted(_HZ_HOSTILE_CASES))
-def test_hardening_hostile_module_costs_only_its_request(tmp_path, case, fast_calls):
+def test_hardening_hostile_module_costs_only_its_request(tmp_path, case, options):
     spec = _HZ_HOSTILE_CASES[case]
-    client, _ = make_app(tmp_path, options={"fast_calls": fast_calls}, **spec.get("settings", {}))
+    client, _ = make_app(tmp_path, options=options, **spec.get("settings", {}))
     deploy(client, "db/s/hostile", _hz_module(spec["hostile"], spec.get("head", ""), spec.get("extra", "")))
     deploy(client, "db/s/echo", wat(ECHO_WAT))
     started = time.monotonic()
