@@ -712,6 +712,32 @@ def test_api_response_envelope_safe_headers_only(client):
     assert "injected" not in str(response.headerlist)
 
 
+def test_api_plugin_headers_differing_in_case_both_go_out(client):
+    raw = b'{"status_code":200,"body":[111,107],"headers":{"X-Twice":"first","x-twice":"second"}}'
+    response = _api_answer(client, raw)
+    assert sorted(v for k, v in response.headerlist if k.lower() == "x-twice") == ["first", "second"]
+
+
+def test_api_access_log_shows_the_plugins_status(tmp_path, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb")
+    client, _ = make_app(tmp_path, access_log=True)
+    deploy(client, "db/s/gone", answer_module(b'{"status_code":404,"body":[110,111]}'))
+    invoke(client, "db/s/gone/f", status=404)
+    assert any("POST /db/s/gone/f/_invoke 404 " in record.getMessage() for record in caplog.records)
+
+
+def test_load_json_reads_what_json_loads_reads():
+    """UTF-8 is the fast case; a BOM or NUL bytes still mean UTF-16 or UTF-32, as for json.loads."""
+    document = {"a": [1, "é€😀", {"b": None}], "s": "\ud800"}
+    for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+        raw = json.dumps(document, ensure_ascii=False).encode(encoding, "surrogatepass")
+        assert aeordb.load_json(raw) == json.loads(raw) == document, encoding
+    for bad in (b"[1] x", b"\xff\xfe\x00", b"\xc3", b"{"):
+        with pytest.raises(ValueError):
+            aeordb.load_json(bad)
+
+
 @pytest.mark.parametrize("raw", [
     b"hello, not json",
     b"",
