@@ -456,6 +456,7 @@ class Wasm:
 
     _engines: dict = {}
     _engines_lock = threading.Lock()
+    _timers: list = []   # what the epoch timers point at, kept for the life of the process
 
     def __init__(self, engine: wasmtime.Engine, pooling: bool, fast: bool, ticker: str = "thread"):
         self.engine = engine
@@ -507,7 +508,8 @@ class Wasm:
             ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, 256)
             ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, 256)
             ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, 256)
-            # A slot must hold whatever a Store's limits allow (see WasmRuntime).
+            # A slot holds what one Store may use and no more: on a pooled
+            # engine these are the memory and table limits (GuestLimits.in_pool).
             ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, table_limit)
             ffi.wasmtime_pooling_allocation_config_max_tables_per_module_set(pool, STORE_TABLES)
             ffi.wasmtime_pooling_allocation_config_max_memories_per_module_set(pool, STORE_MEMORIES)
@@ -546,8 +548,6 @@ class Wasm:
         while True:
             time.sleep(EPOCH_TICK)
             engine.increment_epoch()
-
-    _timers: list = []   # what the epoch timers point at, kept for the life of the process
 
     @classmethod
     def _start_epoch_timer(cls, engine: wasmtime.Engine) -> bool:
