@@ -2105,12 +2105,12 @@ class WasmRuntime:
             raise ApiError(500, "plugin invocation failed: "
                            + self._explain(failure.error, invocation, failure.memory_in_use)) from None
         except ApiError:
-            if invocation.failure:   # a host function's reason comes first
-                raise ApiError(500, f"plugin invocation failed: {invocation.failure}") from None
-            raise
+            if not invocation.failure:
+                raise
+            answer = b""
         finally:
             self._current.invocation = None
-        if invocation.failure:
+        if invocation.failure:   # a host function's reason comes first
             raise ApiError(500, f"plugin invocation failed: {invocation.failure}")
         return answer
 
