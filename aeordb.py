@@ -669,7 +669,7 @@ class GuestOps:
     """
 
     def run(self, engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
-            has_alloc: bool, runs_start: bool = True) -> bytes:
+            has_alloc: bool, quick_instantiate: bool = False) -> bytes:
         """The answer bytes of handle(request).
 
         ``target`` is the plugin's InstancePre, or a callable making
@@ -714,8 +714,8 @@ class FastGuestOps(GuestOps):
     each release hands the GIL to another thread and waits to get it back
     (about 20 µs of CPU, measured): short calls that run no guest code are
     bound through PyDLL and keep it; calls that run guest code (alloc, handle,
-    and instantiation of a module with a start function) release it, so an
-    endless loop never stalls other requests. ``available()`` tries to build
+    and instantiation unless ``quick_instantiate``) release it, so an endless
+    loop never stalls other requests. ``available()`` tries to build
     it: anything missing from the installed wasmtime-py means the public API.
     Traps surface as wasmtime-py's own ``Trap``.
     """
@@ -781,7 +781,7 @@ class FastGuestOps(GuestOps):
         _CallSlots(ffi)   # fails here, not on a first request, if a struct is not as expected
 
     def run(self, engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
-            has_alloc: bool, runs_start: bool = True) -> bytes:
+            has_alloc: bool, quick_instantiate: bool = False) -> bytes:
         if not isinstance(target, wasmtime.InstancePre):
             return super().run(engine, limits, target, request, has_alloc=has_alloc)
         slots = getattr(self._local, "slots", None)
@@ -798,8 +798,7 @@ class FastGuestOps(GuestOps):
                 self.store_limiter(store, limits.memory, limits.table_elements,
                                    STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
             self.set_deadline(context, limits.deadline_ticks)
-            # Instantiating runs guest code only in a start function.
-            instantiate = self.instantiate_releasing if runs_start else self.instantiate_holding
+            instantiate = self.instantiate_holding if quick_instantiate else self.instantiate_releasing
             error = instantiate(target.ptr(), context, slots.instance_ref, trap_ref)
             if error or slots.trap:
                 self._raise(error, slots)
@@ -901,7 +900,8 @@ class ModuleShape:
     has_alloc: bool
     imports_memory: bool
     writes_files: bool = True  # False when it imports no host function that writes
-    runs_start: bool = True    # False when the binary has no start function: instantiating runs no guest code
+    # True when instantiating runs no guest code and copies little: see instantiates_quickly.
+    quick_instantiate: bool = False
 
 
 def inspect_module(module: wasmtime.Module, settings: Settings, wasm_bytes: Optional[bytes]) -> ModuleShape:
@@ -951,7 +951,7 @@ def inspect_module(module: wasmtime.Module, settings: Settings, wasm_bytes: Opti
                                 f"over the limit of {settings.table_limit}")
     writes = any(item.module == "aeordb" and item.name in WRITING_HOST_FUNCTIONS for item in module.imports)
     return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory, writes_files=writes,
-                       runs_start=wasm_bytes is None or has_start_function(wasm_bytes))
+                       quick_instantiate=wasm_bytes is not None and instantiates_quickly(wasm_bytes))
 
 
 def _describe(kind: Any) -> str:
@@ -993,12 +993,27 @@ def _sections(wasm_bytes: bytes) -> Iterator[tuple]:
         pos = start + size
 
 
-def has_start_function(wasm_bytes: bytes) -> bool:
-    """Whether instantiating runs guest code: a start section (id 8), or a binary not fully read."""
+QUICK_DATA = 1 * MiB   # data segments up to this size instantiate in well under a millisecond
+
+
+def instantiates_quickly(wasm_bytes: bytes) -> bool:
+    """Whether instantiating runs no guest code (no start section, id 8) and copies little.
+
+    Then FastGuestOps keeps the GIL for it. Data segments (section 11) over
+    QUICK_DATA take milliseconds to map into a cold pool slot (10 ms for
+    32 MiB, measured), too long to stall other threads for. A binary not
+    read to its end counts as slow.
+    """
     try:
-        return any(kind == 8 for kind, _, _ in _sections(wasm_bytes))
+        data = 0
+        for kind, _, size in _sections(wasm_bytes):
+            if kind == 8:
+                return False
+            if kind == 11:
+                data += size
+        return data <= QUICK_DATA
     except ValueError:
-        return True
+        return False
 
 
 def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
@@ -2100,7 +2115,8 @@ class WasmRuntime:
         self._current.invocation = invocation
         try:
             answer = self.wasm.ops.run(self.wasm.engine, self.limits, target, request,
-                                       has_alloc=plugin.shape.has_alloc, runs_start=plugin.shape.runs_start)
+                                       has_alloc=plugin.shape.has_alloc,
+                                       quick_instantiate=plugin.shape.quick_instantiate)
         except GuestFailure as failure:
             raise ApiError(500, "plugin invocation failed: "
                            + self._explain(failure.error, invocation, failure.memory_in_use)) from None

@@ -1291,30 +1291,40 @@ _START_SECTION_WAT = '(module (memory (export "memory") 1) (func $s) (start $s)'
     ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))'
 
 
-def test_start_function_detection(tmp_path):
-    """Only a module without a start function is instantiated holding the GIL; unsure means it has one."""
+def test_quick_instantiation_detection(tmp_path):
+    """Only a module without a start function and with little data is instantiated holding the GIL.
+
+    Unsure means slow: a binary not read to its end, or one not at hand.
+    """
+    big_data = wat('(module (memory (export "memory") 17) (data (i32.const 0) "'
+                   + "\\00" * (aeordb.QUICK_DATA + 1) + '")'
+                   ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
     client, app = make_app(tmp_path)
     deploy(client, "db/s/plain", wat(ECHO_WAT))
     deploy(client, "db/s/starts", wat(_START_SECTION_WAT))
+    deploy(client, "db/s/big", big_data)
     registry = app.config["aeordb.registry"]
-    assert registry.get("db/s/plain").shape.runs_start is False
-    assert registry.get("db/s/starts").shape.runs_start is True
-    assert aeordb.has_start_function(wat(_START_SECTION_WAT))
-    assert not aeordb.has_start_function(wat(ECHO_WAT))
-    # Past 1,000 sections, or at a section it cannot read, the scan gives up: assume a start function.
+    assert registry.get("db/s/plain").shape.quick_instantiate is True
+    assert registry.get("db/s/starts").shape.quick_instantiate is False
+    assert registry.get("db/s/big").shape.quick_instantiate is False
+    assert aeordb.instantiates_quickly(wat(ECHO_WAT))
+    assert not aeordb.instantiates_quickly(wat(_START_SECTION_WAT))
+    assert not aeordb.instantiates_quickly(big_data)
+    assert aeordb.instantiates_quickly(wat('(module (memory 1) (data (i32.const 0) "' + "\\01" * 1000 + '"))'))
+    # Past 1,000 sections, or at a section it cannot read, the scan gives up: slow.
     many_sections = b"\0asm\1\0\0\0" + b"\0\1a" * 1001   # one-byte custom sections
-    assert not aeordb.has_start_function(many_sections[:8 + 3 * 1000])
-    assert aeordb.has_start_function(many_sections)
-    assert aeordb.has_start_function(wat(ECHO_WAT)[:-3])   # the last section cut short
+    assert aeordb.instantiates_quickly(many_sections[:8 + 3 * 1000])
+    assert not aeordb.instantiates_quickly(many_sections)
+    assert not aeordb.instantiates_quickly(wat(ECHO_WAT)[:-3])   # the last section cut short
 
-    # After a restart the shape comes from the verified module file; without it, assume the worst.
+    # After a restart the shape comes from the verified module file; without it, slow.
     _, again = make_app(tmp_path)
-    assert again.config["aeordb.registry"].get("db/s/plain").shape.runs_start is False
+    assert again.config["aeordb.registry"].get("db/s/plain").shape.quick_instantiate is True
     for module_file in (tmp_path / "plugins" / "db" / "s" / "plain").glob("module-*.wasm"):
         module_file.write_bytes(module_file.read_bytes() + b"tampered")
     _, tampered = make_app(tmp_path)
     plugin = tampered.config["aeordb.registry"].get("db/s/plain")   # runs from its artifact
-    assert plugin.shape.runs_start is True
+    assert plugin.shape.quick_instantiate is False
     client_after = webtest.TestApp(tampered)
     assert json.loads(invoke(client_after, "db/s/plain/f", b"x").body)["arguments"] == [120]
 
