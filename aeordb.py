@@ -15,10 +15,10 @@ lists every setting. ``create_app(settings)`` returns the WSGI application for
 tests and embedding.
 
 The file reads top to bottom, each section leaning only on those before it:
-configuration, errors, names and paths, atomic files, the WASM engine, module
-validation, the plugin registry, the query language, the file store, the
-envelope, the WASM runtime with its host functions, the HTTP routes and
-finally the command line.
+configuration, errors, names and paths, JSON input, atomic files, the WASM
+engine, module validation, the plugin registry, the query language, the file
+store, the envelope, the WASM runtime with its host functions, the HTTP routes
+and finally the command line.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -70,25 +71,52 @@ compact_json = json.JSONEncoder(separators=(",", ":")).encode
 # Configuration ################################################################
 ###############################################################################
 
+def setting(default: Any, help: str, *, maximum: float = math.inf, choices: tuple = (),
+            command_line: bool = True) -> Any:
+    """Declare one setting: its default, its help, and what values it accepts.
+
+    The type is the field's annotation. From these come the command-line
+    option ``--name-with-dashes``, the environment variable ``AEORDB_NAME``
+    and the validation of both. ``command_line=False`` marks a switch that
+    only tests set, through ``Settings(...)``.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "maximum": maximum, "choices": choices, "command_line": command_line})
+
+
+# Each worker thread may run one invocation; the pooling allocator has slots
+# for 256 instances and memories (see Wasm._config), two per invocation at most.
+MAX_THREADS = 100
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything configurable, filled from the command line and AEORDB_* variables."""
+    """Everything configurable: each field is one setting, declared once with ``setting``."""
 
-    host: str = "127.0.0.1"
-    port: int = 3000
-    data_dir: Path = Path(__file__).resolve().parent / "plugins_data"
-    token: Optional[str] = None          # None: generate once, keep in data_dir/token
-    threads: int = 8                     # waitress worker threads
-    timeout: float = 5.0                 # wall-clock seconds per invocation
-    memory_limit: int = 64 * MiB         # linear memory per invocation
-    table_limit: int = 100_000           # table elements per invocation
-    max_module_size: int = 64 * MiB      # deploy body
-    max_request_size: int = 8 * MiB      # invoke body (its envelope takes ~4x that in guest memory)
-    max_response_size: int = 16 * MiB    # what a plugin may answer
-    max_file_size: int = 16 * MiB        # one stored file
-    query_limit: int = 100               # items a query answers when it sets no limit
-    access_log: bool = False
-    log_level: str = "INFO"
+    host: str = setting("127.0.0.1", "address to listen on")
+    # Above 65535 waitress would take the port modulo 65536.
+    port: int = setting(3000, "port to listen on", maximum=65535)
+    data_dir: Path = setting(Path(__file__).resolve().parent / "plugins_data",
+                             "where plugins, files and the token live")
+    token: Optional[str] = setting(None, "bearer token (default: generated on first start, "
+                                         "kept in DATA_DIR/token)")
+    threads: int = setting(8, "waitress worker threads", maximum=MAX_THREADS)
+    timeout: float = setting(5.0, "wall-clock limit of one invocation, seconds")
+    memory_limit: int = setting(64 * MiB, "linear memory limit of one invocation, bytes")
+    table_limit: int = setting(100_000, "table elements limit of one invocation")
+    max_module_size: int = setting(64 * MiB, "largest module a deploy accepts, bytes")
+    # An invoke's envelope takes about 4 bytes of guest memory per body byte.
+    max_request_size: int = setting(8 * MiB, "largest invoke or query body, bytes")
+    max_response_size: int = setting(16 * MiB, "largest answer a plugin may return, bytes")
+    max_file_size: int = setting(16 * MiB, "largest stored file, bytes")
+    query_limit: int = setting(100, "items a query answers when it sets no limit")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
+    access_log: bool = setting(False, "log one line per request")
+    # Tests only: the public-API fallbacks of the engine section (see Wasm).
+    pooling: bool = setting(True, "use the pooling allocator where it is available", command_line=False)
+    fast_calls: bool = setting(True, "call guests through wasmtime's C API where it is available",
+                               command_line=False)
 
     @property
     def max_body_size(self) -> int:
@@ -96,84 +124,64 @@ class Settings:
         return max(self.max_module_size, self.max_request_size, self.max_file_size) + 64 * KiB
 
 
-# Each worker thread may run one invocation; the pooling allocator has slots
-# for 256 instances and memories (see Wasm._config), two per invocation at most.
-MAX_THREADS = 100
-# Above these, a value is refused: waitress would take port 70000 modulo 65536.
-_SETTING_MAXIMA = {"port": 65535, "threads": MAX_THREADS}
-
-# (field, type, help); the environment variable is AEORDB_<FIELD>.
-_SETTING_HELP = [
-    ("host", str, "address to listen on"),
-    ("port", int, "port to listen on"),
-    ("data_dir", Path, "where plugins, files and the token live"),
-    ("token", str, "bearer token (default: generated on first start, kept in DATA_DIR/token)"),
-    ("threads", int, "waitress worker threads"),
-    ("timeout", float, "wall-clock limit of one invocation, seconds"),
-    ("memory_limit", int, "linear memory limit of one invocation, bytes"),
-    ("table_limit", int, "table elements limit of one invocation"),
-    ("max_module_size", int, "largest module a deploy accepts, bytes"),
-    ("max_request_size", int, "largest invoke or query body, bytes"),
-    ("max_response_size", int, "largest answer a plugin may return, bytes"),
-    ("max_file_size", int, "largest stored file, bytes"),
-    ("query_limit", int, "items a query answers when it sets no limit"),
-    ("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
-]
+_FALSE_WORDS = ("", "0", "false", "no", "off")
 
 
-def _positive(kind: type, maximum: float = math.inf) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if not 0 < value < math.inf:   # also refuses 'nan' and 'inf'
-            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-        if value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _log_level(text: str) -> str:
-    if text.upper() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text}")
-    return text.upper()
+def _setting_parser(kind: Any, meta: dict) -> Callable[[str], Any]:
+    """The function that turns an option's or environment variable's text into a value."""
+    if kind is bool:
+        return lambda text: text.strip().lower() not in _FALSE_WORDS
+    if meta["choices"]:
+        def choice(text: str) -> str:
+            if text.upper() not in meta["choices"]:
+                raise argparse.ArgumentTypeError(f"must be one of {', '.join(meta['choices'])}, got {text}")
+            return text.upper()
+        return choice
+    if kind in (int, float):
+        def number(text: str) -> Any:
+            value = kind(text)
+            if not 0 < value < math.inf:   # also refuses 'nan' and 'inf'
+                raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+            if value > meta["maximum"]:
+                raise argparse.ArgumentTypeError(f"must be at most {meta['maximum']}, got {text}")
+            return value
+        number.__name__ = kind.__name__
+        return number
+    return Path if kind is Path else str
 
 
 def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) -> Settings:
     """Settings from defaults, then the environment, then the command line (which wins)."""
     environ = os.environ if environ is None else environ
-    defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="aeordb.py",
         description="Host WebAssembly plugins behind an HTTP API. Every option can also be "
                     "set with the environment variable AEORDB_<OPTION> (e.g. AEORDB_PORT); "
                     "the command line wins.")
-    for field, kind, text in _SETTING_HELP:
-        env_name = "AEORDB_" + field.upper()
-        if field == "log_level":
-            parse = _log_level
-        elif kind in (str, Path):
-            parse = kind
-        else:
-            parse = _positive(kind, _SETTING_MAXIMA.get(field, math.inf))
-        default = getattr(defaults, field)
+    kinds = typing.get_type_hints(Settings)
+    for field in dataclasses.fields(Settings):
+        meta = field.metadata
+        if not meta["command_line"]:
+            continue
+        kind = kinds[field.name]
+        kind = str if kind == Optional[str] else kind
+        parse, env_name = _setting_parser(kind, meta), "AEORDB_" + field.name.upper()
+        default = field.default
         if env_name in environ:
             try:
                 default = parse(environ[env_name])
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{env_name}: {exc}")
-        shown = getattr(defaults, field)   # None (the token): its help says what happens instead
-        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=parse, default=default,
-                            help=f"{text} (env {env_name}" + ("" if shown is None else f"; default: {shown}") + ")")
-    access_log = environ.get("AEORDB_ACCESS_LOG", "").strip().lower() not in ("", "0", "false", "no", "off")
-    parser.add_argument("--access-log", action="store_true", default=access_log,
-                        help="log one line per request (env AEORDB_ACCESS_LOG)")
+        option = "--" + field.name.replace("_", "-")
+        shown = "" if field.default is None else f"; default: {field.default}"
+        if kind is bool:
+            parser.add_argument(option, dest=field.name, action="store_true", default=default,
+                                help=f"{meta['help']} (env {env_name})")
+        else:
+            parser.add_argument(option, dest=field.name, type=parse, default=default,
+                                help=f"{meta['help']} (env {env_name}{shown})")
     parser.add_argument("--version", action="version", version=f"aeordb.py {__version__}")
-    args = parser.parse_args(argv)
-    return dataclasses.replace(defaults, **vars(args))
+    return Settings(**vars(parser.parse_args(argv)))
 
 
 ###############################################################################
@@ -205,9 +213,22 @@ def is_storage_fault(exc: BaseException) -> bool:
     return False
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 ###############################################################################
 # Names and paths ##############################################################
 ###############################################################################
+#
+# The words, as used throughout this file:
+#   key      a plugin's place, "db/schema/table" (the ABI's metadata calls it
+#            plugin_path, and API answers call it "path")
+#   route    the URL path an invocation came in on, "/db/schema/table/function"
+#            (the ABI's metadata key "path")
+#   path     a file's place inside one database, "/notes/1.json"
+#   segment  one URL name: a database, schema, table or function name
 
 # 1-128 of these characters, not starting with '_' (reserved), and not '.' or '..'.
 _VALID_SEGMENT = re.compile(r"(?!_)(?!\.\.?\Z)[A-Za-z0-9._-]{1,128}")
@@ -272,6 +293,24 @@ def is_header_value(value: str) -> bool:
     return True
 
 
+def parent_of(path: str) -> str:
+    head = path.rsplit("/", 1)[0]
+    return head or "/"
+
+
+def descendant_range(directory: str) -> tuple:
+    """(low, high) such that every path strictly inside ``directory`` sorts in [low, high)."""
+    prefix = "/" if directory == "/" else directory + "/"
+    return prefix, prefix[:-1] + "0"   # '0' is the character after '/'
+
+
+###############################################################################
+# JSON input ###################################################################
+###############################################################################
+#
+# Every JSON document from outside (request bodies, host-function arguments,
+# plugin answers) is read by load_json, and its fields by the validators below.
+
 MAX_JSON_DEPTH = 200
 _NOT_BRACKET_OR_QUOTE = bytes(b for b in range(256) if b not in b'"[]{}')
 _BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
@@ -288,7 +327,7 @@ def load_json(data: Any) -> Any:
     depth is measured in C-speed passes: drop escaped quotes, keep brackets
     outside strings, then a running sum. Bytes are decoded as json.loads
     would (UTF-8, or UTF-16/32 when a BOM or NUL bytes say so), without its
-    cost on the common case: a third less per small document.
+    cost on the common case.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
@@ -316,17 +355,6 @@ def _optional_int(args: dict, key: str, default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ApiError(400, f"'{key}' must be an integer or null")
     return value
-
-
-def parent_of(path: str) -> str:
-    head = path.rsplit("/", 1)[0]
-    return head or "/"
-
-
-def descendant_range(directory: str) -> tuple:
-    """(low, high) such that every path strictly inside ``directory`` sorts in [low, high)."""
-    prefix = "/" if directory == "/" else directory + "/"
-    return prefix, prefix[:-1] + "0"   # '0' is the character after '/'
 
 
 ###############################################################################
@@ -418,10 +446,28 @@ def load_or_create_token(settings: Settings) -> tuple:
 # interrupts runaway guests: a POSIX timer calling into wasmtime where it can,
 # else a daemon thread. Guest code runs in ctypes calls that release the GIL,
 # so even the thread keeps ticking while a plugin loops.
+#
+# One invocation's guest work is one sequence, ``run_guest``, over two sets of
+# primitives: ``GuestOps`` (wasmtime-py's public API) and ``FastGuestOps``
+# (wasmtime's C API, for speed). Below the public API this file relies on,
+# in this section only, each feature-detected with a public-API fallback:
+#   - wasmtime._ffi's pooling-allocator functions (Wasm._config): the public
+#     Config has no pooling allocator;
+#   - wasmtime._ffi.wasmtime_engine_clone / wasmtime_engine_increment_epoch
+#     (Wasm._start_epoch_timer): a timer that ticks without Python;
+#   - wasmtime._ffi.wasmtime_context_set_epoch_deadline on Caller._context()
+#     (Wasm.interrupt): the public API sets deadlines on a Store only;
+#   - wasmtime._bindings, _ffi and _func.maybe_raise_last_exn (FastGuestOps):
+#     the C-API call path.
+# These private names change between wasmtime-py releases, which is why
+# requirements.txt pins wasmtime to one major version (<51).
 
 EPOCH_TICK = 0.01   # seconds per epoch tick: the granularity of the time limit
+WASM_PAGE = 65536   # bytes in a page of linear memory
 # What one invocation's Store may create (a plugin is one instance; the rest is headroom).
 STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES = 4, 4, 2
+# <time.h> and <signal.h> values for timer_create, the same on every Linux ABI.
+CLOCK_MONOTONIC, SIGEV_THREAD = 1, 2
 
 HOST_FUNCTION_NAMES = (
     "aeordb_read_file", "aeordb_write_file", "aeordb_delete_file", "aeordb_file_metadata",
@@ -448,10 +494,10 @@ class _ITimerSpec(ctypes.Structure):
 
 
 class Wasm:
-    """The seam to wasmtime-py: engine set-up, the pooling allocator, the epoch timer and the per-call fast path.
+    """The process's engine for one set of limits: its configuration, its epoch ticker and its guest primitives.
 
-    Everything below wasmtime-py's public API lives here, is feature-detected,
-    and falls back to the public API (``fast=False`` forces the fallback).
+    ``ops`` runs guests through the C API where it is available (``fast=False``
+    forces the public API); ``public_ops`` always uses the public API.
     """
 
     _engines: dict = {}
@@ -462,7 +508,8 @@ class Wasm:
         self.engine = engine
         self.pooling = pooling
         self.ticker = ticker   # "timer" or "thread": what advances the epoch
-        self.ops = FastGuestOps() if fast and FastGuestOps.available() else GuestOps()
+        self.public_ops = GuestOps()
+        self.ops = FastGuestOps() if fast and FastGuestOps.available() else self.public_ops
         version = importlib.metadata.version("wasmtime")
         # Everything that makes a serialized artifact invalid goes into its key.
         self.fingerprint = hashlib.sha256(
@@ -554,8 +601,8 @@ class Wasm:
         """Advance the epoch from a POSIX timer that calls wasmtime itself: no Python, no GIL.
 
         A ticker thread must take the GIL for every tick, and while it waits
-        for it each GIL release elsewhere wakes it: about 20 µs more per
-        in-process invocation, measured. The timer (SIGEV_THREAD) calls
+        for it each GIL release elsewhere wakes it, which costs every
+        invocation (README, Performance). The timer (SIGEV_THREAD) calls
         wasmtime_engine_increment_epoch with the engine as its sigval, which
         Linux ABIs pass exactly as a pointer. It ticks a clone of the engine
         that is never released, so it can never tick a freed one. Linux only;
@@ -575,10 +622,10 @@ class Wasm:
             timer_create.argtypes = (ctypes.c_int, ctypes.POINTER(_SigEvent), ctypes.POINTER(ctypes.c_void_p))
             timer_settime.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_ITimerSpec), ctypes.c_void_p)
             clone = ffi.wasmtime_engine_clone(engine.ptr())
-            event = _SigEvent(value=ctypes.cast(clone, ctypes.c_void_p).value, notify=2,   # SIGEV_THREAD
+            event = _SigEvent(value=ctypes.cast(clone, ctypes.c_void_p).value, notify=SIGEV_THREAD,
                               function=ctypes.cast(ffi.dll.wasmtime_engine_increment_epoch, ctypes.c_void_p).value)
             timer = ctypes.c_void_p()
-            if timer_create(1, ctypes.byref(event), ctypes.byref(timer)) != 0:   # CLOCK_MONOTONIC
+            if timer_create(CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
                 return False
             cls._timers.append((clone, timer))   # from here on the timer may tick the clone
             period = _TimeSpec(0, int(EPOCH_TICK * 1e9))
@@ -624,27 +671,46 @@ class GuestFailure(Exception):
         self.memory_in_use = memory_in_use   # bytes, when the guest's memory was reached
 
 
-def place_in_guest(store: Any, memory: wasmtime.Memory, alloc: Optional[wasmtime.Func],
-                   data: bytes, what: str) -> int:
+def run_guest(ops: "GuestOps", engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
+              has_alloc: bool, quick_instantiate: bool = False) -> bytes:
+    """The one sequence of an invocation's guest work: the answer bytes of handle(request).
+
+    A fresh Store with the limits, instantiate, place the request (at
+    alloc(len), else at 0), call handle, bounds-check and read the answer,
+    drop the Store. ``target`` is the plugin's InstancePre, or (public API
+    only) a callable making (instance, memory) in a Store, for a module
+    importing env.memory. Raises GuestFailure when the guest traps, ApiError
+    for a bad pointer.
+    """
+    call = ops.begin(engine, limits)
+    try:
+        ops.instantiate(call, target, quick_instantiate)
+        pointer = place_in_guest(ops, call, request, "request", has_alloc)
+        packed = ops.call_handle(call, pointer, len(request))
+        start, length = answer_span(packed, ops.memory_size(call), limits.max_answer)
+        return ops.read(call, start, length) if length else b""
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        raise GuestFailure(exc, ops.memory_in_use(call)) from None
+    finally:
+        ops.end(call)
+
+
+def place_in_guest(ops: "GuestOps", call: Any, data: bytes, what: str, has_alloc: bool) -> int:
     """Copy ``data`` into guest memory at alloc(len), or at 0 without alloc; answers the pointer.
 
-    ``store`` may be a Caller: host functions place their answers this way too.
+    Host functions place their answers this way too (``call`` from GuestOps.in_caller).
     """
-    if alloc is not None:
-        pointer = alloc(store, len(data)) & 0xFFFFFFFF
+    if has_alloc:
+        pointer = ops.call_alloc(call, len(data)) & 0xFFFFFFFF
+        if pointer + len(data) > ops.memory_size(call):
+            raise ApiError(500, f"plugin alloc returned a bad pointer for the {what}: "
+                                f"{len(data)} bytes at {pointer} are outside its memory")
     else:
-        pointer = 0
-        missing = len(data) - memory.data_len(store)
-        if missing > 0:
-            try:
-                memory.grow(store, (missing + 65535) // 65536)
-            except wasmtime.WasmtimeError:
-                raise ApiError(500, f"the {what} ({len(data)} bytes) does not fit in plugin memory") from None
-    if pointer + len(data) > memory.data_len(store):
-        raise ApiError(500, f"plugin alloc returned a bad pointer for the {what}: "
-                            f"{len(data)} bytes at {pointer} are outside its memory")
+        pointer, missing = 0, len(data) - ops.memory_size(call)
+        if missing > 0 and (not ops.grow(call, -(-missing // WASM_PAGE)) or len(data) > ops.memory_size(call)):
+            raise ApiError(500, f"the {what} ({len(data)} bytes) does not fit in plugin memory")
     if data:
-        memory.write(store, data, pointer)
+        ops.write(call, pointer, data)
     return pointer
 
 
@@ -660,45 +726,71 @@ def answer_span(packed: int, memory_size: int, max_answer: int) -> tuple:
     return pointer, length
 
 
+@dataclasses.dataclass
+class _PublicCall:
+    """One invocation's state on the public API: its Store (or a host function's Caller) and exports."""
+
+    store: Any
+    memory: Optional[wasmtime.Memory] = None
+    exports: Any = None
+    alloc: Optional[wasmtime.Func] = None
+
+
 class GuestOps:
-    """One invocation's guest work, through wasmtime-py's public API.
+    """The primitives of ``run_guest`` on wasmtime-py's public API."""
 
-    ``run`` is all of it: a fresh Store with the limits, instantiate, place the
-    request (at alloc(len), else at 0), call handle, bounds-check and read the
-    answer, drop the Store. ``FastGuestOps`` does the same below the public API.
-    """
-
-    def run(self, engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
-            has_alloc: bool, quick_instantiate: bool = False) -> bytes:
-        """The answer bytes of handle(request).
-
-        ``target`` is the plugin's InstancePre, or a callable making
-        (instance, memory) in a Store (a module importing env.memory). Raises
-        GuestFailure when the guest traps, ApiError for a bad pointer.
-        """
+    def begin(self, engine: wasmtime.Engine, limits: GuestLimits) -> _PublicCall:
         store = wasmtime.Store(engine)
         store.set_limits(memory_size=limits.memory, table_elements=limits.table_elements,
                          instances=STORE_INSTANCES, tables=STORE_TABLES, memories=STORE_MEMORIES)
         store.set_epoch_deadline(limits.deadline_ticks)
-        memory = None
+        return _PublicCall(store)
+
+    def end(self, call: _PublicCall) -> None:
+        call.store.close()
+
+    @staticmethod
+    def in_caller(caller: wasmtime.Caller, memory: wasmtime.Memory) -> _PublicCall:
+        """The call state of a host function: answers go into the calling guest."""
+        alloc = caller.get("alloc")
+        return _PublicCall(caller, memory, alloc=alloc if isinstance(alloc, wasmtime.Func) else None)
+
+    def instantiate(self, call: _PublicCall, target: Any, quick: bool) -> None:
+        if isinstance(target, wasmtime.InstancePre):
+            call.exports = target.instantiate(call.store).exports(call.store)
+            call.memory = call.exports["memory"]
+        else:
+            instance, call.memory = target(call.store)
+            call.exports = instance.exports(call.store)
+
+    def memory_size(self, call: _PublicCall) -> int:
+        return call.memory.data_len(call.store)
+
+    def memory_in_use(self, call: _PublicCall) -> Optional[int]:
+        with contextlib.suppress(Exception):
+            return call.memory.data_len(call.store) if call.memory is not None else None
+        return None
+
+    def grow(self, call: _PublicCall, pages: int) -> bool:
         try:
-            if isinstance(target, wasmtime.InstancePre):
-                exports = target.instantiate(store).exports(store)
-                memory = exports["memory"]
-            else:
-                instance, memory = target(store)
-                exports = instance.exports(store)
-            pointer = place_in_guest(store, memory, exports["alloc"] if has_alloc else None, request, "request")
-            packed = exports["handle"](store, pointer, len(request))
-            start, length = answer_span(packed, memory.data_len(store), limits.max_answer)
-            return bytes(memory.read(store, start, start + length)) if length else b""
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            in_use = None
-            with contextlib.suppress(Exception):
-                in_use = memory.data_len(store) if memory is not None else None
-            raise GuestFailure(exc, in_use) from None
-        finally:
-            store.close()
+            call.memory.grow(call.store, pages)
+            return True
+        except wasmtime.WasmtimeError:
+            return False
+
+    def write(self, call: _PublicCall, pointer: int, data: bytes) -> None:
+        call.memory.write(call.store, data, pointer)
+
+    def read(self, call: _PublicCall, pointer: int, length: int) -> bytes:
+        return bytes(call.memory.read(call.store, pointer, pointer + length))
+
+    def call_alloc(self, call: _PublicCall, size: int) -> int:
+        if call.alloc is None:
+            call.alloc = call.exports["alloc"]
+        return call.alloc(call.store, size)
+
+    def call_handle(self, call: _PublicCall, pointer: int, length: int) -> int:
+        return call.exports["handle"](call.store, pointer, length)
 
 
 # Arguments of FastGuestOps' untyped hot calls, made once: (name, length) of exports, value counts.
@@ -707,17 +799,16 @@ _ONE, _TWO = ctypes.c_size_t(1), ctypes.c_size_t(2)
 
 
 class FastGuestOps(GuestOps):
-    """GuestOps.run on wasmtime's C API: no wrapper objects, no export dictionaries, few GIL hand-offs.
+    """The primitives of ``run_guest`` on wasmtime's C API: no wrapper objects, no export dictionaries.
 
-    An invocation costs about 100 µs through the public API and about 12 µs
-    here. ctypes releases the GIL around every foreign call, and under load
-    each release hands the GIL to another thread and waits to get it back
-    (about 20 µs of CPU, measured): short calls that run no guest code are
-    bound through PyDLL and keep it; calls that run guest code (alloc, handle,
-    and instantiation unless ``quick_instantiate``) release it, so an endless
-    loop never stalls other requests. ``available()`` tries to build
-    it: anything missing from the installed wasmtime-py means the public API.
-    Traps surface as wasmtime-py's own ``Trap``.
+    ctypes releases the GIL around every foreign call, and under load each
+    release hands the GIL to another thread and waits to get it back (README,
+    Performance): short calls that run no guest code are bound through PyDLL
+    and keep it; calls that run guest code (alloc, handle, and instantiation
+    unless ``quick``) release it, so an endless loop never stalls other
+    requests. ``available()`` tries to build it: anything missing from the
+    installed wasmtime-py means the public API. Traps surface as
+    wasmtime-py's own ``Trap``. Its targets are InstancePre only.
     """
 
     _NEEDS = ("wasmtime_func_call", "wasmtime_val_t", "WASMTIME_I32", "wasmtime_instance_export_get",
@@ -751,8 +842,8 @@ class FastGuestOps(GuestOps):
 
         def bind(library: ctypes.CDLL, name: str, typed: bool = False) -> Any:
             """Our own binding of ``name``; untyped unless asked: a declared argument
-            costs a from_param check on every call (0.39 against 0.13 µs a call, measured),
-            so callers pass ctypes objects of the exact C types instead."""
+            costs a from_param check on every call, so callers pass ctypes objects
+            of the exact C types instead."""
             declared = getattr(bindings, "_" + name)
             function = getattr(library, name)
             function.restype = declared.restype
@@ -780,87 +871,88 @@ class FastGuestOps(GuestOps):
         self._local = threading.local()
         _CallSlots(ffi)   # fails here, not on a first request, if a struct is not as expected
 
-    def run(self, engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
-            has_alloc: bool, quick_instantiate: bool = False) -> bytes:
-        if not isinstance(target, wasmtime.InstancePre):
-            return super().run(engine, limits, target, request, has_alloc=has_alloc)
-        slots = getattr(self._local, "slots", None)
-        if slots is None:
-            slots = self._local.slots = _CallSlots(self.ffi)
-        if slots.busy:   # a run inside a run on this thread: its own slots, not the outer call's
-            slots = _CallSlots(self.ffi)
-        slots.busy = True
-        store = self.store_new(engine.ptr(), None, self.no_finalizer)
-        context = self.store_context(store)
-        memory, trap_ref, params, results = None, slots.trap_ref, slots.params, slots.results
-        try:
-            if not limits.in_pool:   # else the pool's slots hold no more than this anyway
-                self.store_limiter(store, limits.memory, limits.table_elements,
-                                   STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
-            self.set_deadline(context, limits.deadline_ticks)
-            instantiate = self.instantiate_holding if quick_instantiate else self.instantiate_releasing
-            error = instantiate(target.ptr(), context, slots.instance_ref, trap_ref)
-            if error or slots.trap:
-                self._raise(error, slots)
-            self._export(context, slots, _HANDLE, slots.handle, slots.handle_extern_ref, self.extern_func)
-            self._export(context, slots, _MEMORY, slots.memory, slots.memory_extern_ref, self.extern_memory)
-            memory = slots.memory_ref
-            length = len(request)
-            if has_alloc:
-                self._export(context, slots, _ALLOC, slots.alloc, slots.alloc_extern_ref, self.extern_func)
-                params[0].of.i32 = length
-                error = self.func_call(context, slots.alloc_ref, params, _ONE, results, _ONE, trap_ref)
-                if error or slots.trap:
-                    self._raise(error, slots)
-                pointer = results[0].of.i32 & 0xFFFFFFFF
-                if pointer + length > self.memory_data_size(context, memory):
-                    raise ApiError(500, "plugin alloc returned a bad pointer for the request: "
-                                        f"{length} bytes at {pointer} are outside its memory")
-            else:
-                pointer, missing = 0, length - self.memory_data_size(context, memory)
-                if missing > 0:
-                    error = self.memory_grow(context, memory, (missing + 65535) // 65536,
-                                             ctypes.byref(ctypes.c_uint64()))
-                    if error:
-                        wasmtime.WasmtimeError._from_ptr(error)   # takes the message, and frees it
-                    if error or length > self.memory_data_size(context, memory):
-                        raise ApiError(500, f"the request ({length} bytes) does not fit in plugin memory")
-            if length:
-                self.copy(self.memory_data(context, memory) + pointer, request, length)
-            params[0].of.i32 = pointer
-            params[1].of.i32 = length
-            error = self.func_call(context, slots.handle_ref, params, _TWO, results, _ONE, trap_ref)
-            if error or slots.trap:
-                self._raise(error, slots)
-            start, size = answer_span(results[0].of.i64, self.memory_data_size(context, memory),
-                                      limits.max_answer)
-            return ctypes.string_at(self.memory_data(context, memory) + start, size) if size else b""
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            raise GuestFailure(exc, None if memory is None else self.memory_data_size(context, memory)) from None
-        finally:
-            self.store_delete(store)
-            slots.busy = False
+    def begin(self, engine: wasmtime.Engine, limits: GuestLimits) -> "_CallSlots":
+        call = getattr(self._local, "slots", None)
+        if call is None:
+            call = self._local.slots = _CallSlots(self.ffi)
+        if call.busy:   # a run inside a run on this thread: its own slots, not the outer call's
+            call = _CallSlots(self.ffi)
+        call.busy, call.has_memory = True, False
+        call.store = self.store_new(engine.ptr(), None, self.no_finalizer)
+        call.context = self.store_context(call.store)
+        if not limits.in_pool:   # else the pool's slots hold no more than this anyway
+            self.store_limiter(call.store, limits.memory, limits.table_elements,
+                               STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
+        self.set_deadline(call.context, limits.deadline_ticks)
+        return call
 
-    def _raise(self, error: Any, slots: "_CallSlots") -> None:
+    def end(self, call: "_CallSlots") -> None:
+        self.store_delete(call.store)
+        call.busy = False
+
+    def instantiate(self, call: "_CallSlots", target: wasmtime.InstancePre, quick: bool) -> None:
+        instantiate = self.instantiate_holding if quick else self.instantiate_releasing
+        error = instantiate(target.ptr(), call.context, call.instance_ref, call.trap_ref)
+        if error or call.trap:
+            self._raise(error, call)
+        self._export(call, _HANDLE, call.handle, call.handle_extern_ref, self.extern_func)
+        self._export(call, _MEMORY, call.memory, call.memory_extern_ref, self.extern_memory)
+        call.has_memory = True
+
+    def memory_size(self, call: "_CallSlots") -> int:
+        return self.memory_data_size(call.context, call.memory_ref)
+
+    def memory_in_use(self, call: "_CallSlots") -> Optional[int]:
+        return self.memory_data_size(call.context, call.memory_ref) if call.has_memory else None
+
+    def grow(self, call: "_CallSlots", pages: int) -> bool:
+        error = self.memory_grow(call.context, call.memory_ref, pages, ctypes.byref(ctypes.c_uint64()))
+        if error:
+            wasmtime.WasmtimeError._from_ptr(error)   # takes the message, and frees it
+        return not error
+
+    def write(self, call: "_CallSlots", pointer: int, data: bytes) -> None:
+        self.copy(self.memory_data(call.context, call.memory_ref) + pointer, data, len(data))
+
+    def read(self, call: "_CallSlots", pointer: int, length: int) -> bytes:
+        return ctypes.string_at(self.memory_data(call.context, call.memory_ref) + pointer, length)
+
+    def call_alloc(self, call: "_CallSlots", size: int) -> int:
+        self._export(call, _ALLOC, call.alloc, call.alloc_extern_ref, self.extern_func)
+        call.params[0].of.i32 = size
+        error = self.func_call(call.context, call.alloc_ref, call.params, _ONE, call.results, _ONE, call.trap_ref)
+        if error or call.trap:
+            self._raise(error, call)
+        return call.results[0].of.i32
+
+    def call_handle(self, call: "_CallSlots", pointer: int, length: int) -> int:
+        params = call.params
+        params[0].of.i32 = pointer
+        params[1].of.i32 = length
+        error = self.func_call(call.context, call.handle_ref, params, _TWO, call.results, _ONE, call.trap_ref)
+        if error or call.trap:
+            self._raise(error, call)
+        return call.results[0].of.i64
+
+    def _raise(self, error: Any, call: "_CallSlots") -> None:
         """Raise what a foreign call reported, as wasmtime-py's own enter_wasm would."""
         if error:
             failure = wasmtime.WasmtimeError._from_ptr(error)
             self.raise_host_exception()
             raise failure
-        trap = wasmtime.Trap._from_ptr(slots.trap)   # takes the pointer: the slot gets a new one
-        slots.new_trap_slot()
+        trap = wasmtime.Trap._from_ptr(call.trap)   # takes the pointer: the slot gets a new one
+        call.new_trap_slot()
         self.raise_host_exception()
         raise trap
 
-    def _export(self, context: Any, slots: "_CallSlots", name: tuple, item: Any, item_ref: Any,
-                kind: int) -> None:
-        if not self.export_get(context, slots.instance_ref, *name, item_ref) or item.kind != kind:
+    def _export(self, call: "_CallSlots", name: tuple, item: Any, item_ref: Any, kind: int) -> None:
+        if not self.export_get(call.context, call.instance_ref, *name, item_ref) or item.kind != kind:
             # inspect_module checked this at deploy; never hand wasmtime a stale struct.
             raise ApiError(500, f"plugin instance has no {name[0].decode()} export of the right kind")
 
 
 class _CallSlots:
-    """One thread's reusable out-parameters for FastGuestOps.run: ctypes objects cost to create."""
+    """One thread's call state for FastGuestOps: reusable out-parameters (ctypes objects cost to create)."""
 
     def __init__(self, ffi: Any):
         self._trap_type = ctypes.POINTER(ffi.wasm_trap_t)
@@ -875,7 +967,8 @@ class _CallSlots:
         self.params = (ffi.wasmtime_val_t * 2)()
         self.params[0].kind = self.params[1].kind = ffi.WASMTIME_I32.value
         self.results = (ffi.wasmtime_val_t * 1)()
-        self.busy = False
+        self.busy = self.has_memory = False
+        self.store = self.context = None
         self.new_trap_slot()
 
     def new_trap_slot(self) -> None:
@@ -886,6 +979,22 @@ class _CallSlots:
 ###############################################################################
 # Module validation ############################################################
 ###############################################################################
+
+# Ids of the binary format's sections read here.
+SECTION_TABLE, SECTION_MEMORY, SECTION_START, SECTION_DATA = 4, 5, 8, 11
+
+
+def check_initial_memory(size: int, settings: Settings) -> None:
+    if size > settings.memory_limit:
+        raise ApiError(400, f"module asks for {size // KiB} KiB of initial memory, "
+                            f"over the limit of {settings.memory_limit // KiB} KiB")
+
+
+def check_initial_table(elements: int, settings: Settings) -> None:
+    if elements > settings.table_limit:
+        raise ApiError(400, f"module asks for a table of {elements} elements, "
+                            f"over the limit of {settings.table_limit}")
+
 
 def _signature(func_type: wasmtime.FuncType) -> tuple:
     return tuple(str(t) for t in func_type.params), tuple(str(t) for t in func_type.results)
@@ -942,13 +1051,10 @@ def inspect_module(module: wasmtime.Module, settings: Settings, wasm_bytes: Opti
     if not isinstance(exports.get("memory"), wasmtime.MemoryType) and not imports_memory:
         raise ApiError(400, "module neither exports 'memory' nor imports 'env.memory'")
     for memory in memories + ([wasmtime.MemoryType(wasmtime.Limits(memory_min, None))] if imports_memory else []):
-        if memory.limits.min * 65536 > settings.memory_limit:
-            raise ApiError(400, f"module asks for {memory.limits.min * 64} KiB of initial memory, "
-                                f"over the limit of {settings.memory_limit // KiB} KiB")
+        check_initial_memory(memory.limits.min * WASM_PAGE, settings)
     for export in exports.values():
-        if isinstance(export, wasmtime.TableType) and export.limits.min > settings.table_limit:
-            raise ApiError(400, f"module asks for a table of {export.limits.min} elements, "
-                                f"over the limit of {settings.table_limit}")
+        if isinstance(export, wasmtime.TableType):
+            check_initial_table(export.limits.min, settings)
     writes = any(item.module == "aeordb" and item.name in WRITING_HOST_FUNCTIONS for item in module.imports)
     return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory, writes_files=writes,
                        quick_instantiate=wasm_bytes is not None and instantiates_quickly(wasm_bytes))
@@ -993,23 +1099,22 @@ def _sections(wasm_bytes: bytes) -> Iterator[tuple]:
         pos = start + size
 
 
-QUICK_DATA = 1 * MiB   # data segments up to this size instantiate in well under a millisecond
+QUICK_DATA = 1 * MiB   # data segments up to this size instantiate in well under a millisecond (bench/)
 
 
 def instantiates_quickly(wasm_bytes: bytes) -> bool:
-    """Whether instantiating runs no guest code (no start section, id 8) and copies little.
+    """Whether instantiating runs no guest code (no start section) and copies little.
 
-    Then FastGuestOps keeps the GIL for it. Data segments (section 11) over
-    QUICK_DATA take milliseconds to map into a cold pool slot (10 ms for
-    32 MiB, measured), too long to stall other threads for. A binary not
-    read to its end counts as slow.
+    Then FastGuestOps keeps the GIL for it. Data segments over QUICK_DATA
+    take milliseconds to map into a cold pool slot, too long to stall other
+    threads for. A binary not read to its end counts as slow.
     """
     try:
         data = 0
         for kind, _, size in _sections(wasm_bytes):
-            if kind == 8:
+            if kind == SECTION_START:
                 return False
-            if kind == 11:
+            if kind == SECTION_DATA:
                 data += size
         return data <= QUICK_DATA
     except ValueError:
@@ -1022,18 +1127,18 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
     wasmtime-py lists only imported and exported ones: an unexported memory or
     table over the limit would deploy fine and fail every invocation (or, with
     the pooling allocator, fail compilation with a vague message). Reads the
-    table (4) and memory (5) sections; stops quietly at anything unexpected,
+    table and memory sections; stops quietly at anything unexpected,
     since the compiler validates the module anyway (and the pooling
     allocator still refuses what does not fit its slots).
     """
     data = wasm_bytes
     with contextlib.suppress(IndexError, ValueError):
         for kind, pos, _ in _sections(wasm_bytes):
-            if kind not in (4, 5):
+            if kind not in (SECTION_TABLE, SECTION_MEMORY):
                 continue
             count, item = _read_leb(data, pos)
             for _ in range(min(count, 100)):      # wasmtime allows at most 100 of each
-                if kind == 4:
+                if kind == SECTION_TABLE:
                     if data[item] == 0x40:        # a table with an initializer: not read further
                         break
                     item = _read_leb(data, item + 1)[1] if data[item] in (0x63, 0x64) else item + 1
@@ -1041,16 +1146,14 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
                 minimum, item = _read_leb(data, item + 1)
                 if flags & 1:
                     item = _read_leb(data, item)[1]
-                page = 65536
-                if kind == 5 and flags & 8:       # custom page size: its log2 follows
+                page = WASM_PAGE
+                if kind == SECTION_MEMORY and flags & 8:   # custom page size: its log2 follows
                     log2, item = _read_leb(data, item)
                     page = 1 << min(log2, 16)
-                if kind == 4 and minimum > settings.table_limit:
-                    raise ApiError(400, f"module asks for a table of {minimum} elements, "
-                                        f"over the limit of {settings.table_limit}")
-                if kind == 5 and minimum * page > settings.memory_limit:
-                    raise ApiError(400, f"module asks for {minimum * page // KiB} KiB of initial "
-                                        f"memory, over the limit of {settings.memory_limit // KiB} KiB")
+                if kind == SECTION_TABLE:
+                    check_initial_table(minimum, settings)
+                else:
+                    check_initial_memory(minimum * page, settings)
 
 
 ###############################################################################
@@ -1077,7 +1180,7 @@ class Plugin:
     pre: Optional[wasmtime.InstancePre] = None   # None when the module imports env.memory
 
     @property
-    def path(self) -> str:
+    def key(self) -> str:
         return self.meta["path"]
 
 
@@ -1094,10 +1197,10 @@ class PluginRegistry:
 
     # -- reading ---------------------------------------------------------------
 
-    def get(self, path: str) -> Plugin:
-        plugin = self._plugins.get(path)
+    def get(self, key: str) -> Plugin:
+        plugin = self._plugins.get(key)
         if plugin is None:
-            raise ApiError(404, f"no plugin deployed at {path}")
+            raise ApiError(404, f"no plugin deployed at {key}")
         return plugin
 
     def list(self, db: str) -> list:
@@ -1110,7 +1213,7 @@ class PluginRegistry:
 
     def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
                plugin_type: str) -> dict:
-        path = f"{db}/{schema}/{table}"
+        key = f"{db}/{schema}/{table}"
         if not wasm_bytes.startswith(b"\0asm"):
             # wasmtime-py would compile anything else as the text format, past
             # check_declared_sizes and into a module file that is not a module.
@@ -1123,7 +1226,7 @@ class PluginRegistry:
             raise ApiError(400, f"not a valid WebAssembly module: {_first_line(exc)}") from None
         shape = inspect_module(module, self.settings, wasm_bytes)
         sha = hashlib.sha256(wasm_bytes).hexdigest()
-        meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": path, "plugin_type": plugin_type,
+        meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": key, "plugin_type": plugin_type,
                 "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
         folder = self.root / db / schema / table
         try:
@@ -1135,7 +1238,7 @@ class PluginRegistry:
                 self._store_artifact(sha, module)
                 atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
                 atomic_write(folder / "plugin.json", json.dumps(meta, indent=2).encode())
-                self._plugins[path] = prepared
+                self._plugins[key] = prepared
                 self._remove_stale_modules(folder, keep=sha)
                 self._prune_cache()
         except OSError as exc:
@@ -1145,11 +1248,11 @@ class PluginRegistry:
         return dict(meta)
 
     def remove(self, db: str, schema: str, table: str) -> None:
-        path = f"{db}/{schema}/{table}"
+        key = f"{db}/{schema}/{table}"
         folder = self.root / db / schema / table
         with self._lock:
-            if path not in self._plugins:
-                raise ApiError(404, f"no plugin deployed at {path}")
+            if key not in self._plugins:
+                raise ApiError(404, f"no plugin deployed at {key}")
             try:
                 (folder / "plugin.json").unlink()
                 fsync_dir(folder)
@@ -1157,7 +1260,7 @@ class PluginRegistry:
                 pass
             except OSError as exc:
                 raise storage_error("removing", exc) from None
-            del self._plugins[path]
+            del self._plugins[key]
             self._remove_stale_modules(folder, keep=None)
             self._prune_cache()
             self._remove_empty_folders(folder)
@@ -1254,11 +1357,6 @@ class PluginRegistry:
         for empty in (folder, folder.parent, folder.parent.parent):
             with contextlib.suppress(OSError):
                 empty.rmdir()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 ###############################################################################
@@ -1495,7 +1593,7 @@ def now_ms() -> int:
 class FileStore:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.path = settings.data_dir / "aeordb.sqlite3"
+        self.db_file = settings.data_dir / "aeordb.sqlite3"
         self.busy_timeout = settings.timeout + 5.0
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)
@@ -1503,8 +1601,8 @@ class FileStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            make_dirs(self.path.parent)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+            make_dirs(self.db_file.parent)
+            conn = sqlite3.connect(self.db_file, timeout=self.busy_timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -1830,7 +1928,7 @@ def _sql_json_value(json_type: Optional[str], value: Any) -> Any:
 # byte to a fixed-width 4-character cell ("  7,", " 42,", "255,": JSON allows
 # the spaces), built with four bytes.translate passes and strided slice
 # assignment, all in C. Large answers decode their byte array in a tiny WASM
-# codec (a few ms per MiB) instead of json.loads (about 50 ms per MiB).
+# codec, many times faster than json.loads (bench/README.md).
 
 _CELLS = [b"%3d," % value for value in range(256)]
 _CELL_PLANES = [bytes(cell[k] for cell in _CELLS) for k in range(4)]
@@ -1857,7 +1955,7 @@ def encode_byte_array(data: bytes) -> bytes:
 def build_request_envelope(body: bytes, metadata: dict) -> bytes:
     """The request envelope; ``metadata`` maps plain names to strings (the ABI's metadata is all strings).
 
-    Its JSON is what compact_json would write, in a fifth of the time.
+    Its JSON is what compact_json would write, faster.
     """
     fields = ",".join([f'"{name}":{_json_string(value)}' for name, value in metadata.items()])
     return b'{"arguments":%b,"metadata":{%b}}' % (encode_byte_array(body), fields.encode("ascii"))
@@ -1950,7 +2048,7 @@ class ByteArrayCodec:
         needed = 2 * len(text)
         have = memory.data_len(store)
         if needed > have:
-            memory.grow(store, (needed - have + 65535) // 65536)
+            memory.grow(store, -(-(needed - have) // WASM_PAGE))
         memory.write(store, text, 0)
         count = decode(store, 0, len(text), len(text))
         result = bytes(memory.read(store, len(text), len(text) + count)) if count >= 0 else None
@@ -2042,7 +2140,7 @@ class Invocation:
     """What host functions of one invocation need; lives in a thread-local while it runs."""
 
     db: str
-    plugin_path: str
+    plugin_key: str
     metadata: dict
     deadline: float
     failure: Optional[str] = None     # set by a host function that must fail the call
@@ -2068,7 +2166,12 @@ MAX_LOG_MESSAGES = 100
 
 
 class WasmRuntime:
-    """Runs one invocation: fresh Store, instantiate, place the request, call handle, read the answer."""
+    """Runs invocations (``invoke``) and serves their host functions.
+
+    One invocation is: its transaction (for a plugin that can write), the
+    request envelope, ``run_guest``, the answer envelope; a host function's
+    failure fails the invocation with its reason.
+    """
 
     def __init__(self, settings: Settings, files: FileStore, wasm: Wasm):
         self.settings = settings
@@ -2079,6 +2182,7 @@ class WasmRuntime:
                                   deadline_ticks=max(1, math.ceil(settings.timeout / EPOCH_TICK)),
                                   max_answer=settings.max_response_size, in_pool=wasm.pooling)
         self._current = threading.local()
+        self._no_batch = contextlib.nullcontext()   # reusable, unlike files.batch()
         self._host = {
             "aeordb_read_file": self._read_file,
             "aeordb_write_file": self._write_file,
@@ -2108,15 +2212,28 @@ class WasmRuntime:
 
     # -- invoking --------------------------------------------------------------
 
-    def invoke(self, plugin: Plugin, request: bytes, invocation: Invocation) -> bytes:
-        """The raw answer bytes of ``handle``; ApiError(500) naming the cause on any failure."""
-        target = plugin.pre if plugin.pre is not None else functools.partial(
-            self._instantiate_importing_memory, plugin, invocation)
+    def invoke(self, plugin: Plugin, body: bytes, invocation: Invocation) -> tuple:
+        """(answer, raw): the plugin's PluginResponse, or None and the raw bytes it answered.
+
+        Every write of the invocation commits when this returns and rolls back
+        when it raises; only a plugin that can write needs that transaction.
+        ApiError(500) names the cause of any failure.
+        """
+        with self.files.batch() if plugin.shape.writes_files else self._no_batch:
+            raw = self._run(plugin, build_request_envelope(body, invocation.metadata), invocation)
+            return parse_response_envelope(raw, self.codec), raw
+
+    def _run(self, plugin: Plugin, request: bytes, invocation: Invocation) -> bytes:
+        if plugin.pre is not None:
+            ops, target = self.wasm.ops, plugin.pre
+        else:
+            ops, target = self.wasm.public_ops, functools.partial(
+                self._instantiate_importing_memory, plugin, invocation)
         self._current.invocation = invocation
         try:
-            answer = self.wasm.ops.run(self.wasm.engine, self.limits, target, request,
-                                       has_alloc=plugin.shape.has_alloc,
-                                       quick_instantiate=plugin.shape.quick_instantiate)
+            answer = run_guest(ops, self.wasm.engine, self.limits, target, request,
+                               has_alloc=plugin.shape.has_alloc,
+                               quick_instantiate=plugin.shape.quick_instantiate)
         except GuestFailure as failure:
             raise ApiError(500, "plugin invocation failed: "
                            + self._explain(failure.error, invocation, failure.memory_in_use)) from None
@@ -2183,9 +2300,9 @@ class WasmRuntime:
                     log.exception("host function %s failed", name)
                     answer = {"error": f"{name} failed: {type(exc).__name__}"}
                 data = compact_json(answer).encode()
-                alloc = caller.get("alloc")
-                pointer = place_in_guest(caller, memory, alloc if isinstance(alloc, wasmtime.Func) else None,
-                                         data, f"answer of {name}")
+                ops = self.wasm.public_ops
+                call = ops.in_caller(caller, memory)
+                pointer = place_in_guest(ops, call, data, f"answer of {name}", call.alloc is not None)
                 return (pointer << 32) | len(data)
             except ApiError as exc:
                 return self._fail(caller, invocation, exc.message)
@@ -2229,7 +2346,7 @@ class WasmRuntime:
                 level_no = logging.INFO
             # One plugin line is one log line: a plugin must not forge others.
             message = message.replace("\r", "\\r").replace("\n", "\\n")
-            plugin_log.log(level_no, "[%s] %s", invocation.plugin_path, message)
+            plugin_log.log(level_no, "[%s] %s", invocation.plugin_key, message)
         except Exception:
             pass
 
@@ -2272,6 +2389,11 @@ def _guest_bytes(caller: Any, memory: Any, ptr: int, length: int, cap: int) -> b
 ###############################################################################
 # HTTP routes ##################################################################
 ###############################################################################
+#
+# ``Api`` holds the app's registry, file store and runtime; each route is one
+# of its methods, mounted by ``Api.mount`` with bottle's ``app.route(...,
+# callback=...)``. ``ApiPlugin`` wraps every route: token check, ApiError and
+# dict/list results to JSON. ``create_app`` only wires these together.
 
 def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = None) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(json.dumps(payload), status=status,
@@ -2345,66 +2467,68 @@ def read_json_body(limit: int) -> Any:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
 
-def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
-               fast_calls: bool = True) -> bottle.Bottle:
-    """The WSGI application for ``settings``: isolated state, nothing shared but the engine."""
-    settings = settings or Settings()
-    make_dirs(settings.data_dir)
-    token, token_created = load_or_create_token(settings)
-    wasm = Wasm.shared(settings.memory_limit, settings.table_limit, pooling=pooling, fast=fast_calls)
-    files = FileStore(settings)
-    runtime = WasmRuntime(settings, files, wasm)
-    registry = PluginRegistry(settings, wasm, runtime.new_linker)
+def json_error_page(error: bottle.HTTPError) -> str:
+    """Bottle's own errors (no route, wrong method) as JSON, like every other error."""
+    bottle.response.content_type = "application/json"
+    message = {404: "no such route", 405: f"method {bottle.request.method} not allowed"}.get(
+        error.status_code, error.body if isinstance(error.body, str) else error.status_line)
+    return json.dumps({"error": message})
 
-    app = bottle.Bottle()
-    app.config["aeordb.settings"] = settings
-    app.config["aeordb.token"] = token
-    app.config["aeordb.token_created"] = token_created
-    app.config["aeordb.registry"] = registry
-    app.config["aeordb.files"] = files
-    app.config["aeordb.runtime"] = runtime
-    app.uninstall(bottle.JSONPlugin)
-    app.install(ApiPlugin(token, settings.access_log))
-    request_prefix, request_numbers = secrets.token_hex(4), itertools.count(1)
-    no_batch = contextlib.nullcontext()   # reusable, unlike files.batch()
 
-    def default_error(error: bottle.HTTPError) -> str:
-        bottle.response.content_type = "application/json"
-        message = {404: "no such route", 405: f"method {bottle.request.method} not allowed"}.get(
-            error.status_code, error.body if isinstance(error.body, str) else error.status_line)
-        return json.dumps({"error": message})
-    app.default_error_handler = default_error
+def refuse_invalid_utf8_path() -> None:
+    """Before routing: bottle routes on the path with invalid UTF-8 bytes
+    silently dropped ('/a%FFb' would reach '/ab')."""
+    raw_path = bottle.request.environ.get("bottle.raw_path", "")
+    if raw_path.isascii():
+        return
+    with contextlib.suppress(UnicodeEncodeError):
+        try:
+            raw_path.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise _json_response({"error": "request path is not valid UTF-8"}, 400) from None
 
-    @app.hook("before_request")
-    def refuse_invalid_utf8_path() -> None:
-        # Bottle routes on the path with invalid UTF-8 bytes silently dropped
-        # ('/a%FFb' would reach '/ab'): refuse it before routing instead.
-        raw_path = bottle.request.environ.get("bottle.raw_path", "")
-        if raw_path.isascii():
-            return
-        with contextlib.suppress(UnicodeEncodeError):
-            try:
-                raw_path.encode("latin-1").decode("utf-8")
-            except UnicodeDecodeError:
-                raise _json_response({"error": "request path is not valid UTF-8"}, 400) from None
+
+class Api:
+    """The HTTP API: one method per route, grouped by resource (system, files and queries, plugins)."""
+
+    def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime):
+        self.settings = settings
+        self.registry = registry
+        self.files = files
+        self.runtime = runtime
+        self._request_prefix, self._request_numbers = secrets.token_hex(4), itertools.count(1)
+
+    def mount(self, app: bottle.Bottle) -> None:
+        """Every route, in matching order: the file routes come before the plugin
+        routes, since '/db/_files/a/b/_deploy' is a file path."""
+        files = ("/<db>/_files", "/<db>/_files/", "/<db>/_files/<path:path>")
+        routes = [
+            ("GET", "/_health", self.health, {"public": True}),
+            *((["GET", "HEAD"], route, self.get_file, {}) for route in files),
+            ("PUT", "/<db>/_files/<path:path>", self.put_file, {}),
+            ("DELETE", "/<db>/_files/<path:path>", self.delete_file, {}),
+            ("POST", "/<db>/_query", self.query, {}),
+            ("PUT", "/<db>/<schema>/<table>/_deploy", self.deploy, {}),
+            ("POST", "/<db>/<schema>/<table>/<function>/_invoke", self.invoke, {}),
+            ("GET", "/<db>/_plugins", self.list_plugins, {}),
+            ("DELETE", "/<db>/<schema>/<table>/<function>/_remove", self.remove, {}),
+        ]
+        for method, route, callback, config in routes:
+            app.route(route, method, callback, **config)
 
     # -- system ------------------------------------------------------------------
 
-    @app.get("/_health", public=True)
-    def health() -> dict:
+    def health(self) -> dict:
         return {"status": "ok"}
 
-    # -- files (before the plugin routes: '/db/_files/a/b/_deploy' is a file path) --
+    # -- files and queries -------------------------------------------------------
 
-    @app.route("/<db>/_files", method=["GET", "HEAD"])
-    @app.route("/<db>/_files/", method=["GET", "HEAD"])
-    @app.route("/<db>/_files/<path:path>", method=["GET", "HEAD"])
-    def get_file(db: str, path: str = "") -> Any:
+    def get_file(self, db: str, path: str = "") -> Any:
         check_segments(db)
         target = normalize_file_path("/" + path, allow_root=True)
-        if target == "/" or path.endswith("/") or files.is_directory(db, target):
-            return {"path": target, "entries": files.list_directory(db, target)}
-        data, meta = files.read(db, target)
+        if target == "/" or path.endswith("/") or self.files.is_directory(db, target):
+            return {"path": target, "entries": self.files.list_directory(db, target)}
+        data, meta = self.files.read(db, target)
         etag = f'"{meta["etag"]}"'
         headers = {"Content-Type": meta["content_type"], "ETag": etag,
                    "Last-Modified": email.utils.formatdate(meta["updated_at"] / 1000, usegmt=True)}
@@ -2413,35 +2537,31 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
             return bottle.HTTPResponse(status=304, headers=headers)
         return bottle.HTTPResponse(data, status=200, headers=headers)
 
-    @app.put("/<db>/_files/<path:path>")
-    def put_file(db: str, path: str) -> bottle.HTTPResponse:
+    def put_file(self, db: str, path: str) -> bottle.HTTPResponse:
         check_segments(db)
         if path.endswith("/"):   # GET answers such a path with a listing: it names a directory
             raise ApiError(400, f"cannot store a file at a directory path ending in '/': /{path}")
         target = normalize_file_path("/" + path)
-        data = read_body(settings.max_file_size, "file")
-        meta, created = files.write(db, target, data, bottle.request.get_header("Content-Type"))
+        data = read_body(self.settings.max_file_size, "file")
+        meta, created = self.files.write(db, target, data, bottle.request.get_header("Content-Type"))
         return _json_response(meta, 201 if created else 200)
 
-    @app.delete("/<db>/_files/<path:path>")
-    def delete_file(db: str, path: str) -> dict:
+    def delete_file(self, db: str, path: str) -> dict:
         check_segments(db)
         target = normalize_file_path("/" + path)
-        files.delete(db, target)
+        self.files.delete(db, target)
         return {"deleted": True, "path": target}
 
-    @app.post("/<db>/_query")
-    def query(db: str) -> dict:
+    def query(self, db: str) -> dict:
         check_segments(db)
-        spec = read_json_body(settings.max_request_size)
+        spec = read_json_body(self.settings.max_request_size)
         if isinstance(spec, dict) and "aggregate" in spec:
-            return files.aggregate(db, spec)
-        return files.query(db, spec)
+            return self.files.aggregate(db, spec)
+        return self.files.query(db, spec)
 
     # -- plugins -----------------------------------------------------------------
 
-    @app.put("/<db>/<schema>/<table>/_deploy")
-    def deploy(db: str, schema: str, table: str) -> dict:
+    def deploy(self, db: str, schema: str, table: str) -> dict:
         check_segments(db, schema, table)
         query = bottle.request.query
         for key in ("name", "plugin_type"):
@@ -2453,28 +2573,24 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
             raise ApiError(400, "name must be 1-128 printable characters")
         if plugin_type != "wasm":
             raise ApiError(400, f"unsupported plugin_type {plugin_type!r}: only 'wasm'")
-        wasm_bytes = read_body(settings.max_module_size, "module")
+        wasm_bytes = read_body(self.settings.max_module_size, "module")
         if not wasm_bytes:
             raise ApiError(400, "empty body: send the module's bytes")
-        return registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
+        return self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
 
-    @app.post("/<db>/<schema>/<table>/<function>/_invoke")
-    def invoke(db: str, schema: str, table: str, function: str) -> bytes:
+    def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
         check_segments(db, schema, table, function)
-        plugin = registry.get(f"{db}/{schema}/{table}")
-        body = read_body(settings.max_request_size, "request body")
+        plugin = self.registry.get(f"{db}/{schema}/{table}")
+        body = read_body(self.settings.max_request_size, "request body")
         environ = bottle.request.environ
         metadata = {"function_name": function, "path": f"/{db}/{schema}/{table}/{function}",
-                    "plugin_path": plugin.path, "method": environ["REQUEST_METHOD"],
+                    "plugin_path": plugin.key, "method": environ["REQUEST_METHOD"],
                     "query_string": environ.get("QUERY_STRING", ""),
                     "content_type": environ.get("CONTENT_TYPE", ""),
-                    "request_id": f"{request_prefix}-{next(request_numbers)}"}
-        invocation = Invocation(db=db, plugin_path=plugin.path, metadata=metadata,
-                                deadline=time.monotonic() + settings.timeout)
-        # Only a plugin that can write needs its invocation to be one transaction.
-        with files.batch() if plugin.shape.writes_files else no_batch:
-            raw = runtime.invoke(plugin, build_request_envelope(body, metadata), invocation)
-            answer = parse_response_envelope(raw, runtime.codec)
+                    "request_id": f"{self._request_prefix}-{next(self._request_numbers)}"}
+        invocation = Invocation(db=db, plugin_key=plugin.key, metadata=metadata,
+                                deadline=time.monotonic() + self.settings.timeout)
+        answer, raw = self.runtime.invoke(plugin, body, invocation)
         # Set on bottle's response and return the bytes: an HTTPResponse would
         # be built, then copied onto the response twice.
         response = bottle.response
@@ -2487,17 +2603,36 @@ def create_app(settings: Optional[Settings] = None, *, pooling: bool = True,
         response.content_type = answer.content_type
         return answer.body
 
-    @app.get("/<db>/_plugins")
-    def list_plugins(db: str) -> list:
+    def list_plugins(self, db: str) -> list:
         check_segments(db)
-        return registry.list(db)
+        return self.registry.list(db)
 
-    @app.delete("/<db>/<schema>/<table>/<function>/_remove")
-    def remove(db: str, schema: str, table: str, function: str) -> dict:
+    def remove(self, db: str, schema: str, table: str, function: str) -> dict:
         check_segments(db, schema, table, function)
-        registry.remove(db, schema, table)
+        self.registry.remove(db, schema, table)
         return {"removed": True, "path": f"{db}/{schema}/{table}"}
 
+
+def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
+    """The WSGI application for ``settings``: isolated state, nothing shared but the engine."""
+    settings = settings or Settings()
+    make_dirs(settings.data_dir)
+    token, token_created = load_or_create_token(settings)
+    wasm = Wasm.shared(settings.memory_limit, settings.table_limit, pooling=settings.pooling,
+                       fast=settings.fast_calls)
+    files = FileStore(settings)
+    runtime = WasmRuntime(settings, files, wasm)
+    registry = PluginRegistry(settings, wasm, runtime.new_linker)
+
+    app = bottle.Bottle()
+    app.config.update({"aeordb.settings": settings, "aeordb.token": token,
+                       "aeordb.token_created": token_created, "aeordb.registry": registry,
+                       "aeordb.files": files, "aeordb.runtime": runtime})
+    app.uninstall(bottle.JSONPlugin)
+    app.install(ApiPlugin(token, settings.access_log))
+    app.default_error_handler = json_error_page
+    app.add_hook("before_request", refuse_invalid_utf8_path)
+    Api(settings, registry, files, runtime).mount(app)
     return app
 
 

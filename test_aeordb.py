@@ -45,8 +45,8 @@ def make_app(data_dir: Path, *, options: dict | None = None, **overrides):
 
     ``overrides`` are Settings fields; ``options`` go to create_app (``pooling``, ``fast_calls``).
     """
-    settings = aeordb.Settings(data_dir=Path(data_dir), token=TOKEN, **overrides)
-    app = aeordb.create_app(settings, **(options or {}))
+    settings = aeordb.Settings(data_dir=Path(data_dir), token=TOKEN, **overrides, **(options or {}))
+    app = aeordb.create_app(settings)
     return webtest.TestApp(app), app
 
 
@@ -3133,7 +3133,7 @@ def test_hardening_read_only_database_is_503_and_reads_keep_working(tmp_path, mo
     writer = host_call_module("aeordb_write_file", json.dumps({"path": "/docs/b.json", "data": "e30="}).encode())
     deploy(client, "db/s/writer", writer)
     files._conn()      # this thread's connection exists; swap it for a read-only one
-    read_only = sqlite3.connect(f"file:{files.path}?mode=ro", uri=True, isolation_level=None,
+    read_only = sqlite3.connect(f"file:{files.db_file}?mode=ro", uri=True, isolation_level=None,
                                 check_same_thread=False)
     monkeypatch.setattr(files._local, "conn", read_only)
     for method, path, body in [("PUT", "/db/_files/docs/c.json", b"{}"), ("PUT", "/db/_files/docs/a.json", b"{}"),
@@ -3384,7 +3384,7 @@ def test_start_function_runs_without_the_gil(tmp_path):
     real_invoke = runtime.invoke
 
     def observed_invoke(plugin, request, invocation):
-        if plugin.path == "db/s/starts":
+        if plugin.key == "db/s/starts":
             started.set()
         return real_invoke(plugin, request, invocation)
     runtime.invoke = observed_invoke
