@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import functools
 import http.client
 import json
 import os
@@ -34,50 +35,17 @@ TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-# Helpers ######################################################################
+# Helpers and fixtures #########################################################
+
+# -- WASM modules, written as WAT ----------------------------------------------
 
 def wat(text: str) -> bytes:
     return wasmtime.wat2wasm(text)
 
 
-def make_app(data_dir: Path, *, options: dict | None = None, **overrides):
-    """A fresh, isolated app on ``data_dir``; answers (webtest.TestApp, bottle app).
-
-    ``overrides`` are Settings fields; ``options`` go to create_app (``pooling``, ``fast_calls``).
-    """
-    settings = aeordb.Settings(data_dir=Path(data_dir), token=TOKEN, **overrides, **(options or {}))
-    app = aeordb.create_app(settings)
-    return webtest.TestApp(app), app
-
-
-@pytest.fixture
-def client(tmp_path):
-    test_app, _ = make_app(tmp_path)
-    return test_app
-
-
-def deploy(client, path: str, module: bytes, status=200, **params):
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    return client.put(f"/{path}/_deploy" + (f"?{query}" if query else ""), module,
-                      headers=AUTH, status=status)
-
-
-def invoke(client, path: str, body: bytes = b"", status=200, **kwargs):
-    return client.post(f"/{path}/_invoke", body, headers={**AUTH, **kwargs.pop("headers", {})},
-                       status=status, **kwargs)
-
-
 def wat_string(data: bytes) -> str:
     """``data`` as a WAT data-segment string literal."""
     return "".join(f"\\{b:02x}" for b in data)
-
-
-def error_of(response) -> str:
-    """The error message of a JSON error answer (asserting that it is one)."""
-    assert response.content_type == "application/json", response.body[:200]
-    body = json.loads(response.body)
-    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
-    return body["error"]
 
 
 # A module that answers its own request envelope verbatim (the original's "echo").
@@ -89,6 +57,7 @@ ECHO_WAT = """
             (i64.extend_i32_u (local.get $len)))))
 """
 
+
 # A handle that loops forever, and one that traps.
 LOOP_WAT = """
 (module
@@ -98,11 +67,13 @@ LOOP_WAT = """
     (i64.const 0)))
 """
 
+
 TRAP_WAT = """
 (module
   (memory (export "memory") 1)
   (func (export "handle") (param i32 i32) (result i64) unreachable))
 """
+
 
 # A bump allocator shared by modules that export alloc (as every SDK module does).
 ALLOC_WAT = """
@@ -142,1205 +113,18 @@ def host_call_module(function: str, args: bytes) -> bytes:
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def json_args(args) -> bytes:
+    return args if isinstance(args, bytes) else json.dumps(args).encode()
 
 
-def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds; fail if it does not within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.002)
+def write_step(path: str, data: bytes, content_type: str | None = None) -> tuple:
+    args = {"path": path, "data": base64.b64encode(data).decode()}
+    if content_type:
+        args["content_type"] = content_type
+    return ("aeordb_write_file", json_args(args))
 
 
-
-def wait_until_healthy(port: int, timeout: float = 20.0, process=None) -> None:
-    """Poll /_health until the server answers 200 (readiness, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert process is None or process.poll() is None, f"the server exited with {process.returncode}"
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            conn.request("GET", "/_health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        finally:
-            conn.close()
-        assert time.monotonic() < deadline, f"no healthy server on port {port} within {timeout} s"
-        time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def server_process(data_dir: Path, *extra_args: str, env: dict | None = None):
-    """``python aeordb.py`` as a real process on 127.0.0.1; yields (process, port)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "aeordb.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "--token", TOKEN, *extra_args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    try:
-        wait_until_healthy(port, process=process)
-        yield process, port
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-@contextlib.contextmanager
-def server_thread(app, threads: int = 4, **options):
-    """A real waitress server for ``app`` in this process, on a free 127.0.0.1 port; yields the port."""
-    import waitress.server
-    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=threads, **options)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        port = server.effective_port
-        wait_until_healthy(port)
-        yield port
-    finally:
-        # Close from inside the server's own loop (via its trigger), so that
-        # select() never sees a descriptor closed under it by this thread.
-        server.task_dispatcher.shutdown()
-        server.trigger.pull_trigger(lambda: [channel.close() for channel in list(server._map.values())])
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "waitress did not stop"
-
-
-def http_request(port: int, method: str, path: str, body: bytes | None = None,
-                 headers: dict | None = None, timeout: float = 30.0):
-    """One request to a real server; answers (status, headers dict, body bytes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers={**AUTH, **(headers or {})})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
-
-
-class GatedLock:
-    """Stands in for a lock: the first thread to take it runs ``gate(self)`` first.
-
-    ``waiting`` is set when another thread asks for the lock meanwhile.
-    """
-
-    def __init__(self, lock, gate=lambda gated: None):
-        self.lock, self.gate, self.first, self.waiting = lock, gate, None, threading.Event()
-
-    def __enter__(self):
-        if self.first is None:
-            self.first = threading.current_thread()
-            self.gate(self)
-        else:
-            self.waiting.set()
-        return self.lock.__enter__()
-
-    def __exit__(self, *exc):
-        return self.lock.__exit__(*exc)
-
-
-# Smoke ########################################################################
-
-def test_health_and_echo_round_trip(client):
-    assert client.get("/_health").json == {"status": "ok"}
-    deploy(client, "mydb/public/users", wat(ECHO_WAT))
-    answer = invoke(client, "mydb/public/users/compute", b"hi")
-    envelope = json.loads(answer.body)
-    assert envelope["arguments"] == [104, 105]
-    assert answer.content_type == "application/octet-stream"
-# HTTP API and registry ########################################################
-#
-# Issue 2: every endpoint and status, deploy validation, names, auth on every
-# route, both envelopes (including the large-body codec path), persistence of
-# the on-disk registry, runaway plugins, a real `python aeordb.py` process and
-# the generated token.
-
-# A handle that grows memory until memory.grow fails, then aborts like Rust's allocator.
-_API_BOMB_WAT = """
-(module
-  (memory (export "memory") 1)
-  (func (export "handle") (param i32 i32) (result i64)
-    (loop $grow
-      (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))
-    unreachable))
-"""
-
-_API_BODY_PREFIX = b'{"status_code":200,"body":'
-
-# Answers {"status_code":200,"body":<the request's arguments array>}: it finds the
-# first '[' (the arguments array, first in the envelope) and the ']' closing it
-# (a byte array holds no other bracket), copies the prefix just before the '['
-# (alloc places the request at 65536, so there is room) and puts '}' after ']'.
-_API_BODY_ECHO_WAT = f"""
-(module
-  (memory (export "memory") 1)
-  {ALLOC_WAT}
-  (data (i32.const 0) "{wat_string(_API_BODY_PREFIX)}")
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (local $open i32) (local $close i32) (local $start i32)
-    (local.set $open (local.get $ptr))
-    (block $found
-      (loop $scan
-        (br_if $found (i32.eq (i32.load8_u (local.get $open)) (i32.const 91)))
-        (local.set $open (i32.add (local.get $open) (i32.const 1)))
-        (br_if $scan (i32.lt_u (local.get $open) (i32.add (local.get $ptr) (local.get $len))))
-        (unreachable)))
-    (local.set $close (local.get $open))
-    (block $found
-      (loop $scan
-        (br_if $found (i32.eq (i32.load8_u (local.get $close)) (i32.const 93)))
-        (local.set $close (i32.add (local.get $close) (i32.const 1)))
-        (br $scan)))
-    (local.set $start (i32.sub (local.get $open) (i32.const {len(_API_BODY_PREFIX)})))
-    (memory.copy (local.get $start) (i32.const 0) (i32.const {len(_API_BODY_PREFIX)}))
-    (i32.store8 (i32.add (local.get $close) (i32.const 1)) (i32.const 125))
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $start)) (i64.const 32))
-            (i64.extend_i32_u (i32.sub (i32.add (local.get $close) (i32.const 2))
-                                       (local.get $start))))))
-"""
-
-_API_ALL_HOST_IMPORTS = "\n".join(
-    f'  (import "aeordb" "{name}" (func (param i32 i32) (result i64)))'
-    for name in aeordb.HOST_FUNCTION_NAMES
-) + '\n  (import "aeordb" "log_message" (func (param i32 i32 i32 i32)))'
-
-
-def _api_envelope(client, body: bytes = b"", path: str = "db/schema/table", function: str = "function",
-                  query: str = "", headers: dict | None = None) -> dict:
-    """Deploy ECHO at ``path`` and answer the request envelope the plugin received."""
-    deploy(client, path, wat(ECHO_WAT))
-    answer = client.post(f"/{path}/{function}/_invoke" + (f"?{query}" if query else ""), body,
-                         headers={**AUTH, **(headers or {})}, status=200)
-    return json.loads(answer.body)
-
-
-def _api_answer(client, answer: bytes, status: int = 200):
-    """Deploy a module that always answers ``answer``; invoke it once."""
-    deploy(client, "db/s/answer", answer_module(answer))
-    return invoke(client, "db/s/answer/f", b"x", status=status)
-
-
-def _api_sha256(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
-
-
-# -- deploy ----------------------------------------------------------------------
-
-def test_api_deploy_answers_metadata(client):
-    import datetime
-    module = wat(ECHO_WAT)
-    before = datetime.datetime.now(datetime.timezone.utc)
-    meta = deploy(client, "mydb/public/users", module).json
-    after = datetime.datetime.now(datetime.timezone.utc)
-    assert meta["name"] == "users"
-    assert meta["path"] == "mydb/public/users"
-    assert meta["plugin_type"] == "wasm"
-    assert meta["sha256"] == _api_sha256(module)
-    assert meta["size"] == len(module)
-    assert isinstance(meta["plugin_id"], str) and meta["plugin_id"]
-    assert meta["deployed_at"].endswith("Z")
-    deployed = datetime.datetime.fromisoformat(meta["deployed_at"].replace("Z", "+00:00"))
-    assert deployed.utcoffset() == datetime.timedelta(0)
-    assert before - datetime.timedelta(seconds=1) <= deployed <= after + datetime.timedelta(seconds=1)
-
-
-def test_api_deploy_name_and_plugin_type_parameters(client):
-    meta = deploy(client, "mydb/public/users", wat(ECHO_WAT), name="my-plugin", plugin_type="wasm").json
-    assert (meta["name"], meta["plugin_type"]) == ("my-plugin", "wasm")
-    listed = client.get("/mydb/_plugins", headers=AUTH).json
-    assert [(p["name"], p["path"]) for p in listed] == [("my-plugin", "mydb/public/users")]
-
-
-def test_api_redeploy_replaces(client):
-    first = deploy(client, "db/s/t", answer_module(b"one")).json
-    assert invoke(client, "db/s/t/f").body == b"one"
-    second = deploy(client, "db/s/t", answer_module(b"two")).json
-    assert second["plugin_id"] != first["plugin_id"] and second["sha256"] != first["sha256"]
-    assert invoke(client, "db/s/t/f").body == b"two"
-    listed = client.get("/db/_plugins", headers=AUTH).json
-    assert len(listed) == 1 and listed[0]["sha256"] == second["sha256"]
-
-
-@pytest.mark.parametrize("body, params, fragment", [
-    (b"", {}, "empty"),
-    (None, {"plugin_type": "js"}, "plugin_type"),
-    (bytes(random.Random(2).randrange(256) for _ in range(300)), {}, "not a valid WebAssembly"),
-    (b"\0asm\x01\0\0\0garbage", {}, "not a valid WebAssembly"),
-])
-def test_api_deploy_rejects_bad_bodies(client, body, params, fragment):
-    response = deploy(client, "db/s/t", wat(ECHO_WAT) if body is None else body, status=400, **params)
-    assert fragment in error_of(response)
-    assert client.get("/db/_plugins", headers=AUTH).json == []
-
-
-@pytest.mark.parametrize("module, fragment", [
-    ('(module (memory (export "memory") 1))', "handle"),
-    ('(module (memory (export "memory") 1) (global (export "handle") i32 (i32.const 0)))', "handle"),
-    ('(module (memory (export "memory") 1)'
-     ' (func (export "handle") (param i32) (result i32) (local.get 0)))', "(i32, i32) -> i64"),
-    ('(module (memory (export "memory") 1)'
-     ' (func (export "handle") (param i32 i32) (result i32) (local.get 0)))', "(i32, i32) -> i64"),
-    ('(module (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "memory"),
-    ('(module (import "env" "foo" (func (param i32))) (memory (export "memory") 1)'
-     ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "env.foo"),
-    ('(module (import "aeordb" "nope" (func (param i32 i32) (result i64))) (memory (export "memory") 1)'
-     ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "aeordb.nope"),
-    ('(module (import "aeordb" "aeordb_read_file" (func (param i32) (result i64)))'
-     ' (memory (export "memory") 1)'
-     ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "aeordb.aeordb_read_file"),
-])
-def test_api_deploy_rejects_modules_off_the_abi(client, module, fragment):
-    assert fragment in error_of(deploy(client, "db/s/t", wat(module), status=400))
-    assert client.get("/db/_plugins", headers=AUTH).json == []
-
-
-def test_api_deploy_names_every_unsupported_import(client):
-    module = wat('(module (import "env" "foo" (func)) (import "wasi_snapshot_preview1" "fd_write"'
-                 ' (func (param i32 i32 i32 i32) (result i32))) (memory (export "memory") 1)'
-                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
-    error = error_of(deploy(client, "db/s/t", module, status=400))
-    assert "env.foo" in error and "wasi_snapshot_preview1.fd_write" in error
-
-
-def test_api_deploy_accepts_every_host_import(client):
-    module = wat(f"""
-(module
-{_API_ALL_HOST_IMPORTS}
-  (memory (export "memory") 1)
-  (data (i32.const 4096) "ok")
-  (func (export "handle") (param i32 i32) (result i64) (i64.const 0x0000100000000002)))
-""")
-    deploy(client, "db/s/t", module)
-    assert invoke(client, "db/s/t/f").body == b"ok"
-
-
-def test_api_deploy_does_not_run_the_start_function(client):
-    module = wat('(module (memory (export "memory") 1) (func $boom unreachable) (start $boom)'
-                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
-    deploy(client, "db/s/t", module)
-    assert "unreachable" in error_of(invoke(client, "db/s/t/f", status=500))
-
-
-def test_api_deploy_over_the_size_limit_is_413(tmp_path):
-    client, _ = make_app(tmp_path, max_module_size=64)
-    module = wat(ECHO_WAT)
-    assert len(module) > 64
-    assert "limit" in error_of(deploy(client, "db/s/t", module, status=413))
-
-
-@pytest.mark.parametrize("path", [
-    "_x/s/t", "db/_s/t", "db/s/_t",                  # '_' is reserved for system routes
-    "db/%2E%2E/t", "db/s/%2E", "db/s/..",            # '..' and '.'
-    "d%40b/s/t", "db/s%20x/t", "db/s/t%3Bu",         # '@', space, ';'
-    "db/s/" + "t" * 200, "db/s/t%C3%A9",             # too long, non-ASCII
-])
-def test_api_deploy_rejects_invalid_segments(client, path):
-    response = client.put(f"/{path}/_deploy", wat(ECHO_WAT), headers=AUTH, status=400)
-    assert "invalid" in error_of(response)
-    assert client.get("/db/_plugins", headers=AUTH).json == []
-    assert not (client.app.config["aeordb.settings"].data_dir / "plugins").exists() or \
-        not any((client.app.config["aeordb.settings"].data_dir / "plugins").rglob("plugin.json"))
-
-
-def test_api_deploy_with_an_encoded_slash_is_refused(client):
-    response = client.put("/db/s/t%2Fu/_deploy", wat(ECHO_WAT), headers=AUTH, expect_errors=True)
-    assert response.status_int in (400, 404) and "error" in response.json
-    assert client.get("/db/_plugins", headers=AUTH).json == []
-
-
-@pytest.mark.parametrize("name", ["n" * 129, "a%0Ab", "a%00b"])
-def test_api_deploy_rejects_bad_names(client, name):
-    assert "name" in error_of(deploy(client, "db/s/t", wat(ECHO_WAT), status=400, name=name))
-
-
-def test_api_deploy_accepts_free_text_names(client):
-    assert deploy(client, "db/s/t", wat(ECHO_WAT), name="My%20Plugin%20%C3%A9").json["name"] == "My Plugin é"
-
-
-def test_api_rejected_redeploy_keeps_the_old_plugin(tmp_path):
-    client, _ = make_app(tmp_path)
-    meta = deploy(client, "db/s/t", answer_module(b"old")).json
-    deploy(client, "db/s/t", wat('(module (memory (export "memory") 1))'), status=400)
-    deploy(client, "db/s/t", b"junk", status=400)
-    deploy(client, "db/s/t", b"", status=400)
-    assert invoke(client, "db/s/t/f").body == b"old"
-    assert client.get("/db/_plugins", headers=AUTH).json == [meta]
-    assert [p.name for p in (tmp_path / "plugins" / "db" / "s" / "t").glob("module-*.wasm")] == \
-        [f"module-{meta['sha256']}.wasm"]
-    again, _ = make_app(tmp_path)
-    assert invoke(again, "db/s/t/f").body == b"old"
-
-
-def test_api_segment_length_boundary(client):
-    deploy(client, "db/s/" + "t" * 128, wat(ECHO_WAT))
-    deploy(client, "db/s/" + "t" * 129, wat(ECHO_WAT), status=400)
-    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/" + "t" * 128]
-
-
-@pytest.mark.parametrize("method, path", [
-    ("POST", "/db/s/t/_f/_invoke"), ("POST", "/db/s/t/f%40/_invoke"),
-    ("DELETE", "/db/s/t/_f/_remove"), ("GET", "/_db/_plugins"), ("GET", "/d%20b/_plugins"),
-])
-def test_api_invalid_segments_on_other_routes(client, method, path):
-    response = client.request(path, method=method, headers=AUTH, expect_errors=True)
-    assert response.status_int == 400 and "invalid" in error_of(response)
-
-
-# -- invoke, list, remove, health -------------------------------------------------
-
-def test_api_invoke_unknown_plugin_is_404(client):
-    assert "db/s/t" in error_of(invoke(client, "db/s/t/f", b"x", status=404))
-
-
-def test_api_invoke_over_the_request_limit_is_413(tmp_path):
-    client, _ = make_app(tmp_path, max_request_size=10)
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    invoke(client, "db/s/t/f", b"0123456789")
-    assert "limit" in error_of(invoke(client, "db/s/t/f", b"0123456789a", status=413))
-
-
-def test_api_list_is_scoped_to_one_database(client):
-    for path in ("a/s/t", "a/s/u", "a/x/t", "b/s/t"):
-        deploy(client, path, wat(ECHO_WAT))
-    listed_a = client.get("/a/_plugins", headers=AUTH).json
-    listed_b = client.get("/b/_plugins", headers=AUTH).json
-    assert sorted(p["path"] for p in listed_a) == ["a/s/t", "a/s/u", "a/x/t"]
-    assert [p["path"] for p in listed_b] == ["b/s/t"]
-    assert client.get("/c/_plugins", headers=AUTH).json == []
-    for entry in listed_a + listed_b:
-        assert {"name", "path", "plugin_type", "deployed_at"} <= set(entry)
-        assert entry["plugin_type"] == "wasm"
-
-
-def test_api_list_does_not_mix_databases_sharing_a_prefix(client):
-    deploy(client, "ab/s/t", wat(ECHO_WAT))
-    assert client.get("/a/_plugins", headers=AUTH).json == []
-    assert [p["path"] for p in client.get("/ab/_plugins", headers=AUTH).json] == ["ab/s/t"]
-
-
-def test_api_remove(client):
-    deploy(client, "db/schema/table", wat(ECHO_WAT))
-    deploy(client, "db/schema/other", wat(ECHO_WAT))
-    response = client.delete("/db/schema/table/anything/_remove", headers=AUTH, status=200)
-    assert response.json == {"removed": True, "path": "db/schema/table"}
-    assert "db/schema/table" in error_of(
-        client.delete("/db/schema/table/anything/_remove", headers=AUTH, status=404))
-    invoke(client, "db/schema/table/f", status=404)
-    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/schema/other"]
-    invoke(client, "db/schema/other/f")
-
-
-def test_api_remove_unknown_is_404(client):
-    assert "error" in client.delete("/db/s/t/f/_remove", headers=AUTH, status=404).json
-
-
-def test_api_health_needs_no_auth(client):
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
-        response = client.get("/_health", headers=headers, status=200)
-        assert response.json == {"status": "ok"}
-
-
-def test_api_unknown_route_is_json_404(client):
-    response = client.get("/db/s/t/f/_nothing", headers=AUTH, status=404)
-    assert "error" in response.json
-
-
-# -- auth on every route -----------------------------------------------------------
-
-_API_BAD_AUTH = [
-    None,                                                        # missing
-    f"Bearer wrong-{TOKEN[::-1]}",                               # wrong token
-    "Bearer",                                                    # scheme alone
-    "Bearer ",                                                   # scheme and a space
-    "Basic " + base64.b64encode(f"user:{TOKEN}".encode()).decode(),   # other scheme
-    f"Token {TOKEN}",                                            # other scheme, right token
-    f"Bearer {TOKEN} ",                                          # trailing space
-    f"Bearer {TOKEN}x",                                          # a longer token
-    f"Bearer {TOKEN[:-1]}",                                      # a prefix of it
-    f"Bearer  {TOKEN}",                                          # two spaces
-]
-
-_API_ROUTES = [
-    ("PUT", "/db/s/t/_deploy", "module"),
-    ("POST", "/db/s/t/f/_invoke", b"hi"),
-    ("GET", "/db/_plugins", b""),
-    ("DELETE", "/db/s/t/f/_remove", b""),
-    ("GET", "/db/_files/a.txt", b""),
-    ("HEAD", "/db/_files/a.txt", b""),
-    ("GET", "/db/_files/", b""),
-    ("PUT", "/db/_files/a.txt", b"overwritten"),
-    ("DELETE", "/db/_files/a.txt", b""),
-    ("POST", "/db/_query", b'{"path": "/"}'),
-]
-
-
-@pytest.mark.parametrize("method, path, body", _API_ROUTES, ids=[f"{m} {p}" for m, p, _ in _API_ROUTES])
-def test_api_auth_required_on_every_route(client, method, path, body):
-    # Everything the route could touch exists, so only the token stands in the way.
-    deploy(client, "db/s/t", answer_module(b"original"))
-    client.put("/db/_files/a.txt", b"original", headers=AUTH)
-    payload = bytes(wat(ECHO_WAT)) if body == "module" else body
-    for authorization in _API_BAD_AUTH:
-        headers = {} if authorization is None else {"Authorization": authorization}
-        response = client.request(path, method=method, body=payload, headers=headers, expect_errors=True)
-        assert response.status_int == 401, (authorization, response.status)
-        assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        if method != "HEAD":
-            assert "error" in response.json
-            assert TOKEN not in response.text and TOKEN[::-1] not in response.text
-    # Nothing changed behind the refusals.
-    assert invoke(client, "db/s/t/f").body == b"original"
-    assert client.get("/db/_files/a.txt", headers=AUTH).body == b"original"
-    # And the right token passes on the same route.
-    ok = client.request(path, method=method, body=payload, headers=AUTH, expect_errors=True)
-    assert ok.status_int < 400, ok.status
-
-
-# -- request envelope ----------------------------------------------------------------
-
-def test_api_request_envelope_carries_every_byte(client):
-    data = bytes(range(256))
-    assert _api_envelope(client, data)["arguments"] == list(range(256))
-
-
-def test_api_request_envelope_empty_body(client):
-    assert _api_envelope(client, b"")["arguments"] == []
-
-
-def test_api_request_envelope_metadata(client):
-    envelope = _api_envelope(client, b"{}", query="a=1&b=two",
-                             headers={"Content-Type": "application/json"})
-    metadata = envelope["metadata"]
-    assert metadata["function_name"] == "function"
-    assert metadata["path"] == "/db/schema/table/function"
-    assert metadata["plugin_path"] == "db/schema/table"
-    assert metadata["method"] == "POST"
-    assert metadata["query_string"] == "a=1&b=two"
-    assert metadata["content_type"] == "application/json"
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    assert set(envelope) == {"arguments", "metadata"}
-
-
-def test_api_request_envelope_metadata_without_query_or_content_type(client):
-    deploy(client, "db/schema/table", wat(ECHO_WAT))
-    metadata = json.loads(client.post("/db/schema/table/f/_invoke", headers=AUTH, status=200).body)["metadata"]
-    assert metadata["query_string"] == ""
-    assert all(isinstance(v, str) for v in metadata.values())
-
-
-def test_api_request_is_placed_with_alloc(client):
-    # ECHO with alloc: the request must arrive where alloc said (65536), not at 0.
-    module = wat(f"""
-(module
-  (memory (export "memory") 1)
-  {ALLOC_WAT}
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (if (i32.ne (local.get $ptr) (i32.const 65536)) (then unreachable))
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
-            (i64.extend_i32_u (local.get $len)))))
-""")
-    deploy(client, "db/s/t", module)
-    assert json.loads(invoke(client, "db/s/t/f", b"ab").body)["arguments"] == [97, 98]
-
-
-# -- response envelope ---------------------------------------------------------------
-
-def test_api_response_envelope_byte_array_body(client):
-    response = _api_answer(client, b'{"status_code":201,"content_type":"text/plain; charset=utf-8",'
-                                   b'"headers":{"x-custom":"yes"},"body":[72,105]}', status=201)
-    assert response.body == b"Hi"
-    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
-    assert response.headers["x-custom"] == "yes"
-
-
-def test_api_response_envelope_string_body(client):
-    response = _api_answer(client, '{"status_code":200,"content_type":"text/plain","body":"héllo"}'.encode())
-    assert response.body == "héllo".encode("utf-8")
-    assert response.content_type == "text/plain"
-
-
-@pytest.mark.parametrize("status", [200, 202, 204, 302, 404, 418, 503, 599])
-def test_api_response_envelope_statuses_pass_through(client, status):
-    body = b"[]" if status in (204,) else b"[111,107]"
-    response = _api_answer(client, b'{"status_code":%d,"body":%s}' % (status, body), status=status)
-    assert response.body == (b"" if status == 204 else b"ok")
-
-
-@pytest.mark.parametrize("content_type", ["", ',"content_type":null', ',"content_type":""'])
-def test_api_response_envelope_default_content_type(client, content_type):
-    response = _api_answer(client, b'{"status_code":200%s,"body":[1]}' % content_type.encode())
-    assert response.headers["Content-Type"] == "application/octet-stream"
-    assert response.body == b"\x01"
-
-
-def test_api_response_envelope_safe_headers_only(client):
-    headers = {
-        "x-custom": "yes", "X-Upper-Case": "kept", "cache-control": "no-store", "ETag": '"abc"',
-        "last-modified": "Wed, 21 Oct 2015 07:28:00 GMT", "content-disposition": "inline",
-        "content-language": "en", "content-encoding": "identity", "vary": "Accept",
-        "set-cookie": "session=stolen", "Set-Cookie": "a=b", "location": "/elsewhere",
-        "access-control-allow-origin": "*", "www-authenticate": "Basic", "server": "evil",
-        "content-length": "999", "transfer-encoding": "chunked", "content-type": "text/html",
-        "x-crlf": "a\r\nSet-Cookie: injected=1", "x-lf": "a\nb", "x-cr": "a\rb",
-        "x bad name": "v", "x-ok-after": "still here",
-    }
-    raw = json.dumps({"status_code": 200, "content_type": "text/plain", "headers": headers,
-                      "body": [111, 107]}).encode()
-    response = _api_answer(client, raw)
-    got = {k.lower(): v for k, v in response.headerlist}
-    for kept in ("x-custom", "x-upper-case", "cache-control", "etag", "last-modified",
-                 "content-disposition", "content-language", "content-encoding", "vary", "x-ok-after"):
-        assert got[kept] == {k.lower(): v for k, v in headers.items()}[kept], kept
-    for dropped in ("set-cookie", "location", "access-control-allow-origin", "www-authenticate",
-                    "transfer-encoding", "x-crlf", "x-lf", "x-cr", "x bad name"):
-        assert dropped not in got, dropped
-    assert got.get("server") != "evil"
-    assert got["content-type"] == "text/plain"
-    assert got.get("content-length", "2") == "2"
-    assert response.body == b"ok"
-    assert "injected" not in str(response.headerlist)
-
-
-def test_api_plugin_headers_differing_in_case_both_go_out(client):
-    raw = b'{"status_code":200,"body":[111,107],"headers":{"X-Twice":"first","x-twice":"second"}}'
-    response = _api_answer(client, raw)
-    assert sorted(v for k, v in response.headerlist if k.lower() == "x-twice") == ["first", "second"]
-
-
-def test_api_access_log_shows_the_plugins_status(tmp_path, caplog):
-    import logging
-    caplog.set_level(logging.INFO, logger="aeordb")
-    client, _ = make_app(tmp_path, access_log=True)
-    deploy(client, "db/s/gone", answer_module(b'{"status_code":404,"body":[110,111]}'))
-    invoke(client, "db/s/gone/f", status=404)
-    assert any("POST /db/s/gone/f/_invoke 404 " in record.getMessage() for record in caplog.records)
-
-
-def test_load_json_reads_what_json_loads_reads():
-    """UTF-8 is the fast case; a BOM or NUL bytes still mean UTF-16 or UTF-32, as for json.loads."""
-    document = {"a": [1, "é€😀", {"b": None}], "s": "\ud800"}
-    for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
-        raw = json.dumps(document, ensure_ascii=False).encode(encoding, "surrogatepass")
-        assert aeordb.load_json(raw) == json.loads(raw) == document, encoding
-    for bad in (b"[1] x", b"\xff\xfe\x00", b"\xc3", b"{"):
-        with pytest.raises(ValueError):
-            aeordb.load_json(bad)
-
-
-@pytest.mark.parametrize("raw", [
-    b"hello, not json",
-    b"",
-    b"[1,2,3]",
-    b'"just a string"',
-    b'{"status_code":"200","body":[1]}',
-    b'{"status_code":200.5,"body":[1]}',
-    b'{"status_code":200.0,"body":[1]}',
-    b'{"status_code":true,"body":[1]}',
-    b'{"status_code":null,"body":[1]}',
-    b'{"body":[1]}',
-    b'{"status_code":200}',
-    b'{"status_code":200,"body":null}',
-    b'{"status_code":200,"body":[256]}',
-    b'{"status_code":200,"body":[-1]}',
-    b'{"status_code":200,"body":[1.5]}',
-    b'{"status_code":200,"body":[true]}',
-    b'{"status_code":200,"body":[[1]]}',
-    b'{"status_code":200,"body":{"a":1}}',
-    b'{"status_code":200,"body":[1],"headers":{"x-a":1}}',
-    b'{"status_code":200,"body":[1],"headers":["x-a"]}',
-    b'{"status_code":200,"body":[1],"content_type":5}',
-    b'{"status_code":200,"body":[1]} trailing',
-    b'{"status_code":200,"body":[1,2',
-])
-def test_api_response_fallback_to_raw(client, raw):
-    response = _api_answer(client, raw)
-    assert response.status_int == 200
-    assert response.headers["Content-Type"] == "application/octet-stream"
-    assert response.body == raw
-
-
-@pytest.mark.parametrize("code", [99, 0, -200, 600, 1000])
-def test_api_response_status_out_of_range_is_500(client, code):
-    response = _api_answer(client, b'{"status_code":%d,"body":[1]}' % code, status=500)
-    assert str(code) in error_of(response)
-
-
-def test_api_echo_answers_its_own_envelope_verbatim(client):
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    response = invoke(client, "db/s/t/f", b"hi")
-    assert response.content_type == "application/octet-stream"
-    assert response.body.startswith(b'{"arguments":')
-
-
-@pytest.mark.parametrize("size", [16 * 1024 - 100, 16 * 1024, 100 * 1024, 1024 * 1024])
-def test_api_large_body_round_trip(client, size):
-    deploy(client, "db/s/t", wat(_API_BODY_ECHO_WAT))
-    data = random.Random(size).randbytes(size - 3) + b"\0\xff]"
-    response = invoke(client, "db/s/t/f", data)
-    assert response.content_type == "application/octet-stream"
-    assert len(response.body) == len(data) and response.body == data
-    if size >= 16 * 1024:   # such answers went through the WASM codec, not json.loads
-        codec = client.app.config["aeordb.runtime"].codec
-        assert getattr(codec._local, "state", None) is not None
-
-
-def test_api_large_answer_with_nested_body_key_first(client):
-    data = random.Random(7).randbytes(12 * 1024)
-    raw = (b'{"status_code":202,"content_type":"application/x-test","meta":{"body":[1,2,3],'
-           b'"note":"\\"body\\":[9]"},"headers":{"x-n":"1"},"body":' + json.dumps(list(data)).encode() + b"}")
-    assert len(raw) > 16 * 1024
-    response = _api_answer(client, raw, status=202)
-    assert response.body == data
-    assert response.content_type == "application/x-test"
-    assert response.headers["x-n"] == "1"
-
-
-@pytest.mark.parametrize("bad", [b"256", b"-1", b"1.0", b"01", b"[1]", b'"a"', b"1 2", b"", b"true"])
-def test_api_large_answer_with_bad_byte_falls_back_to_raw(client, bad):
-    values = b",".join([b"65"] * 6000 + ([bad] if bad else [b""]) + [b"66"])
-    raw = b'{"status_code":200,"content_type":"text/plain","body":[' + values + b"]}"
-    assert len(raw) > 16 * 1024
-    response = _api_answer(client, raw)
-    assert response.content_type == "application/octet-stream"
-    assert response.body == raw
-
-
-def test_api_large_answer_with_body_twice_uses_json_semantics(client):
-    # Duplicate keys: json.loads keeps the last one; the fast path must not disagree.
-    first = b",".join([b"1"] * 9000)
-    raw = b'{"status_code":200,"body":[' + first + b'],"body":[104,105]}'
-    assert len(raw) > 16 * 1024
-    assert _api_answer(client, raw).body == b"hi"
-
-
-# -- persistence and on-disk layout --------------------------------------------------
-
-def test_api_plugins_survive_a_new_app(tmp_path):
-    client, _ = make_app(tmp_path)
-    module = answer_module(b"persisted")
-    meta = deploy(client, "db/s/t", module, name="kept").json
-    deploy(client, "db/s/gone", answer_module(b"x"))
-    client.delete("/db/s/gone/f/_remove", headers=AUTH)
-
-    again, _ = make_app(tmp_path)
-    assert again.get("/db/_plugins", headers=AUTH).json == [meta]
-    assert invoke(again, "db/s/t/f").body == b"persisted"
-    invoke(again, "db/s/gone/f", status=404)
-    again.delete("/db/s/t/f/_remove", headers=AUTH)
-
-    third, _ = make_app(tmp_path)
-    assert third.get("/db/_plugins", headers=AUTH).json == []
-    invoke(third, "db/s/t/f", status=404)
-
-
-def test_api_on_disk_layout_is_ordinary_files(tmp_path):
-    client, _ = make_app(tmp_path)
-    old = answer_module(b"old")
-    deploy(client, "db/s/t", old)
-    module = answer_module(b"new")
-    meta = deploy(client, "db/s/t", module).json
-    folder = tmp_path / "plugins" / "db" / "s" / "t"
-    assert json.loads((folder / "plugin.json").read_text()) == meta
-    sha = _api_sha256(module)
-    assert (folder / f"module-{sha}.wasm").read_bytes() == module
-    assert sorted(p.name for p in folder.iterdir()) == ["module-" + sha + ".wasm", "plugin.json"]
-    artifacts = list((tmp_path / "cache").glob(f"{sha}-*.cwasm"))
-    assert len(artifacts) == 1 and artifacts[0].stat().st_size > 0
-
-    client.delete("/db/s/t/f/_remove", headers=AUTH)
-    assert not folder.exists()
-
-
-def test_api_copied_plugin_folder_is_loaded(tmp_path):
-    # An operator can back up and copy plugins as files.
-    client, _ = make_app(tmp_path / "one")
-    meta = deploy(client, "db/s/t", answer_module(b"copied")).json
-    import shutil
-    shutil.copytree(tmp_path / "one" / "plugins", tmp_path / "two" / "plugins")
-    other, _ = make_app(tmp_path / "two")
-    assert other.get("/db/_plugins", headers=AUTH).json == [meta]
-    assert invoke(other, "db/s/t/f").body == b"copied"
-
-
-def _api_flip_middle(blob: bytes) -> bytes:
-    middle = len(blob) // 2
-    return blob[:middle] + bytes([blob[middle] ^ 0xFF]) + blob[middle + 1:]
-
-
-@pytest.mark.parametrize("damage", ["garbage", "payload-end", "payload-middle", "truncate", "empty"])
-def test_api_damaged_artifact_is_recompiled(tmp_path, damage):
-    client, _ = make_app(tmp_path)
-    module = answer_module(b"still works")
-    deploy(client, "db/s/t", module)
-    sha = _api_sha256(module)
-    [artifact] = (tmp_path / "cache").glob(f"{sha}-*.cwasm")
-    blob = artifact.read_bytes()
-    damaged = {"garbage": os.urandom(len(blob)),
-               "payload-end": blob[:-200] + bytes(b ^ 0xFF for b in blob[-200:]),
-               # wasmtime itself may accept this one: only our hash notices it
-               "payload-middle": _api_flip_middle(blob),
-               "truncate": blob[:len(blob) // 2],
-               "empty": b""}[damage]
-    artifact.write_bytes(damaged)
-
-    again, _ = make_app(tmp_path)
-    # Detected at start: the artifact was rebuilt before anything ran from it.
-    repaired = artifact.read_bytes()
-    assert repaired != damaged and repaired.startswith(aeordb.ARTIFACT_MAGIC)
-    header = len(aeordb.ARTIFACT_MAGIC) + 64
-    assert repaired[len(aeordb.ARTIFACT_MAGIC):header].decode() == _api_sha256(repaired[header:])
-    assert invoke(again, "db/s/t/f").body == b"still works"
-
-
-def test_api_missing_artifact_is_recompiled(tmp_path):
-    client, _ = make_app(tmp_path)
-    deploy(client, "db/s/t", answer_module(b"fine"))
-    for artifact in (tmp_path / "cache").glob("*.cwasm"):
-        artifact.unlink()
-    again, _ = make_app(tmp_path)
-    assert invoke(again, "db/s/t/f").body == b"fine"
-    assert list((tmp_path / "cache").glob("*.cwasm"))
-
-
-def test_api_tampered_module_file_is_not_loaded(tmp_path):
-    client, _ = make_app(tmp_path)
-    module = answer_module(b"original")
-    deploy(client, "db/s/t", module)
-    deploy(client, "db/s/u", answer_module(b"other"))
-    sha = _api_sha256(module)
-    for artifact in (tmp_path / "cache").glob(f"{sha}-*.cwasm"):
-        artifact.unlink()
-    (tmp_path / "plugins" / "db" / "s" / "t" / f"module-{sha}.wasm").write_bytes(answer_module(b"evil"))
-    again, _ = make_app(tmp_path)
-    invoke(again, "db/s/t/f", status=404)
-    assert invoke(again, "db/s/u/f").body == b"other"
-
-
-# -- runaway plugins -----------------------------------------------------------------
-
-def test_api_endless_loop_hits_the_time_limit(tmp_path):
-    client, _ = make_app(tmp_path, timeout=0.5)
-    deploy(client, "db/s/loop", wat(LOOP_WAT))
-    deploy(client, "db/s/echo", wat(ECHO_WAT))
-    started = time.monotonic()
-    error = error_of(invoke(client, "db/s/loop/f", status=500))
-    elapsed = time.monotonic() - started
-    assert "time limit" in error and "0.5" in error
-    assert 0.4 <= elapsed < 5
-    assert json.loads(invoke(client, "db/s/echo/f", b"ok").body)["arguments"] == [111, 107]
-    assert "time limit" in error_of(invoke(client, "db/s/loop/f", status=500))
-
-
-def test_api_memory_bomb_hits_the_memory_limit(tmp_path):
-    client, _ = make_app(tmp_path, memory_limit=4 * 1024 * 1024)
-    deploy(client, "db/s/bomb", wat(_API_BOMB_WAT))
-    deploy(client, "db/s/echo", wat(ECHO_WAT))
-    error = error_of(invoke(client, "db/s/bomb/f", status=500))
-    assert "memory limit" in error
-    assert json.loads(invoke(client, "db/s/echo/f", b"ok").body)["arguments"] == [111, 107]
-
-
-def test_api_trap_is_a_500_with_the_reason(client):
-    deploy(client, "db/s/t", wat('(module (memory (export "memory") 1)'
-                                  ' (func (export "handle") (param i32 i32) (result i64)'
-                                  ' (i64.extend_i32_s (i32.div_s (i32.const 1) (i32.const 0)))))'))
-    assert "division by zero" in error_of(invoke(client, "db/s/t/f", status=500))
-
-
-def test_api_bad_answer_pointer_is_a_500(client):
-    deploy(client, "db/s/t", wat('(module (memory (export "memory") 1)'
-                                  ' (func (export "handle") (param i32 i32) (result i64)'
-                                  ' (i64.const 0x0000FFFF00000010)))'))
-    assert "pointer" in error_of(invoke(client, "db/s/t/f", status=500))
-
-
-# -- a real server -------------------------------------------------------------------
-
-def test_api_real_server_round_trip(tmp_path):
-    with server_process(tmp_path) as (process, port):
-        status, _, body = http_request(port, "PUT", "/mydb/public/users/_deploy?name=my-plugin",
-                                       wat(ECHO_WAT))
-        assert status == 200 and json.loads(body)["name"] == "my-plugin"
-        status, headers, body = http_request(port, "POST", "/mydb/public/users/compute/_invoke", b"hi",
-                                             {"Content-Type": "text/plain"})
-        assert status == 200 and headers["content-type"] == "application/octet-stream"
-        envelope = json.loads(body)
-        assert envelope["arguments"] == [104, 105]
-        assert envelope["metadata"]["content_type"] == "text/plain"
-        status, _, body = http_request(port, "GET", "/mydb/_plugins")
-        assert status == 200 and [p["path"] for p in json.loads(body)] == ["mydb/public/users"]
-        status, headers, body = http_request(port, "GET", "/mydb/_plugins", headers={"Authorization": "Bearer x"})
-        assert status == 401 and headers["www-authenticate"].startswith("Bearer")
-        status, _, body = http_request(port, "DELETE", "/mydb/public/users/compute/_remove")
-        assert status == 200 and json.loads(body) == {"removed": True, "path": "mydb/public/users"}
-        status, _, _ = http_request(port, "POST", "/mydb/public/users/compute/_invoke", b"hi")
-        assert status == 404
-        process.terminate()
-        output = process.communicate(timeout=10)[0].decode()
-    assert f"127.0.0.1:{port}" in output
-    assert TOKEN not in output
-
-
-def test_api_help_documents_the_options():
-    result = subprocess.run([sys.executable, str(HERE / "aeordb.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    for word in ("--data-dir", "--token", "--port", "--host", "--threads", "--timeout",
-                 "--memory-limit", "AEORDB_PORT", "AEORDB_TOKEN", "AEORDB_DATA_DIR"):
-        assert word in result.stdout, word
-
-
-# -- the generated token -------------------------------------------------------------
-
-def test_api_token_generated_once_and_kept(tmp_path):
-    app = aeordb.create_app(aeordb.Settings(data_dir=tmp_path, token=None))
-    token = app.config["aeordb.token"]
-    token_file = tmp_path / "token"
-    assert app.config["aeordb.token_created"] is True
-    assert len(token) >= 32
-    assert token_file.read_text().strip() == token
-    assert token_file.stat().st_mode & 0o777 == 0o600
-
-    again = aeordb.create_app(aeordb.Settings(data_dir=tmp_path, token=None))
-    assert again.config["aeordb.token"] == token
-    assert again.config["aeordb.token_created"] is False
-
-    client = webtest.TestApp(again)
-    client.get("/db/_plugins", headers={"Authorization": f"Bearer {token}"}, status=200)
-    response = client.get("/db/_plugins", headers=AUTH, status=401)
-    assert token not in response.text
-
-
-def test_api_tokens_differ_between_data_dirs(tmp_path):
-    one = aeordb.create_app(aeordb.Settings(data_dir=tmp_path / "a", token=None)).config["aeordb.token"]
-    two = aeordb.create_app(aeordb.Settings(data_dir=tmp_path / "b", token=None)).config["aeordb.token"]
-    assert one != two
-
-
-def test_api_configured_token_writes_no_file(tmp_path):
-    app = aeordb.create_app(aeordb.Settings(data_dir=tmp_path, token=TOKEN))
-    assert app.config["aeordb.token"] == TOKEN and app.config["aeordb.token_created"] is False
-    assert not (tmp_path / "token").exists()
-
-
-def test_api_copied_plugin_folder_takes_the_path_of_its_folder(tmp_path):
-    # An operator copies a plugin folder to another table: both plugins exist after a restart,
-    # each at the path of its folder (plugin.json's "path" must not shadow the original).
-    client, _ = make_app(tmp_path)
-    deploy(client, "db/s/t", answer_module(b"same module"))
-    import shutil
-    shutil.copytree(tmp_path / "plugins" / "db" / "s" / "t", tmp_path / "plugins" / "db" / "s" / "u")
-    again, _ = make_app(tmp_path)
-    assert sorted(p["path"] for p in again.get("/db/_plugins", headers=AUTH).json) == ["db/s/t", "db/s/u"]
-    again.delete("/db/s/u/f/_remove", headers=AUTH, status=200)
-    third, _ = make_app(tmp_path)
-    assert [p["path"] for p in third.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
-    assert invoke(third, "db/s/t/f").body == b"same module"
-
-
-def _api_restart_without_cache(tmp_path):
-    """A new app on ``tmp_path`` that must load every plugin from plugins/ alone."""
-    import shutil
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
-    return make_app(tmp_path)[0]
-
-
-def test_api_concurrent_redeploys_leave_a_loadable_plugin(tmp_path):
-    # A deploy that commits first must not delete the module file of a deploy still in flight.
-    client, app = make_app(tmp_path)
-    registry = app.config["aeordb.registry"]
-    first, second = answer_module(b"first"), answer_module(b"second")
-    second_file = tmp_path / "plugins" / "db" / "s" / "t" / f"module-{_api_sha256(second)}.wasm"
-    registry._lock = GatedLock(registry._lock, lambda lock: wait_for(
-        lambda: second_file.exists() or lock.waiting.is_set()))
-
-    results = {}
-    def run(label, module):
-        results[label] = registry.deploy("db", "s", "t", module, "t", "wasm")
-    threads = [threading.Thread(target=run, args=("first", first))]
-    threads[0].start()
-    wait_for(lambda: registry._lock.first is not None or not threads[0].is_alive())
-    threads.append(threading.Thread(target=run, args=("second", second)))
-    threads[1].start()
-    for thread in threads:
-        thread.join(timeout=20)
-    assert set(results) == {"first", "second"}
-
-    answer = invoke(client, "db/s/t/f").body
-    assert answer in (b"first", b"second")
-    meta = json.loads((tmp_path / "plugins" / "db" / "s" / "t" / "plugin.json").read_text())
-    assert (tmp_path / "plugins" / "db" / "s" / "t" / f"module-{meta['sha256']}.wasm").exists()
-    assert invoke(_api_restart_without_cache(tmp_path), "db/s/t/f").body == answer
-
-
-def test_api_remove_during_a_deploy_leaves_a_consistent_registry(tmp_path):
-    client, app = make_app(tmp_path)
-    registry = app.config["aeordb.registry"]
-    deploy(client, "db/s/t", answer_module(b"old"))
-    new = answer_module(b"new")
-    folder = tmp_path / "plugins" / "db" / "s" / "t"
-    removed = threading.Event()
-
-    def remove_in_between(lock):
-        # The deploy is about to commit: a remove of the same path runs meanwhile
-        # (or waits for the lock, if the deploy's writes are already under it).
-        worker = threading.Thread(target=lambda: (registry.remove("db", "s", "t"), removed.set()))
-        worker.start()
-        wait_for(lambda: removed.is_set() or lock.waiting.is_set())
-    registry._lock = GatedLock(registry._lock, remove_in_between)
-    registry.deploy("db", "s", "t", new, "t", "wasm")
-    assert removed.wait(timeout=10)
-    live = [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json]
-    assert sorted(p.name for p in folder.glob("*")) == \
-        (["module-" + _api_sha256(new) + ".wasm", "plugin.json"] if live else [])
-    again = _api_restart_without_cache(tmp_path)
-    assert [p["path"] for p in again.get("/db/_plugins", headers=AUTH).json] == live
-
-
-# Runtime paths ################################################################
-# The fast guest path (below wasmtime-py's public API) and the public-API
-# fallback must behave the same; so must pooled and on-demand allocation.
-
-RUNTIME_PATHS = [
-    pytest.param({"fast_calls": True, "pooling": True}, id="fast-pooled"),
-    pytest.param({"fast_calls": True, "pooling": False}, id="fast-ondemand"),
-    pytest.param({"fast_calls": False, "pooling": True}, id="public-pooled"),
-    pytest.param({"fast_calls": False, "pooling": False}, id="public-ondemand"),
-]
-
-_ENV_MEMORY_ECHO_WAT = """
-(module
-  (import "env" "memory" (memory 1))
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
-            (i64.extend_i32_u (local.get $len)))))
-"""
-
-_ALLOC_ECHO_WAT = f"""
-(module
-  (memory (export "memory") 1)
-  {ALLOC_WAT}
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
-            (i64.extend_i32_u (local.get $len)))))
-"""
-
-
-@pytest.mark.parametrize("options", RUNTIME_PATHS)
-def test_runtime_paths_agree(tmp_path, options):
-    client, app = make_app(tmp_path, options=options, timeout=0.5)
-    expected_ops = aeordb.FastGuestOps if options["fast_calls"] else aeordb.GuestOps
-    assert type(app.config["aeordb.runtime"].wasm.ops) is expected_ops
-    # The time limit below is met by the epoch timer on the fast path (Linux), by a thread otherwise.
-    expected_ticker = "timer" if options["fast_calls"] and sys.platform.startswith("linux") else "thread"
-    assert app.config["aeordb.runtime"].wasm.ticker == expected_ticker
-    body = bytes(range(256)) * 3
-
-    deploy(client, "db/s/plain", wat(ECHO_WAT))
-    deploy(client, "db/s/alloc", wat(_ALLOC_ECHO_WAT))
-    deploy(client, "db/s/envmem", wat(_ENV_MEMORY_ECHO_WAT))
-    for table in ("plain", "alloc", "envmem"):
-        envelope = json.loads(invoke(client, f"db/s/{table}/f", body).body)
-        assert bytes(envelope["arguments"]) == body, table
-        assert envelope["metadata"]["plugin_path"] == f"db/s/{table}"
-
-    # A host call that answers through alloc, and one through offset 0.
-    client.put("/db/_files/a.txt", b"payload", headers=AUTH, content_type="text/plain")
-    deploy(client, "db/s/host", host_call_module("aeordb_read_file", b'{"path": "/a.txt"}'))
-    answer = json.loads(invoke(client, "db/s/host/f").body)
-    assert base64.b64decode(answer["data"]) == b"payload"
-
-    # Traps and the time limit surface the same way on every path.
-    deploy(client, "db/s/trap", wat(TRAP_WAT))
-    assert "unreachable" in invoke(client, "db/s/trap/f", status=500).json["error"]
-    deploy(client, "db/s/loop", wat(LOOP_WAT))
-    assert "time limit" in invoke(client, "db/s/loop/f", status=500).json["error"]
-    # ...and the plugin after them still works.
-    assert bytes(json.loads(invoke(client, "db/s/alloc/f", b"ok").body)["arguments"]) == b"ok"
-
-
-def test_fast_path_is_feature_detected(tmp_path, monkeypatch):
-    monkeypatch.setattr(aeordb.FastGuestOps, "_NEEDS", ("no_such_wasmtime_symbol",))
-    assert not aeordb.FastGuestOps.available()
-    # Without timer_create (say, not Linux) the epoch is ticked by a thread.
-    monkeypatch.setattr(aeordb.sys, "platform", "darwin")
-    # A fresh engine key, so the detection runs again for this app.
-    client, app = make_app(tmp_path, options={"fast_calls": True, "pooling": False},
-                           memory_limit=32 << 20, timeout=0.3)
-    wasm = app.config["aeordb.runtime"].wasm
-    assert type(wasm.ops) is aeordb.GuestOps and wasm.ticker == "thread"
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    assert json.loads(invoke(client, "db/s/t/f", b"x").body)["arguments"] == [120]
-    deploy(client, "db/s/loop", wat(LOOP_WAT))
-    assert "time limit" in invoke(client, "db/s/loop/f", status=500).json["error"]
-
-
-_HOLDING_THE_GIL_SCRIPT = """
-import ctypes, sys, wasmtime
-import aeordb
-from wasmtime import _bindings as bindings, _ffi as ffi
-wasm = aeordb.Wasm.shared(64 << 20, 10000)
-assert wasm.ticker == "timer", wasm.ticker
-holding = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle).wasmtime_func_call
-holding.restype, holding.argtypes = bindings._wasmtime_func_call.restype, bindings._wasmtime_func_call.argtypes
-store = wasmtime.Store(wasm.engine)
-store.set_epoch_deadline(20)
-module = wasmtime.Module(wasm.engine, sys.argv[1])
-spin = wasmtime.Instance(store, module, []).exports(store)["handle"]
-params = (ffi.wasmtime_val_t * 2)()
-for param in params:
-    param.kind = ffi.WASMTIME_I32.value
-results, trap = (ffi.wasmtime_val_t * 1)(), ctypes.POINTER(ffi.wasm_trap_t)()
-# No Python thread could tick now: this call keeps the GIL until the guest stops.
-error = holding(store._context(), ctypes.byref(spin._func), params, 2, results, 1, ctypes.byref(trap))
-assert not error and trap
-print(wasmtime.Trap._from_ptr(trap).trap_code.name)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the epoch timer is Linux's timer_create")
-def test_epoch_timer_ticks_without_the_gil():
-    """The timer calls wasmtime itself: it interrupts a guest while Python holds the GIL throughout."""
-    done = subprocess.run([sys.executable, "-c", _HOLDING_THE_GIL_SCRIPT, LOOP_WAT], cwd=Path(aeordb.__file__).parent,
-                          capture_output=True, text=True, timeout=60)   # a broken timer would spin forever
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "INTERRUPT"
-
-
-_GUEST_LOOPS = {
-    "handle": '(module (memory (export "memory") 1)'
-              ' (func (export "handle") (param i32 i32) (result i64) (loop $l (br $l)) (i64.const 0)))',
-    "alloc": '(module (memory (export "memory") 1)'
-             ' (func (export "alloc") (param i32) (result i32) (loop $l (br $l)) (i32.const 0))'
-             ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))',
-    "start": '(module (memory (export "memory") 1) (func $spin (loop $l (br $l))) (start $spin)'
-             ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))',
-}
-
-
-@pytest.mark.parametrize("options", [path for path in RUNTIME_PATHS if path.values[0]["fast_calls"]],
-                         ids=["fast-pooled", "fast-ondemand"])
-@pytest.mark.parametrize("where", sorted(_GUEST_LOOPS))
-def test_looping_guest_never_holds_the_gil(tmp_path, options, where):
-    """While a guest spins in handle, alloc or its start function, this thread runs on.
-
-    (The epoch timer would stop such a guest even with the GIL held: only the
-    gaps this thread sees show whether other requests were stalled. The public
-    API path leaves every such call to wasmtime-py, which always releases it.)
-    """
-    client, app = make_app(tmp_path, options=options, timeout=1)
-    deploy(client, "db/s/spin", wat(_GUEST_LOOPS[where]))
-    watching, done, gaps = threading.Event(), threading.Event(), [0.0]
-
-    def watch() -> None:   # another thread of the server, as it were: it needs the GIL to go on
-        last = time.monotonic()
-        watching.set()
-        while not done.is_set():
-            now = time.monotonic()
-            gaps[0], last = max(gaps[0], now - last), now
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    assert watching.wait(10)
-    try:
-        response = invoke(client, "db/s/spin/f", b"x", status=500)
-    finally:
-        done.set()
-        watcher.join()
-    assert "time limit" in response.json["error"]
-    assert gaps[0] < 0.4, f"another thread stood still for {gaps[0]:.2f} s while the guest ran"
-
-
-_STOPPED_TIMER_SCRIPT = """
-import logging, sys, wasmtime
-import aeordb
-logging.basicConfig(level=logging.ERROR)
-aeordb.Wasm._start_epoch_timer = classmethod(lambda cls, engine: True)   # a timer that never ticks
-wasm = aeordb.Wasm.shared(64 << 20, 10000)
-assert wasm.ticker == "timer", wasm.ticker
-store = wasmtime.Store(wasm.engine)
-store.set_epoch_deadline(10)
-spin = wasmtime.Instance(store, wasmtime.Module(wasm.engine, sys.argv[1]), []).exports(store)["handle"]
-try:
-    spin(store, 0, 0)
-except wasmtime.Trap as trap:
-    print(trap.trap_code.name)
-"""
-
-
-def test_a_stopped_epoch_timer_is_taken_over():
-    """Should the timer stop ticking, the watching thread notices and ticks instead: no guest runs forever."""
-    done = subprocess.run([sys.executable, "-c", _STOPPED_TIMER_SCRIPT, LOOP_WAT],
-                          cwd=Path(aeordb.__file__).parent, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "INTERRUPT"
-    assert "the epoch timer stopped ticking" in done.stderr
-
-
-_START_SECTION_WAT = '(module (memory (export "memory") 1) (func $s) (start $s)' + \
-    ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))'
-
-
-def test_quick_instantiation_detection(tmp_path):
-    """Only a module without a start function and with little data is instantiated holding the GIL.
-
-    Unsure means slow: a binary not read to its end, or one not at hand.
-    """
-    big_data = wat('(module (memory (export "memory") 17) (data (i32.const 0) "'
-                   + "\\00" * (aeordb.QUICK_DATA + 1) + '")'
-                   ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
-    client, app = make_app(tmp_path)
-    deploy(client, "db/s/plain", wat(ECHO_WAT))
-    deploy(client, "db/s/starts", wat(_START_SECTION_WAT))
-    deploy(client, "db/s/big", big_data)
-    registry = app.config["aeordb.registry"]
-    assert registry.get("db/s/plain").shape.quick_instantiate is True
-    assert registry.get("db/s/starts").shape.quick_instantiate is False
-    assert registry.get("db/s/big").shape.quick_instantiate is False
-    assert aeordb.instantiates_quickly(wat(ECHO_WAT))
-    assert not aeordb.instantiates_quickly(wat(_START_SECTION_WAT))
-    assert not aeordb.instantiates_quickly(big_data)
-    assert aeordb.instantiates_quickly(wat('(module (memory 1) (data (i32.const 0) "' + "\\01" * 1000 + '"))'))
-    # Past 1,000 sections, or at a section it cannot read, the scan gives up: slow.
-    many_sections = b"\0asm\1\0\0\0" + b"\0\1a" * 1001   # one-byte custom sections
-    assert aeordb.instantiates_quickly(many_sections[:8 + 3 * 1000])
-    assert not aeordb.instantiates_quickly(many_sections)
-    assert not aeordb.instantiates_quickly(wat(ECHO_WAT)[:-3])   # the last section cut short
-
-    # After a restart the shape comes from the verified module file; without it, slow.
-    _, again = make_app(tmp_path)
-    assert again.config["aeordb.registry"].get("db/s/plain").shape.quick_instantiate is True
-    for module_file in (tmp_path / "plugins" / "db" / "s" / "plain").glob("module-*.wasm"):
-        module_file.write_bytes(module_file.read_bytes() + b"tampered")
-    _, tampered = make_app(tmp_path)
-    plugin = tampered.config["aeordb.registry"].get("db/s/plain")   # runs from its artifact
-    assert plugin.shape.quick_instantiate is False
-    client_after = webtest.TestApp(tampered)
-    assert json.loads(invoke(client_after, "db/s/plain/f", b"x").body)["arguments"] == [120]
-
-
-def test_example_plugin_matches_its_source_and_runs(client, caplog):
-    example = HERE / "examples"
-    assert (example / "hello.wasm").read_bytes() == wat((example / "hello.wat").read_text())
-    deploy(client, "mydb/public/users", (example / "hello.wasm").read_bytes(), name="hello")
-    with caplog.at_level("INFO", logger="aeordb.plugin"):
-        answer = invoke(client, "mydb/public/users/greet", b'{"input": "hello"}')
-    assert answer.json == {"hello": "world"}
-    assert answer.headers["x-plugin"] == "hello"
-    assert any("[mydb/public/users] hello plugin invoked" in r.getMessage() for r in caplog.records)
-# Database, host functions and queries #########################################
-
-def _db_seq_module(steps, *, alloc: bool = True, tail="return") -> bytes:
+def sequence_module(steps, *, alloc: bool = True, tail="return") -> bytes:
     """A module whose handle runs host calls in order, then ends as ``tail`` says.
 
     ``steps``: (function, args_bytes) for the (i32, i32) -> i64 host functions, or
@@ -1402,104 +186,1574 @@ def _db_seq_module(steps, *, alloc: bool = True, tail="return") -> bytes:
 """)
 
 
-def _db_args(args) -> bytes:
-    return args if isinstance(args, bytes) else json.dumps(args).encode()
+def packed(ptr: int, length: int) -> int:
+    """handle's i64 answer for (ptr, length), as the signed value an i64.const needs."""
+    value = (ptr & 0xFFFFFFFF) << 32 | (length & 0xFFFFFFFF)
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _db_host(client, db: str, function: str, args, table: str = "t") -> dict:
+HOSTILE_BODY = b"x" * 400      # its envelope is over 1600 bytes: a misbehaving_module misbehaves
+OK_AT_1024 = 1024 << 32 | 2     # handle's answer "ok", kept at 1024
+
+
+def misbehaving_module(hostile: str, head: str = "", extra: str = "", memory: str = "1") -> bytes:
+    """A module answering "ok" unless its request envelope is over 1000 bytes: then ``hostile`` runs."""
+    return wat(f"""
+(module
+  {head}
+  (memory (export "memory") {memory})
+  {extra}
+  (data (i32.const 1024) "ok")
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (if (i32.gt_u (local.get $len) (i32.const 1000)) (then {hostile}))
+    (i64.const {OK_AT_1024})))
+""")
+
+
+# -- Apps, plugins and requests ------------------------------------------------
+
+def make_app(data_dir: Path, *, options: dict | None = None, **overrides):
+    """A fresh, isolated app on ``data_dir``; answers (webtest.TestApp, bottle app).
+
+    ``overrides`` are Settings fields (``token`` defaults to TOKEN; None generates one);
+    ``options`` are the Settings fields that choose engine paths (``pooling``, ``fast_calls``).
+    """
+    settings = aeordb.Settings(**{"data_dir": Path(data_dir), "token": TOKEN, **overrides, **(options or {})})
+    app = aeordb.create_app(settings)
+    return webtest.TestApp(app), app
+
+
+@pytest.fixture
+def client(tmp_path):
+    test_app, _ = make_app(tmp_path)
+    return test_app
+
+
+@pytest.fixture
+def deployed(client):
+    """A fresh app with the echo plugin (ECHO_WAT) deployed; answers (client, the plugin's path)."""
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    return client, "db/s/t"
+
+
+def deploy(client, path: str, module: bytes, status=200, **params):
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return client.put(f"/{path}/_deploy" + (f"?{query}" if query else ""), module,
+                      headers=AUTH, status=status)
+
+
+def invoke(client, path: str, body: bytes = b"", status=200, **kwargs):
+    return client.post(f"/{path}/_invoke", body, headers={**AUTH, **kwargs.pop("headers", {})},
+                       status=status, **kwargs)
+
+
+def error_of(response) -> str:
+    """The error message of a JSON error answer (asserting that it is one)."""
+    assert response.content_type == "application/json", response.body[:200]
+    body = json.loads(response.body)
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+    return body["error"]
+
+
+def answer_with(client, answer: bytes, status: int = 200):
+    """Deploy a module that always answers ``answer``; invoke it once."""
+    deploy(client, "db/s/answer", answer_module(answer))
+    return invoke(client, "db/s/answer/f", b"x", status=status)
+
+
+def envelope_of(client, body: bytes = b"", path: str = "db/schema/table", function: str = "function",
+                query: str = "", headers: dict | None = None) -> dict:
+    """Deploy ECHO at ``path`` and answer the request envelope the plugin received."""
+    deploy(client, path, wat(ECHO_WAT))
+    answer = client.post(f"/{path}/{function}/_invoke" + (f"?{query}" if query else ""), body,
+                         headers={**AUTH, **(headers or {})}, status=200)
+    return json.loads(answer.body)
+
+
+def call_host(client, db: str, function: str, args, table: str = "t") -> dict:
     """Deploy host_call_module(function, args) at {db}/s/{table}; answer its invocation's JSON."""
-    deploy(client, f"{db}/s/{table}", host_call_module(function, _db_args(args)))
+    deploy(client, f"{db}/s/{table}", host_call_module(function, json_args(args)))
     answer = invoke(client, f"{db}/s/{table}/run")
     return json.loads(answer.body)
 
 
-def _db_run(client, db: str, steps, status: int = 200, table: str = "seq", **options):
-    deploy(client, f"{db}/s/{table}", _db_seq_module(steps, **options))
+def run_sequence(client, db: str, steps, status: int = 200, table: str = "seq", **options):
+    deploy(client, f"{db}/s/{table}", sequence_module(steps, **options))
     return invoke(client, f"{db}/s/{table}/run", status=status)
 
 
-def _db_put(client, db: str, path: str, data: bytes, content_type: str = "application/octet-stream",
-            status=None):
+def put_file(client, db: str, path: str, data: bytes, content_type: str = "application/octet-stream",
+             status=None):
     return client.put(f"/{db}/_files{path}", data, headers=AUTH, content_type=content_type,
                       status=status)
 
 
-def _db_write_step(path: str, data: bytes, content_type: str | None = None) -> tuple:
-    args = {"path": path, "data": base64.b64encode(data).decode()}
-    if content_type:
-        args["content_type"] = content_type
-    return ("aeordb_write_file", _db_args(args))
+def sha256_hex(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
 
 
-# -- host functions, one by one ------------------------------------------------
+# -- A populated database ------------------------------------------------------
 
-def test_db_host_read_file(client):
+USERS = [
+    {"name": "Alice", "age": 30, "address": {"city": "Paris"}, "tags": ["admin", "dev"], "active": True},
+    {"name": "Bob", "age": 25, "address": {"city": "Berlin"}, "tags": ["dev"], "active": False},
+    {"name": "Carol", "age": 35, "address": {"city": "Paris"}, "tags": ["ops"], "active": True},
+    {"name": "Dave", "age": 40, "address": {"city": "London"}, "tags": [], "active": True},
+    {"name": "Eve", "age": 22, "address": {"city": "Berlin"}, "tags": ["dev", "sec"], "active": False},
+    {"name": "Frank", "age": 30, "address": {"city": "Rome"}, "tags": ["ops"], "active": True},
+    {"name": "Grace", "age": 28.5, "address": {"city": "Paris"}, "tags": ["admin"], "active": True},
+    {"name": "heidi", "age": 45, "address": {"city": "London"}, "tags": ["dev"], "active": None},
+]
+
+
+USER_NAMES = [user["name"] for user in USERS]
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory):
+    """A client over /users: 8 documents, plus files a query must skip."""
+    client, _ = make_app(tmp_path_factory.mktemp("users"))
+    for number, user in enumerate(USERS, 1):
+        put_file(client, "q", f"/users/u{number}.json", json.dumps(user).encode(), "application/json")
+    put_file(client, "q", "/users/readme.txt", b"name: Alice, not JSON", "text/plain")
+    put_file(client, "q", "/users/broken.json", b'{"name": "Alice"', "application/json")
+    put_file(client, "q", "/users/list.json", b'[{"name": "Alice"}]', "application/json")
+    put_file(client, "q", "/users/sub/u9.json", json.dumps({"name": "Zed", "age": 30}).encode())
+    put_file(client, "q", "/users2/u10.json", json.dumps({"name": "Yan", "age": 30}).encode())
+    put_file(client, "other", "/users/u11.json", json.dumps({"name": "Xi", "age": 30}).encode())
+    return client
+
+
+def post_query(client, spec, status=200):
+    return client.post("/q/_query", json.dumps(spec), headers=AUTH, status=status,
+                       content_type="application/json")
+
+
+def names_matching(client, where, **extra) -> list:
+    answer = post_query(client, {"path": "/users", "where": where, **extra}).json
+    paths = [item["path"] for item in answer["items"]]
+    return [USERS[int(path.rsplit("/u", 1)[1][:-5]) - 1]["name"] for path in paths]
+
+
+def cond(field, op, value, **more):
+    return {"field": field, "op": op, "value": value, **more}
+
+
+def post_aggregate(client, aggregate, status=200, **extra):
+    return post_query(client, {"path": "/users", "aggregate": aggregate, **extra}, status=status)
+
+
+# -- Files on disk, faults and races -------------------------------------------
+
+def flip_middle(blob: bytes) -> bytes:
+    middle = len(blob) // 2
+    return blob[:middle] + bytes([blob[middle] ^ 0xFF]) + blob[middle + 1:]
+
+
+def restart_without_cache(tmp_path):
+    """A new app on ``tmp_path`` that must load every plugin from plugins/ alone."""
+    import shutil
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    return make_app(tmp_path)[0]
+
+
+def temp_files(root: Path) -> list:
+    return [p for p in root.rglob("*") if aeordb.TEMP_MARK in p.name]
+
+
+def check_plugin_files(data_dir: Path, listed: list) -> None:
+    """plugin.json files on disk match ``listed``, each beside exactly its own module."""
+    on_disk = {}
+    for meta_file in (data_dir / "plugins").glob("*/*/*/plugin.json"):
+        meta = json.loads(meta_file.read_text())
+        on_disk[meta["path"]] = meta
+        folder = meta_file.parent
+        assert meta["path"] == "/".join(folder.parts[-3:])
+        assert sorted(p.name for p in folder.glob("module-*.wasm")) == [f"module-{meta['sha256']}.wasm"], meta
+    assert on_disk == {meta["path"]: meta for meta in listed}
+
+
+def disk_error(code: int = 28) -> OSError:
+    """The OSError a full (ENOSPC, 28) or read-only (EROFS, 30) disk raises."""
+    return OSError(code, os.strerror(code))
+
+
+class CommitFails:
+    """A connection whose next COMMIT fails as a full disk makes it fail."""
+
+    def __init__(self, conn):
+        self.conn, self.failed = conn, False
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and not self.failed:
+            self.failed = True
+            raise aeordb.sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+class CountingInput:
+    """A wsgi.input that counts what the app reads (and has only a few bytes to give)."""
+
+    def __init__(self, data: bytes = b"0123456789"):
+        self.data, self.read_bytes = data, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.data[:len(self.data) if size is None or size < 0 else size]
+        self.data = self.data[len(chunk):]
+        self.read_bytes += len(chunk)
+        return chunk
+
+    def readline(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+
+class GatedLock:
+    """Stands in for a lock: the first thread to take it runs ``gate(self)`` first.
+
+    ``waiting`` is set when another thread asks for the lock meanwhile.
+    """
+
+    def __init__(self, lock, gate=lambda gated: None):
+        self.lock, self.gate, self.first, self.waiting = lock, gate, None, threading.Event()
+
+    def __enter__(self):
+        if self.first is None:
+            self.first = threading.current_thread()
+            self.gate(self)
+        else:
+            self.waiting.set()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+# -- Real servers and processes ------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.002)
+
+
+def wait_until_healthy(port: int, timeout: float = 20.0, process=None) -> None:
+    """Poll /_health until the server answers 200 (readiness, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process is None or process.poll() is None, f"the server exited with {process.returncode}"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/_health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        assert time.monotonic() < deadline, f"no healthy server on port {port} within {timeout} s"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def server_process(data_dir: Path, *extra_args: str, env: dict | None = None):
+    """``python aeordb.py`` as a real process on 127.0.0.1; yields (process, port)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "aeordb.py"), "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir), "--token", TOKEN, *extra_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_until_healthy(port, process=process)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def server_thread(app, threads: int = 4, **options):
+    """A real waitress server for ``app`` in this process, on a free 127.0.0.1 port; yields the port."""
+    import waitress.server
+    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=threads, **options)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        port = server.effective_port
+        wait_until_healthy(port)
+        yield port
+    finally:
+        # Close from inside the server's own loop (via its trigger), so that
+        # select() never sees a descriptor closed under it by this thread.
+        server.task_dispatcher.shutdown()
+        server.trigger.pull_trigger(lambda: [channel.close() for channel in list(server._map.values())])
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "waitress did not stop"
+
+
+@pytest.fixture
+def real_server(tmp_path):
+    """A real waitress server (server_thread's defaults) for a fresh app.
+
+    Yields (a webtest client of the same app, the server's port).
+    """
+    client, app = make_app(tmp_path)
+    with server_thread(app) as port:
+        yield client, port
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None,
+                 headers: dict | None = None, timeout: float = 30.0):
+    """One request to a real server; answers (status, headers dict, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={**AUTH, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def send_raw(port: int, head: bytes, body: bytes, timeout: float = 5.0) -> bytes:
+    """Send a raw request (headers, then only ``body``) and answer what the server says first."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+@functools.cache
+def help_text() -> str:
+    """What ``python aeordb.py --help`` prints (asserting that it succeeds); run once."""
+    result = subprocess.run([sys.executable, str(HERE / "aeordb.py"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    return result.stdout
+
+
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` run by ``python -c`` beside aeordb.py (so that it imports it); its outcome."""
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=Path(aeordb.__file__).parent,
+                          capture_output=True, text=True, timeout=60)   # a broken timer would spin forever
+
+
+# Settings #####################################################################
+
+def test_settings_accept_their_edges():
+    settings = aeordb.parse_settings(["--port", "65535", "--log-level", "debug"], {"AEORDB_ACCESS_LOG": "off"})
+    assert (settings.port, settings.log_level, settings.access_log) == (65535, "DEBUG", False)
+    assert aeordb.parse_settings([], {"AEORDB_ACCESS_LOG": "1"}).access_log is True
+
+
+@pytest.mark.parametrize("argv, environ", [
+    (["--port", "70000"], {}), (["--timeout", "nan"], {}), (["--timeout", "inf"], {}),
+    (["--log-level", "bogus"], {}), ([], {"AEORDB_PORT": "70000"}), ([], {"AEORDB_TIMEOUT": "nan"}),
+])
+def test_settings_out_of_range_are_refused(argv, environ, capsys):
+    with pytest.raises(SystemExit) as exited:
+        aeordb.parse_settings(argv, environ)
+    assert exited.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_threads_over_the_pool_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        aeordb.parse_settings(["--threads", str(aeordb.MAX_THREADS + 1)], environ={})
+    assert "at most" in capsys.readouterr().err
+    assert aeordb.parse_settings(["--threads", str(aeordb.MAX_THREADS)], environ={}).threads == aeordb.MAX_THREADS
+
+
+def test_default_request_limit_fits_the_default_memory_limit(client):
+    """A body as large as --max-request-size allows must reach the plugin, not fail placement."""
+    module = wat(f"""
+(module
+  (memory (export "memory") 1)
+  {ALLOC_WAT}
+  (data (i32.const 16) "fits")
+  (func (export "handle") (param i32 i32) (result i64)
+    (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 4))))
+""")
+    deploy(client, "db/s/big", module)
+    body = os.urandom(aeordb.Settings().max_request_size)
+    assert invoke(client, "db/s/big/f", body).body == b"fits"
+
+
+def test_configured_token_writes_no_file(tmp_path):
+    _, app = make_app(tmp_path, token=TOKEN)
+    assert app.config["aeordb.token"] == TOKEN and app.config["aeordb.token_created"] is False
+    assert not (tmp_path / "token").exists()
+
+
+def test_generated_tokens_differ_between_data_dirs(tmp_path):
+    one = make_app(tmp_path / "a", token=None)[1].config["aeordb.token"]
+    two = make_app(tmp_path / "b", token=None)[1].config["aeordb.token"]
+    assert one != two
+
+
+def test_token_is_generated_once_and_kept(tmp_path):
+    _, app = make_app(tmp_path, token=None)
+    token = app.config["aeordb.token"]
+    token_file = tmp_path / "token"
+    assert app.config["aeordb.token_created"] is True
+    assert len(token) >= 32
+    assert token_file.read_text().strip() == token
+    assert token_file.stat().st_mode & 0o777 == 0o600
+
+    client, again = make_app(tmp_path, token=None)
+    assert again.config["aeordb.token"] == token
+    assert again.config["aeordb.token_created"] is False
+
+    client.get("/db/_plugins", headers={"Authorization": f"Bearer {token}"}, status=200)
+    response = client.get("/db/_plugins", headers=AUTH, status=401)
+    assert token not in response.text
+
+
+def test_token_file_is_owner_only_and_token_never_logged(tmp_path, caplog):
+    import logging
+    import stat
+    caplog.set_level(logging.DEBUG)
+    client, app = make_app(tmp_path, token=None, access_log=True)
+    token = app.config["aeordb.token"]
+    token_file = tmp_path / "token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token_file.read_text().strip() == token and len(token) >= 32
+    _, again = make_app(tmp_path, token=None, access_log=True)
+    assert again.config["aeordb.token"] == token and not again.config["aeordb.token_created"]
+    good = {"Authorization": f"Bearer {token}"}
+    bodies = []
+    for value in (f"Bearer {token} ", f"Bearer {token}x", f"Basic {token}", token, f"Token {token}"):
+        answer = client.get("/db/_plugins", headers={"Authorization": value}, status=401)
+        bodies.append(answer.body + str(answer.headers).encode())
+    module = misbehaving_module(
+        "unreachable", head='(import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))',
+        extra='(data (i32.const 3000) "debug") (data (i32.const 3010) "hello from the plugin")'
+              '(func $start (call $log (i32.const 3000) (i32.const 5) (i32.const 3010)'
+              ' (i32.const 21))) (start $start)')
+    client.put("/db/s/t/_deploy", module, headers=good, status=200)
+    bodies.append(client.post("/db/s/t/f/_invoke", HOSTILE_BODY, headers=good, status=500).body)
+    bodies.append(client.post("/db/s/t/f/_invoke", b"", headers=good, status=200).body)
+    bodies.append(client.put("/db/s/u/_deploy", b"\0asm junk", headers=good, status=400).body)
+    bodies.append(client.get("/db/_files/nothing", headers=good, status=404).body)
+    assert "hello from the plugin" in caplog.text          # logging was on and captured
+    assert token not in caplog.text
+    assert all(token.encode() not in body for body in bodies)
+
+
+# Names, paths and JSON input ##################################################
+
+def test_free_text_plugin_names_are_accepted(client):
+    assert deploy(client, "db/s/t", wat(ECHO_WAT), name="My%20Plugin%20%C3%A9").json["name"] == "My Plugin é"
+
+
+@pytest.mark.parametrize("name", ["n" * 129, "a%0Ab", "a%00b"])
+def test_bad_plugin_names_are_refused(client, name):
+    assert "name" in error_of(deploy(client, "db/s/t", wat(ECHO_WAT), status=400, name=name))
+
+
+def test_deploy_parameters_that_are_not_utf8_are_refused(client):
+    for query in ("name=%FF%FE", "plugin_type=%C3"):
+        answer = client.put(f"/db/s/t/_deploy?{query}", wat(ECHO_WAT), headers=AUTH, status=400)
+        assert "not valid UTF-8" in answer.json["error"]
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+def test_segment_length_boundary(client):
+    deploy(client, "db/s/" + "t" * 128, wat(ECHO_WAT))
+    deploy(client, "db/s/" + "t" * 129, wat(ECHO_WAT), status=400)
+    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/" + "t" * 128]
+
+
+@pytest.mark.parametrize("path", [
+    "_x/s/t", "db/_s/t", "db/s/_t",                  # '_' is reserved for system routes
+    "db/%2E%2E/t", "db/s/%2E", "db/s/..",            # '..' and '.'
+    "d%40b/s/t", "db/s%20x/t", "db/s/t%3Bu",         # '@', space, ';'
+    "db/s/" + "t" * 200, "db/s/t%C3%A9",             # too long, non-ASCII
+])
+def test_deploy_refuses_invalid_segments(client, path):
+    response = client.put(f"/{path}/_deploy", wat(ECHO_WAT), headers=AUTH, status=400)
+    assert "invalid" in error_of(response)
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+    assert not (client.app.config["aeordb.settings"].data_dir / "plugins").exists() or \
+        not any((client.app.config["aeordb.settings"].data_dir / "plugins").rglob("plugin.json"))
+
+
+def test_deploy_refuses_an_encoded_slash(client):
+    response = client.put("/db/s/t%2Fu/_deploy", wat(ECHO_WAT), headers=AUTH, expect_errors=True)
+    assert response.status_int in (400, 404) and "error" in response.json
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/db/s/t/_f/_invoke"), ("POST", "/db/s/t/f%40/_invoke"),
+    ("DELETE", "/db/s/t/_f/_remove"), ("GET", "/_db/_plugins"), ("GET", "/d%20b/_plugins"),
+])
+def test_invalid_segments_are_refused_on_other_routes(client, method, path):
+    response = client.request(path, method=method, headers=AUTH, expect_errors=True)
+    assert response.status_int == 400 and "invalid" in error_of(response)
+
+
+@pytest.mark.parametrize("path", [
+    "/f/_files/a/../secret.txt", "/f/_files/a/%2e%2e/secret.txt", "/f/_files/a/%2E%2E/secret.txt",
+    "/f/_files/a%2f..%2fsecret.txt", "/f/_files/../f/_files/secret.txt", "/f/_files/./secret.txt",
+    "/f/_files/a//secret.txt", "/other/_files/../../f/_files/secret.txt", "/../_files/secret.txt",
+    "/f/_files/..", "/f/_files/%2e%2e/other/x.txt",
+])
+def test_file_path_traversal_never_reaches_other_files(client, path):
+    put_file(client, "f", "/secret.txt", b"SECRET")
+    put_file(client, "other", "/x.txt", b"OTHER")
+    got = client.get(path, headers=AUTH, expect_errors=True)
+    assert got.status_int in (400, 404) and b"SECRET" not in got.body and b"OTHER" not in got.body
+    put = client.put(path, b"OVERWRITE", headers=AUTH, expect_errors=True)
+    assert put.status_int in (400, 404, 405)
+    deleted = client.delete(path, headers=AUTH, expect_errors=True)
+    assert deleted.status_int in (400, 404, 405)
+    assert client.get("/f/_files/secret.txt", headers=AUTH).body == b"SECRET"
+    assert client.get("/other/_files/x.txt", headers=AUTH).body == b"OTHER"
+    assert [e["name"] for e in client.get("/f/_files/", headers=AUTH).json["entries"]] == ["secret.txt"]
+
+
+def test_load_json_reads_what_json_loads_reads():
+    """UTF-8 is the fast case; a BOM or NUL bytes still mean UTF-16 or UTF-32, as for json.loads."""
+    document = {"a": [1, "é€😀", {"b": None}], "s": "\ud800"}
+    for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+        raw = json.dumps(document, ensure_ascii=False).encode(encoding, "surrogatepass")
+        assert aeordb.load_json(raw) == json.loads(raw) == document, encoding
+    for bad in (b"[1] x", b"\xff\xfe\x00", b"\xc3", b"{"):
+        with pytest.raises(ValueError):
+            aeordb.load_json(bad)
+
+
+@pytest.mark.parametrize("op", ["eq", "gt", "contains", "in"])
+def test_lone_surrogates_in_query_strings_are_400(client, op):
+    value = b'["\\ud800"]' if op == "in" else b'"\\ud800"'
+    body = b'{"where": {"field": "a", "op": "' + op.encode() + b'", "value": ' + value + b'}}'
+    answer = client.post("/db/_query", body, headers=AUTH, status=400)
+    assert "surrogate" in answer.json["error"]
+
+
+def test_json_nested_past_the_depth_limit_is_refused_everywhere(client):
+    deep = b"[" * 5000 + b"]" * 5000
+    # An HTTP query body: 400 naming the cause.
+    answer = client.post("/db/_query", b'{"path": "/", "where": ' + deep + b"}", headers=AUTH, status=400)
+    assert "nested deeper" in answer.json["error"]
+    # Host-function arguments: an error answer to the plugin, the invocation itself fine.
+    deploy(client, "db/s/deep", host_call_module("aeordb_query", b'{"where": ' + deep + b"}"))
+    assert "nested deeper" in json.loads(invoke(client, "db/s/deep/f").body)["error"]
+    # A plugin answer nested that deep is not an envelope: it goes out raw.
+    raw = b'{"status_code": 200, "body": [], "x": ' + deep + b"}"
+    deploy(client, "db/s/answer", answer_module(raw))
+    answer = invoke(client, "db/s/answer/f")
+    assert answer.body == raw and answer.content_type == "application/octet-stream"
+    # Just inside the limit, and brackets inside strings, are ordinary JSON.
+    limit = aeordb.MAX_JSON_DEPTH
+    assert aeordb.load_json(b"[" * limit + b"]" * limit) is not None
+    assert aeordb.load_json(json.dumps({"s": "[" * 5000 + '\\"' + "{" * 5000})) == \
+        {"s": "[" * 5000 + '\\"' + "{" * 5000}
+
+
+# Plugin registry ##############################################################
+
+def test_deploy_answers_metadata(client):
+    import datetime
+    module = wat(ECHO_WAT)
+    before = datetime.datetime.now(datetime.timezone.utc)
+    meta = deploy(client, "mydb/public/users", module).json
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert meta["name"] == "users"
+    assert meta["path"] == "mydb/public/users"
+    assert meta["plugin_type"] == "wasm"
+    assert meta["sha256"] == sha256_hex(module)
+    assert meta["size"] == len(module)
+    assert isinstance(meta["plugin_id"], str) and meta["plugin_id"]
+    assert meta["deployed_at"].endswith("Z")
+    deployed = datetime.datetime.fromisoformat(meta["deployed_at"].replace("Z", "+00:00"))
+    assert deployed.utcoffset() == datetime.timedelta(0)
+    assert before - datetime.timedelta(seconds=1) <= deployed <= after + datetime.timedelta(seconds=1)
+
+
+def test_deploy_takes_a_name_and_a_plugin_type(client):
+    meta = deploy(client, "mydb/public/users", wat(ECHO_WAT), name="my-plugin", plugin_type="wasm").json
+    assert (meta["name"], meta["plugin_type"]) == ("my-plugin", "wasm")
+    listed = client.get("/mydb/_plugins", headers=AUTH).json
+    assert [(p["name"], p["path"]) for p in listed] == [("my-plugin", "mydb/public/users")]
+
+
+def test_redeploy_replaces(client):
+    first = deploy(client, "db/s/t", answer_module(b"one")).json
+    assert invoke(client, "db/s/t/f").body == b"one"
+    second = deploy(client, "db/s/t", answer_module(b"two")).json
+    assert second["plugin_id"] != first["plugin_id"] and second["sha256"] != first["sha256"]
+    assert invoke(client, "db/s/t/f").body == b"two"
+    listed = client.get("/db/_plugins", headers=AUTH).json
+    assert len(listed) == 1 and listed[0]["sha256"] == second["sha256"]
+
+
+def test_deploy_over_the_size_limit_is_413(tmp_path):
+    client, _ = make_app(tmp_path, max_module_size=64)
+    module = wat(ECHO_WAT)
+    assert len(module) > 64
+    assert "limit" in error_of(deploy(client, "db/s/t", module, status=413))
+
+
+@pytest.mark.parametrize("body, params, fragment", [
+    (b"", {}, "empty"),
+    (None, {"plugin_type": "js"}, "plugin_type"),
+    (bytes(random.Random(2).randrange(256) for _ in range(300)), {}, "not a valid WebAssembly"),
+    (b"\0asm\x01\0\0\0garbage", {}, "not a valid WebAssembly"),
+])
+def test_deploy_refuses_bad_bodies(client, body, params, fragment):
+    response = deploy(client, "db/s/t", wat(ECHO_WAT) if body is None else body, status=400, **params)
+    assert fragment in error_of(response)
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+def test_deploy_refuses_the_text_format(client):
+    # wasmtime-py would compile WAT text, past the declared-size check, into a "module-*.wasm" of text.
+    answer = deploy(client, "db/s/t", ECHO_WAT.encode(), status=400)
+    assert "not a valid WebAssembly module" in answer.json["error"]
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+ALL_HOST_IMPORTS = "\n".join(
+    f'  (import "aeordb" "{name}" (func (param i32 i32) (result i64)))'
+    for name in aeordb.HOST_FUNCTION_NAMES
+) + '\n  (import "aeordb" "log_message" (func (param i32 i32 i32 i32)))'
+
+
+@pytest.mark.parametrize("module, fragment", [
+    ('(module (memory (export "memory") 1))', "handle"),
+    ('(module (memory (export "memory") 1) (global (export "handle") i32 (i32.const 0)))', "handle"),
+    ('(module (memory (export "memory") 1)'
+     ' (func (export "handle") (param i32) (result i32) (local.get 0)))', "(i32, i32) -> i64"),
+    ('(module (memory (export "memory") 1)'
+     ' (func (export "handle") (param i32 i32) (result i32) (local.get 0)))', "(i32, i32) -> i64"),
+    ('(module (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "memory"),
+    ('(module (import "env" "foo" (func (param i32))) (memory (export "memory") 1)'
+     ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "env.foo"),
+    ('(module (import "aeordb" "nope" (func (param i32 i32) (result i64))) (memory (export "memory") 1)'
+     ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "aeordb.nope"),
+    ('(module (import "aeordb" "aeordb_read_file" (func (param i32) (result i64)))'
+     ' (memory (export "memory") 1)'
+     ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))', "aeordb.aeordb_read_file"),
+])
+def test_deploy_refuses_modules_off_the_abi(client, module, fragment):
+    assert fragment in error_of(deploy(client, "db/s/t", wat(module), status=400))
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+def test_deploy_names_every_unsupported_import(client):
+    module = wat('(module (import "env" "foo" (func)) (import "wasi_snapshot_preview1" "fd_write"'
+                 ' (func (param i32 i32 i32 i32) (result i32))) (memory (export "memory") 1)'
+                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
+    error = error_of(deploy(client, "db/s/t", module, status=400))
+    assert "env.foo" in error and "wasi_snapshot_preview1.fd_write" in error
+
+
+def test_deploy_accepts_every_host_import(client):
+    module = wat(f"""
+(module
+{ALL_HOST_IMPORTS}
+  (memory (export "memory") 1)
+  (data (i32.const 4096) "ok")
+  (func (export "handle") (param i32 i32) (result i64) (i64.const 0x0000100000000002)))
+""")
+    deploy(client, "db/s/t", module)
+    assert invoke(client, "db/s/t/f").body == b"ok"
+
+
+def test_deploy_does_not_run_the_start_function(client):
+    module = wat('(module (memory (export "memory") 1) (func $boom unreachable) (start $boom)'
+                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
+    deploy(client, "db/s/t", module)
+    assert "unreachable" in error_of(invoke(client, "db/s/t/f", status=500))
+
+
+def test_refused_redeploy_keeps_the_old_plugin(tmp_path):
+    client, _ = make_app(tmp_path)
+    meta = deploy(client, "db/s/t", answer_module(b"old")).json
+    deploy(client, "db/s/t", wat('(module (memory (export "memory") 1))'), status=400)
+    deploy(client, "db/s/t", b"junk", status=400)
+    deploy(client, "db/s/t", b"", status=400)
+    assert invoke(client, "db/s/t/f").body == b"old"
+    assert client.get("/db/_plugins", headers=AUTH).json == [meta]
+    assert [p.name for p in (tmp_path / "plugins" / "db" / "s" / "t").glob("module-*.wasm")] == \
+        [f"module-{meta['sha256']}.wasm"]
+    again, _ = make_app(tmp_path)
+    assert invoke(again, "db/s/t/f").body == b"old"
+
+
+def test_invoke_of_an_unknown_plugin_is_404(client):
+    assert "db/s/t" in error_of(invoke(client, "db/s/t/f", b"x", status=404))
+
+
+def test_list_is_scoped_to_one_database(client):
+    for path in ("a/s/t", "a/s/u", "a/x/t", "b/s/t"):
+        deploy(client, path, wat(ECHO_WAT))
+    listed_a = client.get("/a/_plugins", headers=AUTH).json
+    listed_b = client.get("/b/_plugins", headers=AUTH).json
+    assert sorted(p["path"] for p in listed_a) == ["a/s/t", "a/s/u", "a/x/t"]
+    assert [p["path"] for p in listed_b] == ["b/s/t"]
+    assert client.get("/c/_plugins", headers=AUTH).json == []
+    for entry in listed_a + listed_b:
+        assert {"name", "path", "plugin_type", "deployed_at"} <= set(entry)
+        assert entry["plugin_type"] == "wasm"
+
+
+def test_list_does_not_mix_databases_sharing_a_prefix(client):
+    deploy(client, "ab/s/t", wat(ECHO_WAT))
+    assert client.get("/a/_plugins", headers=AUTH).json == []
+    assert [p["path"] for p in client.get("/ab/_plugins", headers=AUTH).json] == ["ab/s/t"]
+
+
+def test_remove_of_an_unknown_plugin_is_404(client):
+    assert "error" in client.delete("/db/s/t/f/_remove", headers=AUTH, status=404).json
+
+
+def test_remove_takes_the_plugin_away(client):
+    deploy(client, "db/schema/table", wat(ECHO_WAT))
+    deploy(client, "db/schema/other", wat(ECHO_WAT))
+    response = client.delete("/db/schema/table/anything/_remove", headers=AUTH, status=200)
+    assert response.json == {"removed": True, "path": "db/schema/table"}
+    assert "db/schema/table" in error_of(
+        client.delete("/db/schema/table/anything/_remove", headers=AUTH, status=404))
+    invoke(client, "db/schema/table/f", status=404)
+    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/schema/other"]
+    invoke(client, "db/schema/other/f")
+
+
+def test_plugins_survive_a_restart(tmp_path):
+    client, _ = make_app(tmp_path)
+    module = answer_module(b"persisted")
+    meta = deploy(client, "db/s/t", module, name="kept").json
+    deploy(client, "db/s/gone", answer_module(b"x"))
+    client.delete("/db/s/gone/f/_remove", headers=AUTH)
+
+    again, _ = make_app(tmp_path)
+    assert again.get("/db/_plugins", headers=AUTH).json == [meta]
+    assert invoke(again, "db/s/t/f").body == b"persisted"
+    invoke(again, "db/s/gone/f", status=404)
+    again.delete("/db/s/t/f/_remove", headers=AUTH)
+
+    third, _ = make_app(tmp_path)
+    assert third.get("/db/_plugins", headers=AUTH).json == []
+    invoke(third, "db/s/t/f", status=404)
+
+
+def test_on_disk_layout_is_ordinary_files(tmp_path):
+    client, _ = make_app(tmp_path)
+    old = answer_module(b"old")
+    deploy(client, "db/s/t", old)
+    module = answer_module(b"new")
+    meta = deploy(client, "db/s/t", module).json
+    folder = tmp_path / "plugins" / "db" / "s" / "t"
+    assert json.loads((folder / "plugin.json").read_text()) == meta
+    sha = sha256_hex(module)
+    assert (folder / f"module-{sha}.wasm").read_bytes() == module
+    assert sorted(p.name for p in folder.iterdir()) == ["module-" + sha + ".wasm", "plugin.json"]
+    artifacts = list((tmp_path / "cache").glob(f"{sha}-*.cwasm"))
+    assert len(artifacts) == 1 and artifacts[0].stat().st_size > 0
+
+    client.delete("/db/s/t/f/_remove", headers=AUTH)
+    assert not folder.exists()
+
+
+def test_new_plugin_folders_are_fsynced_into_their_parents(client, tmp_path, monkeypatch):
+    synced, real_fsync_dir = [], aeordb.fsync_dir
+
+    def recording(directory):
+        synced.append(Path(directory))
+        real_fsync_dir(directory)
+    monkeypatch.setattr(aeordb, "fsync_dir", recording)
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    plugins = tmp_path / "plugins"
+    for parent in (tmp_path, plugins, plugins / "db", plugins / "db" / "s", plugins / "db" / "s" / "t"):
+        assert parent in synced, parent
+
+
+def test_copied_plugins_folder_is_loaded(tmp_path):
+    # An operator can back up and copy plugins as files.
+    client, _ = make_app(tmp_path / "one")
+    meta = deploy(client, "db/s/t", answer_module(b"copied")).json
+    import shutil
+    shutil.copytree(tmp_path / "one" / "plugins", tmp_path / "two" / "plugins")
+    other, _ = make_app(tmp_path / "two")
+    assert other.get("/db/_plugins", headers=AUTH).json == [meta]
+    assert invoke(other, "db/s/t/f").body == b"copied"
+
+
+def test_copied_plugin_folder_takes_the_path_of_its_folder(tmp_path):
+    # An operator copies a plugin folder to another table: both plugins exist after a restart,
+    # each at the path of its folder (plugin.json's "path" must not shadow the original).
+    client, _ = make_app(tmp_path)
+    deploy(client, "db/s/t", answer_module(b"same module"))
+    import shutil
+    shutil.copytree(tmp_path / "plugins" / "db" / "s" / "t", tmp_path / "plugins" / "db" / "s" / "u")
+    again, _ = make_app(tmp_path)
+    assert sorted(p["path"] for p in again.get("/db/_plugins", headers=AUTH).json) == ["db/s/t", "db/s/u"]
+    again.delete("/db/s/u/f/_remove", headers=AUTH, status=200)
+    third, _ = make_app(tmp_path)
+    assert [p["path"] for p in third.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+    assert invoke(third, "db/s/t/f").body == b"same module"
+
+
+def test_missing_artifact_is_recompiled(tmp_path):
+    client, _ = make_app(tmp_path)
+    deploy(client, "db/s/t", answer_module(b"fine"))
+    for artifact in (tmp_path / "cache").glob("*.cwasm"):
+        artifact.unlink()
+    again, _ = make_app(tmp_path)
+    assert invoke(again, "db/s/t/f").body == b"fine"
+    assert list((tmp_path / "cache").glob("*.cwasm"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "payload-end", "payload-middle", "truncate", "empty"])
+def test_damaged_artifact_is_recompiled(tmp_path, damage):
+    client, _ = make_app(tmp_path)
+    module = answer_module(b"still works")
+    deploy(client, "db/s/t", module)
+    sha = sha256_hex(module)
+    [artifact] = (tmp_path / "cache").glob(f"{sha}-*.cwasm")
+    blob = artifact.read_bytes()
+    damaged = {"garbage": os.urandom(len(blob)),
+               "payload-end": blob[:-200] + bytes(b ^ 0xFF for b in blob[-200:]),
+               # wasmtime itself may accept this one: only our hash notices it
+               "payload-middle": flip_middle(blob),
+               "truncate": blob[:len(blob) // 2],
+               "empty": b""}[damage]
+    artifact.write_bytes(damaged)
+
+    again, _ = make_app(tmp_path)
+    # Detected at start: the artifact was rebuilt before anything ran from it.
+    repaired = artifact.read_bytes()
+    assert repaired != damaged and repaired.startswith(aeordb.ARTIFACT_MAGIC)
+    header = len(aeordb.ARTIFACT_MAGIC) + 64
+    assert repaired[len(aeordb.ARTIFACT_MAGIC):header].decode() == sha256_hex(repaired[header:])
+    assert invoke(again, "db/s/t/f").body == b"still works"
+
+
+def test_tampered_module_file_is_not_loaded(tmp_path):
+    client, _ = make_app(tmp_path)
+    module = answer_module(b"original")
+    deploy(client, "db/s/t", module)
+    deploy(client, "db/s/u", answer_module(b"other"))
+    sha = sha256_hex(module)
+    for artifact in (tmp_path / "cache").glob(f"{sha}-*.cwasm"):
+        artifact.unlink()
+    (tmp_path / "plugins" / "db" / "s" / "t" / f"module-{sha}.wasm").write_bytes(answer_module(b"evil"))
+    again, _ = make_app(tmp_path)
+    invoke(again, "db/s/t/f", status=404)
+    assert invoke(again, "db/s/u/f").body == b"other"
+
+
+def test_concurrent_redeploys_leave_a_loadable_plugin(tmp_path):
+    # A deploy that commits first must not delete the module file of a deploy still in flight.
+    client, app = make_app(tmp_path)
+    registry = app.config["aeordb.registry"]
+    first, second = answer_module(b"first"), answer_module(b"second")
+    second_file = tmp_path / "plugins" / "db" / "s" / "t" / f"module-{sha256_hex(second)}.wasm"
+    registry._lock = GatedLock(registry._lock, lambda lock: wait_for(
+        lambda: second_file.exists() or lock.waiting.is_set()))
+
+    results = {}
+    def run(label, module):
+        results[label] = registry.deploy("db", "s", "t", module, "t", "wasm")
+    threads = [threading.Thread(target=run, args=("first", first))]
+    threads[0].start()
+    wait_for(lambda: registry._lock.first is not None or not threads[0].is_alive())
+    threads.append(threading.Thread(target=run, args=("second", second)))
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert set(results) == {"first", "second"}
+
+    answer = invoke(client, "db/s/t/f").body
+    assert answer in (b"first", b"second")
+    meta = json.loads((tmp_path / "plugins" / "db" / "s" / "t" / "plugin.json").read_text())
+    assert (tmp_path / "plugins" / "db" / "s" / "t" / f"module-{meta['sha256']}.wasm").exists()
+    assert invoke(restart_without_cache(tmp_path), "db/s/t/f").body == answer
+
+
+def test_remove_during_a_deploy_leaves_a_consistent_registry(tmp_path):
+    client, app = make_app(tmp_path)
+    registry = app.config["aeordb.registry"]
+    deploy(client, "db/s/t", answer_module(b"old"))
+    new = answer_module(b"new")
+    folder = tmp_path / "plugins" / "db" / "s" / "t"
+    removed = threading.Event()
+
+    def remove_in_between(lock):
+        # The deploy is about to commit: a remove of the same path runs meanwhile
+        # (or waits for the lock, if the deploy's writes are already under it).
+        worker = threading.Thread(target=lambda: (registry.remove("db", "s", "t"), removed.set()))
+        worker.start()
+        wait_for(lambda: removed.is_set() or lock.waiting.is_set())
+    registry._lock = GatedLock(registry._lock, remove_in_between)
+    registry.deploy("db", "s", "t", new, "t", "wasm")
+    assert removed.wait(timeout=10)
+    live = [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json]
+    assert sorted(p.name for p in folder.glob("*")) == \
+        (["module-" + sha256_hex(new) + ".wasm", "plugin.json"] if live else [])
+    again = restart_without_cache(tmp_path)
+    assert [p["path"] for p in again.get("/db/_plugins", headers=AUTH).json] == live
+
+
+# WASM runtime and limits ######################################################
+# The fast guest path (below wasmtime-py's public API) and the public-API
+# fallback must behave the same; so must pooled and on-demand allocation.
+
+def test_trap_is_a_500_with_the_reason(client):
+    deploy(client, "db/s/t", wat('(module (memory (export "memory") 1)'
+                                  ' (func (export "handle") (param i32 i32) (result i64)'
+                                  ' (i64.extend_i32_s (i32.div_s (i32.const 1) (i32.const 0)))))'))
+    assert "division by zero" in error_of(invoke(client, "db/s/t/f", status=500))
+
+
+def test_bad_answer_pointer_is_a_500(client):
+    deploy(client, "db/s/t", wat('(module (memory (export "memory") 1)'
+                                  ' (func (export "handle") (param i32 i32) (result i64)'
+                                  ' (i64.const 0x0000FFFF00000010)))'))
+    assert "pointer" in error_of(invoke(client, "db/s/t/f", status=500))
+
+
+def test_endless_loop_hits_the_time_limit(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.5)
+    deploy(client, "db/s/loop", wat(LOOP_WAT))
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    started = time.monotonic()
+    error = error_of(invoke(client, "db/s/loop/f", status=500))
+    elapsed = time.monotonic() - started
+    assert "time limit" in error and "0.5" in error
+    assert 0.4 <= elapsed < 5
+    assert json.loads(invoke(client, "db/s/echo/f", b"ok").body)["arguments"] == [111, 107]
+    assert "time limit" in error_of(invoke(client, "db/s/loop/f", status=500))
+
+
+# A handle that grows memory until memory.grow fails, then aborts like Rust's allocator.
+MEMORY_BOMB_WAT = """
+(module
+  (memory (export "memory") 1)
+  (func (export "handle") (param i32 i32) (result i64)
+    (loop $grow
+      (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))
+    unreachable))
+"""
+
+
+def test_memory_bomb_hits_the_memory_limit(tmp_path):
+    client, _ = make_app(tmp_path, memory_limit=4 * 1024 * 1024)
+    deploy(client, "db/s/bomb", wat(MEMORY_BOMB_WAT))
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    error = error_of(invoke(client, "db/s/bomb/f", status=500))
+    assert "memory limit" in error
+    assert json.loads(invoke(client, "db/s/echo/f", b"ok").body)["arguments"] == [111, 107]
+
+
+RUNTIME_PATHS = [
+    pytest.param({"fast_calls": True, "pooling": True}, id="fast-pooled"),
+    pytest.param({"fast_calls": True, "pooling": False}, id="fast-ondemand"),
+    pytest.param({"fast_calls": False, "pooling": True}, id="public-pooled"),
+    pytest.param({"fast_calls": False, "pooling": False}, id="public-ondemand"),
+]
+
+
+@pytest.mark.parametrize("options", RUNTIME_PATHS)
+def test_tables_within_the_limit_run_on_every_allocator(tmp_path, options):
+    client, _ = make_app(tmp_path, options=options)
+    module = wat('(module (memory (export "memory") 1) (table 30000 funcref) (table $b 2 funcref)'
+                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
+    deploy(client, "db/s/tables", module)
+    assert invoke(client, "db/s/tables/f").body == b""
+
+
+ENV_MEMORY_ECHO_WAT = """
+(module
+  (import "env" "memory" (memory 1))
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
+            (i64.extend_i32_u (local.get $len)))))
+"""
+
+
+ALLOC_ECHO_WAT = f"""
+(module
+  (memory (export "memory") 1)
+  {ALLOC_WAT}
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
+            (i64.extend_i32_u (local.get $len)))))
+"""
+
+
+@pytest.mark.parametrize("options", RUNTIME_PATHS)
+def test_runtime_paths_agree(tmp_path, options):
+    client, app = make_app(tmp_path, options=options, timeout=0.5)
+    expected_ops = aeordb.FastGuestOps if options["fast_calls"] else aeordb.GuestOps
+    assert type(app.config["aeordb.runtime"].wasm.ops) is expected_ops
+    # The time limit below is met by the epoch timer on the fast path (Linux), by a thread otherwise.
+    expected_ticker = "timer" if options["fast_calls"] and sys.platform.startswith("linux") else "thread"
+    assert app.config["aeordb.runtime"].wasm.ticker == expected_ticker
+    body = bytes(range(256)) * 3
+
+    deploy(client, "db/s/plain", wat(ECHO_WAT))
+    deploy(client, "db/s/alloc", wat(ALLOC_ECHO_WAT))
+    deploy(client, "db/s/envmem", wat(ENV_MEMORY_ECHO_WAT))
+    for table in ("plain", "alloc", "envmem"):
+        envelope = json.loads(invoke(client, f"db/s/{table}/f", body).body)
+        assert bytes(envelope["arguments"]) == body, table
+        assert envelope["metadata"]["plugin_path"] == f"db/s/{table}"
+
+    # A host call that answers through alloc, and one through offset 0.
+    client.put("/db/_files/a.txt", b"payload", headers=AUTH, content_type="text/plain")
+    deploy(client, "db/s/host", host_call_module("aeordb_read_file", b'{"path": "/a.txt"}'))
+    answer = json.loads(invoke(client, "db/s/host/f").body)
+    assert base64.b64decode(answer["data"]) == b"payload"
+
+    # Traps and the time limit surface the same way on every path.
+    deploy(client, "db/s/trap", wat(TRAP_WAT))
+    assert "unreachable" in invoke(client, "db/s/trap/f", status=500).json["error"]
+    deploy(client, "db/s/loop", wat(LOOP_WAT))
+    assert "time limit" in invoke(client, "db/s/loop/f", status=500).json["error"]
+    # ...and the plugin after them still works.
+    assert bytes(json.loads(invoke(client, "db/s/alloc/f", b"ok").body)["arguments"]) == b"ok"
+
+
+def test_fast_path_is_feature_detected(tmp_path, monkeypatch):
+    monkeypatch.setattr(aeordb.FastGuestOps, "_NEEDS", ("no_such_wasmtime_symbol",))
+    assert not aeordb.FastGuestOps.available()
+    # Without timer_create (say, not Linux) the epoch is ticked by a thread.
+    monkeypatch.setattr(aeordb.sys, "platform", "darwin")
+    # A fresh engine key, so the detection runs again for this app.
+    client, app = make_app(tmp_path, options={"fast_calls": True, "pooling": False},
+                           memory_limit=32 << 20, timeout=0.3)
+    wasm = app.config["aeordb.runtime"].wasm
+    assert type(wasm.ops) is aeordb.GuestOps and wasm.ticker == "thread"
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    assert json.loads(invoke(client, "db/s/t/f", b"x").body)["arguments"] == [120]
+    deploy(client, "db/s/loop", wat(LOOP_WAT))
+    assert "time limit" in invoke(client, "db/s/loop/f", status=500).json["error"]
+
+
+START_SECTION_WAT = '(module (memory (export "memory") 1) (func $s) (start $s)' + \
+    ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))'
+
+
+def test_quick_instantiation_detection(tmp_path):
+    """Only a module without a start function and with little data is instantiated holding the GIL.
+
+    Unsure means slow: a binary not read to its end, or one not at hand.
+    """
+    big_data = wat('(module (memory (export "memory") 17) (data (i32.const 0) "'
+                   + "\\00" * (aeordb.QUICK_DATA + 1) + '")'
+                   ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
+    client, app = make_app(tmp_path)
+    deploy(client, "db/s/plain", wat(ECHO_WAT))
+    deploy(client, "db/s/starts", wat(START_SECTION_WAT))
+    deploy(client, "db/s/big", big_data)
+    registry = app.config["aeordb.registry"]
+    assert registry.get("db/s/plain").shape.quick_instantiate is True
+    assert registry.get("db/s/starts").shape.quick_instantiate is False
+    assert registry.get("db/s/big").shape.quick_instantiate is False
+    assert aeordb.instantiates_quickly(wat(ECHO_WAT))
+    assert not aeordb.instantiates_quickly(wat(START_SECTION_WAT))
+    assert not aeordb.instantiates_quickly(big_data)
+    assert aeordb.instantiates_quickly(wat('(module (memory 1) (data (i32.const 0) "' + "\\01" * 1000 + '"))'))
+    # Past 1,000 sections, or at a section it cannot read, the scan gives up: slow.
+    many_sections = b"\0asm\1\0\0\0" + b"\0\1a" * 1001   # one-byte custom sections
+    assert aeordb.instantiates_quickly(many_sections[:8 + 3 * 1000])
+    assert not aeordb.instantiates_quickly(many_sections)
+    assert not aeordb.instantiates_quickly(wat(ECHO_WAT)[:-3])   # the last section cut short
+
+    # After a restart the shape comes from the verified module file; without it, slow.
+    _, again = make_app(tmp_path)
+    assert again.config["aeordb.registry"].get("db/s/plain").shape.quick_instantiate is True
+    for module_file in (tmp_path / "plugins" / "db" / "s" / "plain").glob("module-*.wasm"):
+        module_file.write_bytes(module_file.read_bytes() + b"tampered")
+    client_after, tampered = make_app(tmp_path)
+    plugin = tampered.config["aeordb.registry"].get("db/s/plain")   # runs from its artifact
+    assert plugin.shape.quick_instantiate is False
+    assert json.loads(invoke(client_after, "db/s/plain/f", b"x").body)["arguments"] == [120]
+
+
+def test_start_function_that_loops_is_bounded(tmp_path):
+    """The start function never runs at deploy; at invoke it meets the time limit like handle would."""
+    client, _ = make_app(tmp_path, timeout=0.5)
+    module = misbehaving_module("", extra="(func $spin (loop $forever (br $forever))) (start $spin)")
+    started = time.monotonic()
+    deploy(client, "db/s/spin", module, status=200)
+    assert time.monotonic() - started < 2.0
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    started = time.monotonic()
+    assert "time limit" in error_of(invoke(client, "db/s/spin/f", status=500))
+    assert time.monotonic() - started < 2.0
+    # A restart loads it without running it.
+    started = time.monotonic()
+    make_app(tmp_path, timeout=0.5)
+    assert time.monotonic() - started < 5.0
+    assert json.loads(invoke(client, "db/s/echo/f", b"x").body)["arguments"] == [120]
+
+
+HOLDING_THE_GIL_SCRIPT = """
+import ctypes, sys, wasmtime
+import aeordb
+from wasmtime import _bindings as bindings, _ffi as ffi
+wasm = aeordb.Wasm.shared(64 << 20, 10000)
+assert wasm.ticker == "timer", wasm.ticker
+holding = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle).wasmtime_func_call
+holding.restype, holding.argtypes = bindings._wasmtime_func_call.restype, bindings._wasmtime_func_call.argtypes
+store = wasmtime.Store(wasm.engine)
+store.set_epoch_deadline(20)
+module = wasmtime.Module(wasm.engine, sys.argv[1])
+spin = wasmtime.Instance(store, module, []).exports(store)["handle"]
+params = (ffi.wasmtime_val_t * 2)()
+for param in params:
+    param.kind = ffi.WASMTIME_I32.value
+results, trap = (ffi.wasmtime_val_t * 1)(), ctypes.POINTER(ffi.wasm_trap_t)()
+# No Python thread could tick now: this call keeps the GIL until the guest stops.
+error = holding(store._context(), ctypes.byref(spin._func), params, 2, results, 1, ctypes.byref(trap))
+assert not error and trap
+print(wasmtime.Trap._from_ptr(trap).trap_code.name)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the epoch timer is Linux's timer_create")
+def test_epoch_timer_ticks_without_the_gil():
+    """The timer calls wasmtime itself: it interrupts a guest while Python holds the GIL throughout."""
+    done = run_python(HOLDING_THE_GIL_SCRIPT, LOOP_WAT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "INTERRUPT"
+
+
+STOPPED_TIMER_SCRIPT = """
+import logging, sys, wasmtime
+import aeordb
+logging.basicConfig(level=logging.ERROR)
+aeordb.Wasm._start_epoch_timer = classmethod(lambda cls, engine: True)   # a timer that never ticks
+wasm = aeordb.Wasm.shared(64 << 20, 10000)
+assert wasm.ticker == "timer", wasm.ticker
+store = wasmtime.Store(wasm.engine)
+store.set_epoch_deadline(10)
+spin = wasmtime.Instance(store, wasmtime.Module(wasm.engine, sys.argv[1]), []).exports(store)["handle"]
+try:
+    spin(store, 0, 0)
+except wasmtime.Trap as trap:
+    print(trap.trap_code.name)
+"""
+
+
+def test_a_stopped_epoch_timer_is_taken_over():
+    """Should the timer stop ticking, the watching thread notices and ticks instead: no guest runs forever."""
+    done = run_python(STOPPED_TIMER_SCRIPT, LOOP_WAT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "INTERRUPT"
+    assert "the epoch timer stopped ticking" in done.stderr
+
+
+GUEST_LOOPS = {
+    "handle": '(module (memory (export "memory") 1)'
+              ' (func (export "handle") (param i32 i32) (result i64) (loop $l (br $l)) (i64.const 0)))',
+    "alloc": '(module (memory (export "memory") 1)'
+             ' (func (export "alloc") (param i32) (result i32) (loop $l (br $l)) (i32.const 0))'
+             ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))',
+    "start": '(module (memory (export "memory") 1) (func $spin (loop $l (br $l))) (start $spin)'
+             ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))',
+}
+
+
+@pytest.mark.parametrize("options", [path for path in RUNTIME_PATHS if path.values[0]["fast_calls"]],
+                         ids=["fast-pooled", "fast-ondemand"])
+@pytest.mark.parametrize("where", sorted(GUEST_LOOPS))
+def test_looping_guest_never_holds_the_gil(tmp_path, options, where):
+    """While a guest spins in handle, alloc or its start function, this thread runs on.
+
+    (The epoch timer would stop such a guest even with the GIL held: only the
+    gaps this thread sees show whether other requests were stalled. The public
+    API path leaves every such call to wasmtime-py, which always releases it.)
+    """
+    client, app = make_app(tmp_path, options=options, timeout=1)
+    deploy(client, "db/s/spin", wat(GUEST_LOOPS[where]))
+    watching, done, gaps = threading.Event(), threading.Event(), [0.0]
+
+    def watch() -> None:   # another thread of the server, as it were: it needs the GIL to go on
+        last = time.monotonic()
+        watching.set()
+        while not done.is_set():
+            now = time.monotonic()
+            gaps[0], last = max(gaps[0], now - last), now
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert watching.wait(10)
+    try:
+        response = invoke(client, "db/s/spin/f", b"x", status=500)
+    finally:
+        done.set()
+        watcher.join()
+    assert "time limit" in response.json["error"]
+    assert gaps[0] < 0.4, f"another thread stood still for {gaps[0]:.2f} s while the guest ran"
+
+
+# Envelope #####################################################################
+
+def test_echo_answers_its_own_envelope_verbatim(deployed):
+    client, path = deployed
+    response = invoke(client, f"{path}/f", b"hi")
+    assert response.content_type == "application/octet-stream"
+    assert response.body.startswith(b'{"arguments":')
+
+
+def test_request_envelope_of_an_empty_body(client):
+    assert envelope_of(client, b"")["arguments"] == []
+
+
+def test_request_envelope_carries_every_byte(client):
+    data = bytes(range(256))
+    assert envelope_of(client, data)["arguments"] == list(range(256))
+
+
+def test_request_envelope_metadata(client):
+    envelope = envelope_of(client, b"{}", query="a=1&b=two",
+                           headers={"Content-Type": "application/json"})
+    metadata = envelope["metadata"]
+    assert metadata["function_name"] == "function"
+    assert metadata["path"] == "/db/schema/table/function"
+    assert metadata["plugin_path"] == "db/schema/table"
+    assert metadata["method"] == "POST"
+    assert metadata["query_string"] == "a=1&b=two"
+    assert metadata["content_type"] == "application/json"
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    assert set(envelope) == {"arguments", "metadata"}
+
+
+def test_request_envelope_metadata_without_query_or_content_type(deployed):
+    client, path = deployed
+    metadata = json.loads(client.post(f"/{path}/f/_invoke", headers=AUTH, status=200).body)["metadata"]
+    assert metadata["query_string"] == ""
+    assert all(isinstance(v, str) for v in metadata.values())
+
+
+def test_request_is_placed_with_alloc(client):
+    # ECHO with alloc: the request must arrive where alloc said (65536), not at 0.
+    module = wat(f"""
+(module
+  (memory (export "memory") 1)
+  {ALLOC_WAT}
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (if (i32.ne (local.get $ptr) (i32.const 65536)) (then unreachable))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
+            (i64.extend_i32_u (local.get $len)))))
+""")
+    deploy(client, "db/s/t", module)
+    assert json.loads(invoke(client, "db/s/t/f", b"ab").body)["arguments"] == [97, 98]
+
+
+def test_response_envelope_string_body(client):
+    response = answer_with(client, '{"status_code":200,"content_type":"text/plain","body":"héllo"}'.encode())
+    assert response.body == "héllo".encode("utf-8")
+    assert response.content_type == "text/plain"
+
+
+def test_response_envelope_byte_array_body(client):
+    response = answer_with(client, b'{"status_code":201,"content_type":"text/plain; charset=utf-8",'
+                                   b'"headers":{"x-custom":"yes"},"body":[72,105]}', status=201)
+    assert response.body == b"Hi"
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.headers["x-custom"] == "yes"
+
+
+@pytest.mark.parametrize("status", [200, 202, 204, 302, 404, 418, 503, 599])
+def test_response_envelope_statuses_pass_through(client, status):
+    body = b"[]" if status in (204,) else b"[111,107]"
+    response = answer_with(client, b'{"status_code":%d,"body":%s}' % (status, body), status=status)
+    assert response.body == (b"" if status == 204 else b"ok")
+
+
+@pytest.mark.parametrize("content_type", ["", ',"content_type":null', ',"content_type":""'])
+def test_response_envelope_default_content_type(client, content_type):
+    response = answer_with(client, b'{"status_code":200%s,"body":[1]}' % content_type.encode())
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.body == b"\x01"
+
+
+@pytest.mark.parametrize("code", [99, 0, -200, 600, 1000])
+def test_response_status_out_of_range_is_500(client, code):
+    response = answer_with(client, b'{"status_code":%d,"body":[1]}' % code, status=500)
+    assert str(code) in error_of(response)
+
+
+@pytest.mark.parametrize("raw", [
+    b"hello, not json",
+    b"",
+    b"[1,2,3]",
+    b'"just a string"',
+    b'{"status_code":"200","body":[1]}',
+    b'{"status_code":200.5,"body":[1]}',
+    b'{"status_code":200.0,"body":[1]}',
+    b'{"status_code":true,"body":[1]}',
+    b'{"status_code":null,"body":[1]}',
+    b'{"body":[1]}',
+    b'{"status_code":200}',
+    b'{"status_code":200,"body":null}',
+    b'{"status_code":200,"body":[256]}',
+    b'{"status_code":200,"body":[-1]}',
+    b'{"status_code":200,"body":[1.5]}',
+    b'{"status_code":200,"body":[true]}',
+    b'{"status_code":200,"body":[[1]]}',
+    b'{"status_code":200,"body":{"a":1}}',
+    b'{"status_code":200,"body":[1],"headers":{"x-a":1}}',
+    b'{"status_code":200,"body":[1],"headers":["x-a"]}',
+    b'{"status_code":200,"body":[1],"content_type":5}',
+    b'{"status_code":200,"body":[1]} trailing',
+    b'{"status_code":200,"body":[1,2',
+])
+def test_answer_that_is_no_envelope_is_sent_raw(client, raw):
+    response = answer_with(client, raw)
+    assert response.status_int == 200
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.body == raw
+
+
+def test_answers_with_lone_surrogates_are_served(client):
+    answer = b'{"status_code":201,"body":"ok","content_type":"\\ud800","headers":{"x-a":"\\ud800","x-b":"fine"}}'
+    deploy(client, "db/s/t", answer_module(answer))
+    response = invoke(client, "db/s/t/f", status=201)
+    assert response.body == b"ok" and response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["x-b"] == "fine" and "x-a" not in response.headers
+    raw = b'{"status_code":201,"body":"\\ud800"}'      # not a text body: sent raw, as any non-envelope
+    deploy(client, "db/s/t", answer_module(raw))
+    response = invoke(client, "db/s/t/f", status=200)
+    assert response.body == raw and response.headers["Content-Type"] == "application/octet-stream"
+
+
+def test_plugin_headers_differing_in_case_both_go_out(client):
+    raw = b'{"status_code":200,"body":[111,107],"headers":{"X-Twice":"first","x-twice":"second"}}'
+    response = answer_with(client, raw)
+    assert sorted(v for k, v in response.headerlist if k.lower() == "x-twice") == ["first", "second"]
+
+
+def test_response_envelope_passes_safe_headers_only(client):
+    headers = {
+        "x-custom": "yes", "X-Upper-Case": "kept", "cache-control": "no-store", "ETag": '"abc"',
+        "last-modified": "Wed, 21 Oct 2015 07:28:00 GMT", "content-disposition": "inline",
+        "content-language": "en", "content-encoding": "identity", "vary": "Accept",
+        "set-cookie": "session=stolen", "Set-Cookie": "a=b", "location": "/elsewhere",
+        "access-control-allow-origin": "*", "www-authenticate": "Basic", "server": "evil",
+        "content-length": "999", "transfer-encoding": "chunked", "content-type": "text/html",
+        "x-crlf": "a\r\nSet-Cookie: injected=1", "x-lf": "a\nb", "x-cr": "a\rb",
+        "x bad name": "v", "x-ok-after": "still here",
+    }
+    raw = json.dumps({"status_code": 200, "content_type": "text/plain", "headers": headers,
+                      "body": [111, 107]}).encode()
+    response = answer_with(client, raw)
+    got = {k.lower(): v for k, v in response.headerlist}
+    for kept in ("x-custom", "x-upper-case", "cache-control", "etag", "last-modified",
+                 "content-disposition", "content-language", "content-encoding", "vary", "x-ok-after"):
+        assert got[kept] == {k.lower(): v for k, v in headers.items()}[kept], kept
+    for dropped in ("set-cookie", "location", "access-control-allow-origin", "www-authenticate",
+                    "transfer-encoding", "x-crlf", "x-lf", "x-cr", "x bad name"):
+        assert dropped not in got, dropped
+    assert got.get("server") != "evil"
+    assert got["content-type"] == "text/plain"
+    assert got.get("content-length", "2") == "2"
+    assert response.body == b"ok"
+    assert "injected" not in str(response.headerlist)
+
+
+BODY_PREFIX = b'{"status_code":200,"body":'
+
+
+# Answers {"status_code":200,"body":<the request's arguments array>}: it finds the
+# first '[' (the arguments array, first in the envelope) and the ']' closing it
+# (a byte array holds no other bracket), copies the prefix just before the '['
+# (alloc places the request at 65536, so there is room) and puts '}' after ']'.
+BODY_ECHO_WAT = f"""
+(module
+  (memory (export "memory") 1)
+  {ALLOC_WAT}
+  (data (i32.const 0) "{wat_string(BODY_PREFIX)}")
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    (local $open i32) (local $close i32) (local $start i32)
+    (local.set $open (local.get $ptr))
+    (block $found
+      (loop $scan
+        (br_if $found (i32.eq (i32.load8_u (local.get $open)) (i32.const 91)))
+        (local.set $open (i32.add (local.get $open) (i32.const 1)))
+        (br_if $scan (i32.lt_u (local.get $open) (i32.add (local.get $ptr) (local.get $len))))
+        (unreachable)))
+    (local.set $close (local.get $open))
+    (block $found
+      (loop $scan
+        (br_if $found (i32.eq (i32.load8_u (local.get $close)) (i32.const 93)))
+        (local.set $close (i32.add (local.get $close) (i32.const 1)))
+        (br $scan)))
+    (local.set $start (i32.sub (local.get $open) (i32.const {len(BODY_PREFIX)})))
+    (memory.copy (local.get $start) (i32.const 0) (i32.const {len(BODY_PREFIX)}))
+    (i32.store8 (i32.add (local.get $close) (i32.const 1)) (i32.const 125))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $start)) (i64.const 32))
+            (i64.extend_i32_u (i32.sub (i32.add (local.get $close) (i32.const 2))
+                                       (local.get $start))))))
+"""
+
+
+@pytest.mark.parametrize("size", [16 * 1024 - 100, 16 * 1024, 100 * 1024, 1024 * 1024])
+def test_large_body_round_trip(client, size):
+    deploy(client, "db/s/t", wat(BODY_ECHO_WAT))
+    data = random.Random(size).randbytes(size - 3) + b"\0\xff]"
+    response = invoke(client, "db/s/t/f", data)
+    assert response.content_type == "application/octet-stream"
+    assert len(response.body) == len(data) and response.body == data
+    if size >= 16 * 1024:   # such answers went through the WASM codec, not json.loads
+        codec = client.app.config["aeordb.runtime"].codec
+        assert getattr(codec._local, "state", None) is not None
+
+
+def test_large_answer_with_a_nested_body_key_first(client):
+    data = random.Random(7).randbytes(12 * 1024)
+    raw = (b'{"status_code":202,"content_type":"application/x-test","meta":{"body":[1,2,3],'
+           b'"note":"\\"body\\":[9]"},"headers":{"x-n":"1"},"body":' + json.dumps(list(data)).encode() + b"}")
+    assert len(raw) > 16 * 1024
+    response = answer_with(client, raw, status=202)
+    assert response.body == data
+    assert response.content_type == "application/x-test"
+    assert response.headers["x-n"] == "1"
+
+
+@pytest.mark.parametrize("bad", [b"256", b"-1", b"1.0", b"01", b"[1]", b'"a"', b"1 2", b"", b"true"])
+def test_large_answer_with_a_bad_byte_is_sent_raw(client, bad):
+    values = b",".join([b"65"] * 6000 + ([bad] if bad else [b""]) + [b"66"])
+    raw = b'{"status_code":200,"content_type":"text/plain","body":[' + values + b"]}"
+    assert len(raw) > 16 * 1024
+    response = answer_with(client, raw)
+    assert response.content_type == "application/octet-stream"
+    assert response.body == raw
+
+
+def test_large_answer_with_body_twice_follows_json_semantics(client):
+    # Duplicate keys: json.loads keeps the last one; the fast path must not disagree.
+    first = b",".join([b"1"] * 9000)
+    raw = b'{"status_code":200,"body":[' + first + b'],"body":[104,105]}'
+    assert len(raw) > 16 * 1024
+    assert answer_with(client, raw).body == b"hi"
+
+
+def test_large_answer_nested_past_the_recursion_limit_is_sent_raw(client):
+    # Over ByteArrayCodec.SMALL with a '"body":[' inside: the fast path's json.loads hits the
+    # recursion limit; like any answer that is no envelope, it goes out as it is (not a 500).
+    raw = b'{"status_code":201,"x":' + b"[" * 20_000 + b'"body":[104,105]}'
+    assert len(raw) > aeordb.ByteArrayCodec.SMALL
+    response = answer_with(client, raw, status=200)
+    assert response.content_type == "application/octet-stream" and response.body == raw
+
+
+# Host functions ###############################################################
+
+def test_context(client):
+    answer = call_host(client, "ctx", "aeordb_context", {})
+    assert answer["function_name"] == "run"
+    assert answer["plugin_path"] == "ctx/s/t"
+    assert answer["db"] == "ctx"
+    assert answer["method"] == "POST"
+    assert 0 < answer["remaining_ms"] <= 5000
+
+
+def test_read_file(client):
     data = "héllo\nwörld\n".encode()
-    _db_put(client, "h", "/docs/a.txt", data, "text/plain; charset=utf-8")
-    answer = _db_host(client, "h", "aeordb_read_file", {"path": "/docs/a.txt"})
+    put_file(client, "h", "/docs/a.txt", data, "text/plain; charset=utf-8")
+    answer = call_host(client, "h", "aeordb_read_file", {"path": "/docs/a.txt"})
     assert base64.b64decode(answer["data"]) == data
     assert answer["content_type"] == "text/plain; charset=utf-8"
     assert answer["size"] == len(data)
 
 
-def test_db_host_write_file_then_visible_over_http(client):
+def test_write_file_is_visible_over_http(client):
     data = bytes(range(256))
-    answer = _db_host(client, "h", "aeordb_write_file",
-                      {"path": "/w/new.bin", "data": base64.b64encode(data).decode(),
+    answer = call_host(client, "h", "aeordb_write_file",
+                       {"path": "/w/new.bin", "data": base64.b64encode(data).decode(),
                        "content_type": "application/x-test"})
     assert answer == {"ok": True, "size": 256}
     got = client.get("/h/_files/w/new.bin", headers=AUTH)
     assert got.body == data and got.content_type == "application/x-test"
     # Without content_type the type follows the extension.
-    _db_host(client, "h", "aeordb_write_file",
-             {"path": "/w/doc.json", "data": base64.b64encode(b'{"a": 1}').decode()})
+    call_host(client, "h", "aeordb_write_file",
+              {"path": "/w/doc.json", "data": base64.b64encode(b'{"a": 1}').decode()})
     assert client.get("/h/_files/w/doc.json", headers=AUTH).content_type == "application/json"
 
 
-def test_db_host_delete_file(client):
-    _db_put(client, "h", "/gone.txt", b"bye")
-    assert _db_host(client, "h", "aeordb_delete_file", {"path": "/gone.txt"}) == {"ok": True}
+def test_a_content_type_that_cannot_be_served_is_never_stored(client):
+    for content_type in ("text/plain\u0000evil", "text/\ud800", "a\u007fb"):
+        args = json.dumps({"path": "/x", "data": "aGk=", "content_type": content_type}).encode()
+        deploy(client, "db/s/t", host_call_module("aeordb_write_file", args))
+        assert "invalid content type" in json.loads(invoke(client, "db/s/t/f").body)["error"]
+        client.get("/db/_files/x", headers=AUTH, status=404)
+    args = json.dumps({"path": "/blank", "data": "aGk=", "content_type": "   "}).encode()
+    deploy(client, "db/s/t", host_call_module("aeordb_write_file", args))
+    assert json.loads(invoke(client, "db/s/t/f").body) == {"ok": True, "size": 2}
+    served = client.get("/db/_files/blank", headers=AUTH, status=200)
+    assert served.headers["Content-Type"] == "application/octet-stream" and served.body == b"hi"
+
+
+def test_delete_file(client):
+    put_file(client, "h", "/gone.txt", b"bye")
+    assert call_host(client, "h", "aeordb_delete_file", {"path": "/gone.txt"}) == {"ok": True}
     client.get("/h/_files/gone.txt", headers=AUTH, status=404)
-    again = _db_host(client, "h", "aeordb_delete_file", {"path": "/gone.txt"})
+    again = call_host(client, "h", "aeordb_delete_file", {"path": "/gone.txt"})
     assert "no file" in again["error"]
 
 
-def test_db_host_file_metadata(client):
+def test_file_metadata(client):
     before = int(time.time() * 1000)
-    _db_put(client, "h", "/m/x.txt", b"12345", "text/plain")
+    put_file(client, "h", "/m/x.txt", b"12345", "text/plain")
     after = int(time.time() * 1000)
-    meta = _db_host(client, "h", "aeordb_file_metadata", {"path": "/m/x.txt"})
+    meta = call_host(client, "h", "aeordb_file_metadata", {"path": "/m/x.txt"})
     assert meta["path"] == "/m/x.txt" and meta["size"] == 5 and meta["content_type"] == "text/plain"
     assert before - 1 <= meta["created_at"] <= after + 1          # milliseconds, not seconds
     assert meta["updated_at"] == meta["created_at"]
-    _db_put(client, "h", "/m/x.txt", b"1234567", "text/plain")
-    again = _db_host(client, "h", "aeordb_file_metadata", {"path": "/m/x.txt"})
+    put_file(client, "h", "/m/x.txt", b"1234567", "text/plain")
+    again = call_host(client, "h", "aeordb_file_metadata", {"path": "/m/x.txt"})
     assert again["created_at"] == meta["created_at"] and again["updated_at"] >= meta["updated_at"]
     assert again["size"] == 7
 
 
-def test_db_host_list_directory(client):
-    _db_put(client, "h", "/d/a.txt", b"aaa")
-    _db_put(client, "h", "/d/sub/b.txt", b"bb")
-    _db_put(client, "h", "/d/sub/deeper/c.txt", b"c")
-    _db_put(client, "h", "/d2/z.txt", b"z")       # a sibling whose name extends "d"
-    answer = _db_host(client, "h", "aeordb_list_directory", {"path": "/d"})
+def test_list_directory(client):
+    put_file(client, "h", "/d/a.txt", b"aaa")
+    put_file(client, "h", "/d/sub/b.txt", b"bb")
+    put_file(client, "h", "/d/sub/deeper/c.txt", b"c")
+    put_file(client, "h", "/d2/z.txt", b"z")       # a sibling whose name extends "d"
+    answer = call_host(client, "h", "aeordb_list_directory", {"path": "/d"})
     assert answer["entries"] == [{"name": "a.txt", "type": "file", "size": 3},
                                  {"name": "sub", "type": "directory", "size": 3}]
-    root = _db_host(client, "h", "aeordb_list_directory", {"path": "/"})
+    root = call_host(client, "h", "aeordb_list_directory", {"path": "/"})
     assert [(e["name"], e["type"]) for e in root["entries"]] == [("d", "directory"), ("d2", "directory")]
-    assert "error" in _db_host(client, "h", "aeordb_list_directory", {"path": "/nothing"})
-    assert "error" in _db_host(client, "h", "aeordb_list_directory", {"path": "/d/a.txt"})
+    assert "error" in call_host(client, "h", "aeordb_list_directory", {"path": "/nothing"})
+    assert "error" in call_host(client, "h", "aeordb_list_directory", {"path": "/d/a.txt"})
 
 
-_DB_TEXT = "line1\nline2 ünï\nline3 日本語\nline4\n"
+EXTRACT_TEXT = "line1\nline2 ünï\nline3 日本語\nline4\n"
 
 
 @pytest.mark.parametrize("args, expected", [
     ({"mode": "lines", "start": 2, "end": 3}, {"text": "line2 ünï\nline3 日本語\n", "truncated": False}),
-    ({"mode": "lines", "start": None, "end": None}, {"text": _DB_TEXT, "truncated": False}),
-    ({"mode": "lines"}, {"text": _DB_TEXT, "truncated": False}),
-    ({}, {"text": _DB_TEXT, "mode": "lines"}),
+    ({"mode": "lines", "start": None, "end": None}, {"text": EXTRACT_TEXT, "truncated": False}),
+    ({"mode": "lines"}, {"text": EXTRACT_TEXT, "truncated": False}),
+    ({}, {"text": EXTRACT_TEXT, "mode": "lines"}),
     ({"mode": "lines", "start": 4, "end": 99}, {"text": "line4\n"}),
     ({"mode": "lines", "start": 3, "end": 3}, {"text": "line3 日本語\n"}),
     ({"mode": "chars", "start": 6, "end": 15}, {"text": "line2 ünï"}),       # characters, not bytes
@@ -1511,13 +1765,13 @@ _DB_TEXT = "line1\nline2 ünï\nline3 日本語\nline4\n"
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 2}, {"text": "", "truncated": True}),
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 0}, {"text": "", "truncated": True}),
     ({"mode": "chars", "start": 0, "end": 1, "max_bytes": -5}, {"text": "l", "truncated": False}),
-    ({"mode": "lines", "max_bytes": 1 << 40}, {"text": _DB_TEXT, "truncated": False}),
-    ({"mode": "lines", "max_bytes": None}, {"text": _DB_TEXT, "truncated": False}),
+    ({"mode": "lines", "max_bytes": 1 << 40}, {"text": EXTRACT_TEXT, "truncated": False}),
+    ({"mode": "lines", "max_bytes": None}, {"text": EXTRACT_TEXT, "truncated": False}),
 ])
-def test_db_host_extract_file(client, args, expected):
-    data = _DB_TEXT.encode()
-    _db_put(client, "x", "/t.txt", data, "text/plain")
-    answer = _db_host(client, "x", "aeordb_extract_file", {"path": "/t.txt", **args})
+def test_extract_file(client, args, expected):
+    data = EXTRACT_TEXT.encode()
+    put_file(client, "x", "/t.txt", data, "text/plain")
+    answer = call_host(client, "x", "aeordb_extract_file", {"path": "/t.txt", **args})
     assert "error" not in answer, answer
     for key, value in expected.items():
         assert answer[key] == value, (key, answer)
@@ -1527,12 +1781,19 @@ def test_db_host_extract_file(client, args, expected):
                                                       16 * 1024 * 1024))
 
 
-def test_db_host_extract_file_truncation_keeps_utf8_whole(client):
+def test_extract_file_errors(client):
+    put_file(client, "x", "/t.txt", b"abc\n", "text/plain")
+    for args in ({"path": "/t.txt", "mode": "words"}, {"path": "/t.txt", "mode": "lines", "start": 0},
+                 {"path": "/t.txt", "start": "1"}, {"path": "/missing.txt"}, {"mode": "lines"}):
+        assert "error" in call_host(client, "x", "aeordb_extract_file", args), args
+
+
+def test_extract_file_truncation_keeps_utf8_whole(client):
     text = "aé日😀" * 50                         # 1, 2, 3 and 4-byte characters
-    _db_put(client, "x", "/u.txt", text.encode(), "text/plain")
+    put_file(client, "x", "/u.txt", text.encode(), "text/plain")
     for max_bytes in range(1, 25):
-        answer = _db_host(client, "x", "aeordb_extract_file",
-                          {"path": "/u.txt", "mode": "lines", "max_bytes": max_bytes})
+        answer = call_host(client, "x", "aeordb_extract_file",
+                           {"path": "/u.txt", "mode": "lines", "max_bytes": max_bytes})
         got = answer["text"]
         assert answer["truncated"] is True
         assert text.startswith(got) and "\ufffd" not in got
@@ -1541,31 +1802,46 @@ def test_db_host_extract_file_truncation_keeps_utf8_whole(client):
         assert len(text[:len(got) + 1].encode()) > max_bytes
 
 
-def test_db_host_extract_file_errors(client):
-    _db_put(client, "x", "/t.txt", b"abc\n", "text/plain")
-    for args in ({"path": "/t.txt", "mode": "words"}, {"path": "/t.txt", "mode": "lines", "start": 0},
-                 {"path": "/t.txt", "start": "1"}, {"path": "/missing.txt"}, {"mode": "lines"}):
-        assert "error" in _db_host(client, "x", "aeordb_extract_file", args), args
-
-
-def test_db_host_context(client):
-    answer = _db_host(client, "ctx", "aeordb_context", {})
-    assert answer["function_name"] == "run"
-    assert answer["plugin_path"] == "ctx/s/t"
-    assert answer["db"] == "ctx"
-    assert answer["method"] == "POST"
-    assert 0 < answer["remaining_ms"] <= 5000
-
-
-def test_db_host_log_message(client, caplog):
+def test_log_message(client, caplog):
     import logging
     caplog.set_level(logging.INFO, logger="aeordb.plugin")
-    answer = _db_run(client, "lg", [("log_message", b"warn", "hello from wasm ✓".encode()),
-                                    ("aeordb_context", b"{}")], table="logger")
+    answer = run_sequence(client, "lg", [("log_message", b"warn", "hello from wasm ✓".encode()),
+                                         ("aeordb_context", b"{}")], table="logger")
     assert json.loads(answer.body)["plugin_path"] == "lg/s/logger"
     records = [r for r in caplog.records if r.name == "aeordb.plugin"]
     assert any("[lg/s/logger]" in r.getMessage() and "hello from wasm ✓" in r.getMessage()
                and r.levelno == logging.WARNING for r in records), [r.getMessage() for r in records]
+
+
+def test_plugin_log_lines_cannot_forge_other_lines(client, caplog):
+    message = b"first\r\nINFO aeordb: forged\rthird"
+    module = wat(f"""
+(module
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 32768) "warn")
+  (data (i32.const 32800) "{wat_string(message)}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (call $log (i32.const 32768) (i32.const 4) (i32.const 32800) (i32.const {len(message)}))
+    (i64.const 0)))
+""")
+    deploy(client, "db/s/logger", module)
+    with caplog.at_level("INFO", logger="aeordb.plugin"):
+        invoke(client, "db/s/logger/f")
+    lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
+    assert lines == ["[db/s/logger] first\\r\\nINFO aeordb: forged\\rthird"]
+    assert not any(ch in lines[0] for ch in "\r\n")
+
+
+def test_example_plugin_matches_its_source_and_runs(client, caplog):
+    example = HERE / "examples"
+    assert (example / "hello.wasm").read_bytes() == wat((example / "hello.wat").read_text())
+    deploy(client, "mydb/public/users", (example / "hello.wasm").read_bytes(), name="hello")
+    with caplog.at_level("INFO", logger="aeordb.plugin"):
+        answer = invoke(client, "mydb/public/users/greet", b'{"input": "hello"}')
+    assert answer.json == {"hello": "world"}
+    assert answer.headers["x-plugin"] == "hello"
+    assert any("[mydb/public/users] hello plugin invoked" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("args", [
@@ -1581,669 +1857,15 @@ def test_db_host_log_message(client, caplog):
 ])
 @pytest.mark.parametrize("function", ["aeordb_read_file", "aeordb_file_metadata", "aeordb_delete_file",
                                       "aeordb_write_file", "aeordb_extract_file", "aeordb_list_directory"])
-def test_db_host_bad_arguments_answer_error(client, function, args):
-    _db_put(client, "e", "/a.txt", b"secret")
-    answer = _db_host(client, "e", function, args)      # invoke still answers 200
+def test_bad_host_arguments_answer_an_error(client, function, args):
+    put_file(client, "e", "/a.txt", b"secret")
+    answer = call_host(client, "e", function, args)      # invoke still answers 200
     assert set(answer) == {"error"} and isinstance(answer["error"], str) and answer["error"]
     assert client.get("/e/_files/a.txt", headers=AUTH).body == b"secret"
 
 
-def test_db_host_answer_placement_with_and_without_alloc(client):
-    _db_put(client, "p", "/f.txt", b"placed", "text/plain")
-    args = _db_args({"path": "/f.txt"})
-    with_alloc = _db_run(client, "p", [("aeordb_read_file", args)], alloc=True, tail="check_alloc")
-    assert base64.b64decode(json.loads(with_alloc.body)["data"]) == b"placed"
-    without = _db_run(client, "p", [("aeordb_read_file", args)], alloc=False, tail="offset0")
-    assert base64.b64decode(json.loads(without.body)["data"]) == b"placed"
-    # Several answers in a row without alloc: each lands at 0 and the arguments stay intact.
-    steps = [("aeordb_file_metadata", args), ("aeordb_list_directory", _db_args({"path": "/"})),
-             ("aeordb_read_file", args)]
-    last = _db_run(client, "p", steps, alloc=False, tail="offset0")
-    assert json.loads(last.body)["size"] == 6
-
-
-# -- the wall between databases -------------------------------------------------
-
-def test_db_cross_database_wall(client):
-    written = _db_host(client, "a", "aeordb_write_file",
-                       {"path": "/x.json", "data": base64.b64encode(b'{"owner": "a"}').decode()})
-    assert written["ok"] is True
-    assert client.get("/a/_files/x.json", headers=AUTH).json == {"owner": "a"}
-    answer = _db_host(client, "b", "aeordb_read_file", {"path": "/x.json"})
-    assert "no file" in answer["error"]
-    assert "error" in _db_host(client, "b", "aeordb_file_metadata", {"path": "/x.json"})
-    assert "error" in _db_host(client, "b", "aeordb_delete_file", {"path": "/x.json"})
-    assert _db_host(client, "b", "aeordb_list_directory", {"path": "/"}) == {"entries": []}
-    assert _db_host(client, "b", "aeordb_query", {"path": "/"})["items"] == []
-    client.get("/b/_files/x.json", headers=AUTH, status=404)
-    assert client.get("/a/_files/x.json", headers=AUTH).json == {"owner": "a"}   # b deleted nothing
-
-
-# -- all-or-nothing invocations ---------------------------------------------------
-
-def test_db_invocation_that_traps_leaves_nothing(client):
-    _db_put(client, "t", "/keep.txt", b"old")
-    steps = [_db_write_step("/one.txt", b"1"), _db_write_step("/dir/two.txt", b"2"),
-             _db_write_step("/keep.txt", b"new"), ("aeordb_delete_file", _db_args({"path": "/keep.txt"}))]
-    answer = _db_run(client, "t", steps, status=500, tail="trap")
-    assert "unreachable" in answer.json["error"]
-    client.get("/t/_files/one.txt", headers=AUTH, status=404)
-    client.get("/t/_files/dir/two.txt", headers=AUTH, status=404)
-    assert client.get("/t/_files/keep.txt", headers=AUTH).body == b"old"
-
-
-def test_db_invocation_that_returns_keeps_everything(client):
-    steps = [_db_write_step(f"/many/{n}.txt", str(n).encode()) for n in range(5)]
-    steps.append(("aeordb_delete_file", _db_args({"path": "/many/0.txt"})))
-    answer = _db_run(client, "t", steps)
-    assert json.loads(answer.body) == {"ok": True}
-    client.get("/t/_files/many/0.txt", headers=AUTH, status=404)
-    for n in range(1, 5):
-        assert client.get(f"/t/_files/many/{n}.txt", headers=AUTH).body == str(n).encode()
-
-
-def test_db_invocation_with_bad_answer_pointer_leaves_nothing(client):
-    steps = [_db_write_step("/p1.txt", b"1"), _db_write_step("/p2.txt", b"2")]
-    answer = _db_run(client, "t", steps, status=500, tail="bad_pointer")
-    assert "pointer" in answer.json["error"]
-    client.get("/t/_files/p1.txt", headers=AUTH, status=404)
-    client.get("/t/_files/p2.txt", headers=AUTH, status=404)
-
-
-def test_db_invocation_over_time_limit_leaves_nothing(tmp_path):
-    client, _ = make_app(tmp_path, timeout=0.3)
-    answer = _db_run(client, "t", [_db_write_step("/slow.txt", b"x")], status=500, tail="loop")
-    assert "time limit" in answer.json["error"]
-    client.get("/t/_files/slow.txt", headers=AUTH, status=404)
-
-
-def test_db_invocation_failed_by_host_leaves_nothing(client):
-    # alloc answers the request a good pointer, then nonsense: the host cannot place the
-    # write's answer, fails the invocation, and the write must go with it.
-    module = wat(f"""
-(module
-  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
-  (memory (export "memory") 2)
-  (global $calls (mut i32) (i32.const 0))
-  (func (export "alloc") (param i32) (result i32)
-    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
-    (if (result i32) (i32.eq (global.get $calls) (i32.const 1))
-      (then (i32.const 65536)) (else (i32.const -16))))
-  (data (i32.const 1024) "{wat_string(_db_write_step('/host.txt', b'h')[1])}")
-  (func (export "handle") (param i32 i32) (result i64)
-    (drop (call $write (i32.const 1024) (i32.const {len(_db_write_step('/host.txt', b'h')[1])})))
-    (i64.const 0)))
-""")
-    deploy(client, "t/s/hostfail", module)
-    answer = invoke(client, "t/s/hostfail/run", status=500)
-    assert "bad pointer" in answer.json["error"]
-    client.get("/t/_files/host.txt", headers=AUTH, status=404)
-
-
-def test_db_invocation_reads_its_own_writes(client):
-    _db_put(client, "r", "/own.txt", b"before", "text/plain")
-    steps = [_db_write_step("/own.txt", b"after", "text/x-new"),
-             _db_write_step("/fresh.txt", b"fresh"),
-             ("aeordb_list_directory", _db_args({"path": "/"})),
-             ("aeordb_read_file", _db_args({"path": "/own.txt"}))]
-    answer = json.loads(_db_run(client, "r", steps).body)
-    assert base64.b64decode(answer["data"]) == b"after" and answer["content_type"] == "text/x-new"
-    steps[-1] = ("aeordb_list_directory", _db_args({"path": "/"}))
-    listing = json.loads(_db_run(client, "r", steps).body)
-    assert [e["name"] for e in listing["entries"]] == ["fresh.txt", "own.txt"]
-    deleted = json.loads(_db_run(client, "r", [("aeordb_delete_file", _db_args({"path": "/fresh.txt"})),
-                                               ("aeordb_read_file", _db_args({"path": "/fresh.txt"}))]).body)
-    assert "no file" in deleted["error"]
-
-
-def test_db_concurrent_invocations_do_not_see_uncommitted_writes(tmp_path):
-    """P writes /c.json, logs "written", spins, logs "spun" and returns (commit after that).
-
-    Every read that *completed* before P logged "spun" happened before the commit, so it
-    must miss the file: HTTP GET answers 404 and a reading plugin answers "no file".
-    """
-    import logging
-    _, app = make_app(tmp_path)
-    written, spun = threading.Event(), threading.Event()
-
-    class Marks(logging.Handler):
-        def emit(self, record):
-            message = record.getMessage()
-            if "[c/s/p]" in message:
-                (written if message.endswith("written") else spun).set()
-
-    handler, plugin_logger = Marks(), logging.getLogger("aeordb.plugin")
-    old_level = plugin_logger.level
-    plugin_logger.addHandler(handler)
-    plugin_logger.setLevel(logging.INFO)
-    reader = host_call_module("aeordb_read_file", _db_args({"path": "/c.json"}))
-    try:
-        with server_thread(app) as port:
-            assert http_request(port, "PUT", "/c/s/q/_deploy", reader)[0] == 200
-            spin = 100_000_000
-            for _attempt in range(6):
-                http_request(port, "DELETE", "/c/_files/c.json")
-                written.clear(), spun.clear()
-                module = _db_spin_between_marks(spin)
-                assert http_request(port, "PUT", "/c/s/p/_deploy", module)[0] == 200
-                done = threading.Event()
-                result = {}
-
-                def run_p():
-                    try:
-                        result["p"] = http_request(port, "POST", "/c/s/p/run/_invoke", b"")
-                    finally:
-                        done.set()
-                thread = threading.Thread(target=run_p)
-                thread.start()
-                assert written.wait(10)
-                early = 0
-                while not done.is_set():
-                    status, _, body = http_request(port, "GET", "/c/_files/c.json")
-                    q_status, _, q_body = http_request(port, "POST", "/c/s/q/run/_invoke", b"")
-                    if not spun.is_set():          # both reads finished before P's commit
-                        assert status == 404, body
-                        assert q_status == 200 and "no file" in json.loads(q_body)["error"]
-                        early += 1
-                thread.join(10)
-                assert result["p"][0] == 200 and json.loads(result["p"][2]) == {"ok": True, "size": 8}
-                status, _, body = http_request(port, "GET", "/c/_files/c.json")
-                assert (status, json.loads(body)) == (200, {"n": 1})
-                q_status, _, q_body = http_request(port, "POST", "/c/s/q/run/_invoke", b"")
-                assert base64.b64decode(json.loads(q_body)["data"]) == b'{"n": 1}'
-                if early:
-                    break
-                spin = min(spin * 4, 4_000_000_000)     # i32.const holds up to 2**32 - 1
-            assert early > 0, "no read landed while P was running"
-    finally:
-        plugin_logger.removeHandler(handler)
-        plugin_logger.setLevel(old_level)
-
-
-def _db_spin_between_marks(count: int) -> bytes:
-    write = _db_write_step("/c.json", b'{"n": 1}')[1]
-    return wat(f"""
-(module
-  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
-  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
-  (memory (export "memory") 2)
-  {ALLOC_WAT}
-  (data (i32.const 1024) "info")
-  (data (i32.const 1032) "written")
-  (data (i32.const 1040) "spun")
-  (data (i32.const 1048) "{wat_string(write)}")
-  (func (export "handle") (param i32 i32) (result i64)
-    (local $r i64) (local $i i32)
-    (local.set $r (call $write (i32.const 1048) (i32.const {len(write)})))
-    (call $log (i32.const 1024) (i32.const 4) (i32.const 1032) (i32.const 7))
-    (local.set $i (i32.const {count}))
-    (loop $spin (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $spin (local.get $i)))
-    (call $log (i32.const 1024) (i32.const 4) (i32.const 1040) (i32.const 4))
-    (local.get $r)))
-""")
-
-
-# -- the HTTP file API --------------------------------------------------------------
-
-def test_db_http_binary_round_trip_and_caching(client):
-    data = bytes(range(256))
-    put = _db_put(client, "f", "/bin/all.bytes", data, "application/x-custom", status=201)
-    assert put.json["size"] == 256 and put.json["path"] == "/bin/all.bytes"
-    assert put.json["content_type"] == "application/x-custom"
-    got = client.get("/f/_files/bin/all.bytes", headers=AUTH)
-    assert got.body == data and got.content_type == "application/x-custom"
-    etag, modified = got.headers["ETag"], got.headers["Last-Modified"]
-    assert etag.startswith('"') and modified.endswith("GMT")
-    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": etag}, status=304)
-    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": '"other"'}, status=200)
-    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": f'"other", {etag}'}, status=304)
-    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": "*"}, status=304)
-    head = client.head("/f/_files/bin/all.bytes", headers=AUTH)
-    assert head.body == b"" and head.headers["ETag"] == etag
-    assert head.content_type == "application/x-custom"
-    again = _db_put(client, "f", "/bin/all.bytes", data[::-1], "image/png", status=200)
-    assert again.json["created_at"] == put.json["created_at"]
-    got = client.get("/f/_files/bin/all.bytes", headers=AUTH)
-    assert got.body == data[::-1] and got.content_type == "image/png" and got.headers["ETag"] != etag
-
-
-def test_db_http_directory_listing(client):
-    _db_put(client, "f", "/dir/a.txt", b"a")
-    _db_put(client, "f", "/dir/sub/b.txt", b"bb")
-    _db_put(client, "f", "/top.txt", b"t")
-    expected = [{"name": "a.txt", "type": "file", "size": 1},
-                {"name": "sub", "type": "directory", "size": 2}]
-    assert client.get("/f/_files/dir", headers=AUTH).json == {"path": "/dir", "entries": expected}
-    assert client.get("/f/_files/dir/", headers=AUTH).json["entries"] == expected
-    for root in ("/f/_files/", "/f/_files"):
-        assert [e["name"] for e in client.get(root, headers=AUTH).json["entries"]] == ["dir", "top.txt"]
-    assert client.get("/empty/_files/", headers=AUTH).json["entries"] == []
-    client.get("/f/_files/top.txt/", headers=AUTH, status=400)
-    _db_put(client, "f", "/newdir/", b"x", status=400)       # a path ending in '/' names a directory
-    client.get("/f/_files/newdir", headers=AUTH, status=404)
-
-
-def test_db_http_404s_and_delete(client):
-    client.get("/f/_files/missing.txt", headers=AUTH, status=404)
-    client.get("/f/_files/missing/", headers=AUTH, status=404)
-    client.head("/f/_files/missing.txt", headers=AUTH, status=404)
-    client.delete("/f/_files/missing.txt", headers=AUTH, status=404)
-    _db_put(client, "f", "/del/me.txt", b"x")
-    assert client.delete("/f/_files/del/me.txt", headers=AUTH).json == {"deleted": True,
-                                                                         "path": "/del/me.txt"}
-    client.get("/f/_files/del/me.txt", headers=AUTH, status=404)
-    client.get("/f/_files/del", headers=AUTH, status=404)       # the directory went with its file
-    client.get("/f/_files/x.txt", status=401)                   # behind the token
-    client.put("/f/_files/x.txt", b"x", status=401)
-
-
-@pytest.mark.parametrize("path", [
-    "/f/_files/a/../secret.txt", "/f/_files/a/%2e%2e/secret.txt", "/f/_files/a/%2E%2E/secret.txt",
-    "/f/_files/a%2f..%2fsecret.txt", "/f/_files/../f/_files/secret.txt", "/f/_files/./secret.txt",
-    "/f/_files/a//secret.txt", "/other/_files/../../f/_files/secret.txt", "/../_files/secret.txt",
-    "/f/_files/..", "/f/_files/%2e%2e/other/x.txt",
-])
-def test_db_http_traversal_never_reaches_other_files(client, path):
-    _db_put(client, "f", "/secret.txt", b"SECRET")
-    _db_put(client, "other", "/x.txt", b"OTHER")
-    got = client.get(path, headers=AUTH, expect_errors=True)
-    assert got.status_int in (400, 404) and b"SECRET" not in got.body and b"OTHER" not in got.body
-    put = client.put(path, b"OVERWRITE", headers=AUTH, expect_errors=True)
-    assert put.status_int in (400, 404, 405)
-    deleted = client.delete(path, headers=AUTH, expect_errors=True)
-    assert deleted.status_int in (400, 404, 405)
-    assert client.get("/f/_files/secret.txt", headers=AUTH).body == b"SECRET"
-    assert client.get("/other/_files/x.txt", headers=AUTH).body == b"OTHER"
-    assert [e["name"] for e in client.get("/f/_files/", headers=AUTH).json["entries"]] == ["secret.txt"]
-
-
-def test_db_http_traversal_on_a_real_server(tmp_path):
-    _, app = make_app(tmp_path)
-    with server_thread(app) as port:
-        assert http_request(port, "PUT", "/f/_files/secret.txt", b"SECRET")[0] == 201
-        # No Content-Type on the request: the type follows the extension.
-        assert http_request(port, "GET", "/f/_files/secret.txt")[1]["content-type"].startswith("text/plain")
-        for path in ("/f/_files/a/../secret.txt", "/f/_files/a/%2e%2e/secret.txt",
-                     "/x/_files/..%2f..%2ff%2f_files%2fsecret.txt", "/f/_files/a/..%2Fsecret.txt"):
-            status, _, body = http_request(port, "GET", path)
-            assert status in (400, 404) and b"SECRET" not in body, (path, status)
-
-
-def test_db_http_file_inside_file_conflicts(client):
-    _db_put(client, "f", "/file.txt", b"x")
-    conflict = _db_put(client, "f", "/file.txt/inner.txt", b"y", status=409)
-    assert "error" in conflict.json
-    _db_put(client, "f", "/dir/child.txt", b"z")
-    _db_put(client, "f", "/dir", b"w", status=409)
-    # Nor through a plugin: the host answers an error and the invocation still succeeds.
-    answer = _db_host(client, "f", "aeordb_write_file",
-                      {"path": "/file.txt/deep/x", "data": base64.b64encode(b"q").decode()})
-    assert "error" in answer
-    assert client.get("/f/_files/file.txt", headers=AUTH).body == b"x"
-
-
-def test_db_http_size_limit(tmp_path):
-    client, _ = make_app(tmp_path, max_file_size=100)
-    _db_put(client, "f", "/big.bin", b"x" * 101, status=413)
-    client.get("/f/_files/big.bin", headers=AUTH, status=404)
-    _db_put(client, "f", "/ok.bin", b"x" * 100, status=201)
-    answer = _db_host(client, "f", "aeordb_write_file",
-                      {"path": "/big2.bin", "data": base64.b64encode(b"y" * 101).decode()})
-    assert "exceeds" in answer["error"]
-    client.get("/f/_files/big2.bin", headers=AUTH, status=404)
-
-
-def test_db_files_persist_across_apps(tmp_path):
-    client, _ = make_app(tmp_path)
-    _db_put(client, "keep", "/bin/all.bytes", bytes(range(256)), "application/x-custom")
-    _db_put(client, "keep", "/docs/a.json", b'{"n": 7}', "application/json")
-    _db_host(client, "keep", "aeordb_write_file",
-             {"path": "/docs/b.json", "data": base64.b64encode(b'{"n": 8}').decode()})
-    client2, _ = make_app(tmp_path)
-    got = client2.get("/keep/_files/bin/all.bytes", headers=AUTH)
-    assert got.body == bytes(range(256)) and got.content_type == "application/x-custom"
-    answer = client2.post("/keep/_query", json.dumps({"path": "/docs", "order_by": ["n"]}), headers=AUTH)
-    assert [item["path"] for item in answer.json["items"]] == ["/docs/a.json", "/docs/b.json"]
-    # The plugin deployed before is there too, and still reaches its database.
-    assert _db_host(client2, "keep", "aeordb_file_metadata", {"path": "/docs/b.json"})["size"] == 8
-
-
-# -- query language ------------------------------------------------------------------
-
-_DB_USERS = [
-    {"name": "Alice", "age": 30, "address": {"city": "Paris"}, "tags": ["admin", "dev"], "active": True},
-    {"name": "Bob", "age": 25, "address": {"city": "Berlin"}, "tags": ["dev"], "active": False},
-    {"name": "Carol", "age": 35, "address": {"city": "Paris"}, "tags": ["ops"], "active": True},
-    {"name": "Dave", "age": 40, "address": {"city": "London"}, "tags": [], "active": True},
-    {"name": "Eve", "age": 22, "address": {"city": "Berlin"}, "tags": ["dev", "sec"], "active": False},
-    {"name": "Frank", "age": 30, "address": {"city": "Rome"}, "tags": ["ops"], "active": True},
-    {"name": "Grace", "age": 28.5, "address": {"city": "Paris"}, "tags": ["admin"], "active": True},
-    {"name": "heidi", "age": 45, "address": {"city": "London"}, "tags": ["dev"], "active": None},
-]
-_DB_ALL = [user["name"] for user in _DB_USERS]
-
-
-@pytest.fixture(scope="module")
-def db_users(tmp_path_factory):
-    """A client over /users: 8 documents, plus files a query must skip."""
-    client, _ = make_app(tmp_path_factory.mktemp("users"))
-    for number, user in enumerate(_DB_USERS, 1):
-        _db_put(client, "q", f"/users/u{number}.json", json.dumps(user).encode(), "application/json")
-    _db_put(client, "q", "/users/readme.txt", b"name: Alice, not JSON", "text/plain")
-    _db_put(client, "q", "/users/broken.json", b'{"name": "Alice"', "application/json")
-    _db_put(client, "q", "/users/list.json", b'[{"name": "Alice"}]', "application/json")
-    _db_put(client, "q", "/users/sub/u9.json", json.dumps({"name": "Zed", "age": 30}).encode())
-    _db_put(client, "q", "/users2/u10.json", json.dumps({"name": "Yan", "age": 30}).encode())
-    _db_put(client, "other", "/users/u11.json", json.dumps({"name": "Xi", "age": 30}).encode())
-    return client
-
-
-def _db_query(client, spec, status=200):
-    return client.post("/q/_query", json.dumps(spec), headers=AUTH, status=status,
-                       content_type="application/json")
-
-
-def _db_names(client, where, **extra) -> list:
-    answer = _db_query(client, {"path": "/users", "where": where, **extra}).json
-    paths = [item["path"] for item in answer["items"]]
-    return [_DB_USERS[int(path.rsplit("/u", 1)[1][:-5]) - 1]["name"] for path in paths]
-
-
-def _db_c(field, op, value, **more):
-    return {"field": field, "op": op, "value": value, **more}
-
-
-@pytest.mark.parametrize("where, expected", [
-    (_db_c("name", "eq", "Alice"), ["Alice"]),
-    (_db_c("name", "eq", "alice"), []),
-    (_db_c("age", "eq", 30), ["Alice", "Frank"]),
-    (_db_c("age", "eq", 28.5), ["Grace"]),
-    (_db_c("active", "eq", True), ["Alice", "Carol", "Dave", "Frank", "Grace"]),
-    (_db_c("active", "eq", False), ["Bob", "Eve"]),
-    (_db_c("active", "eq", None), ["heidi"]),
-    (_db_c("age", "gt", 30), ["Carol", "Dave", "heidi"]),
-    (_db_c("age", "lt", 25), ["Eve"]),
-    (_db_c("name", "gt", "F"), ["Frank", "Grace", "heidi"]),
-    (_db_c("age", "between", 25, value2=30), ["Alice", "Bob", "Frank", "Grace"]),
-    (_db_c("age", "between", 28.5, value2=28.5), ["Grace"]),
-    (_db_c("address.city", "in", ["Rome", "London"]), ["Dave", "Frank", "heidi"]),
-    (_db_c("age", "in", [22, 45, "30"]), ["Eve", "heidi"]),
-    (_db_c("age", "in", []), []),
-    (_db_c("name", "contains", "AL"), ["Alice"]),
-    (_db_c("name", "contains", "e"), ["Alice", "Dave", "Eve", "Grace", "heidi"]),
-    (_db_c("address.city", "contains", "ARI"), ["Alice", "Carol", "Grace"]),
-    (_db_c("address.city", "eq", "Paris"), ["Alice", "Carol", "Grace"]),
-    (_db_c("address.zip", "eq", "75001"), []),
-    ({"and": [_db_c("age", "gt", 25), _db_c("address.city", "eq", "Paris")]}, ["Alice", "Carol", "Grace"]),
-    ({"AND": [_db_c("age", "gt", 25), _db_c("address.city", "eq", "Paris")]}, ["Alice", "Carol", "Grace"]),
-    ({"or": [_db_c("address.city", "eq", "Rome"), _db_c("age", "lt", 23)]}, ["Eve", "Frank"]),
-    ({"OR": [_db_c("address.city", "eq", "Rome"), _db_c("age", "lt", 23)]}, ["Eve", "Frank"]),
-    ({"not": _db_c("active", "eq", True)}, ["Bob", "Eve", "heidi"]),
-    ({"NOT": _db_c("active", "eq", True)}, ["Bob", "Eve", "heidi"]),
-    ({"And": [{"Or": [_db_c("address.city", "eq", "Berlin"), _db_c("address.city", "eq", "London")]},
-              {"Not": _db_c("age", "gt", 40)}]}, ["Bob", "Dave", "Eve"]),
-    ([_db_c("age", "gt", 25), _db_c("address.city", "eq", "Paris")], ["Alice", "Carol", "Grace"]),
-    ({}, _DB_ALL),
-    ([], _DB_ALL),
-    (None, _DB_ALL),
-])
-def test_db_query_operators(db_users, where, expected):
-    assert _db_names(db_users, where) == expected
-
-
-def test_db_query_items_and_defaults(db_users):
-    answer = _db_query(db_users, {"path": "/users"}).json
-    assert answer["items"] == answer["results"] and len(answer["items"]) == 8
-    assert answer["has_more"] is False and "total" not in answer
-    item = answer["items"][0]
-    assert item["path"] == "/users/u1.json" and item["content_type"] == "application/json"
-    assert item["total_size"] == len(json.dumps(_DB_USERS[0]))
-    for key in ("score", "created_at", "updated_at", "matched_by"):
-        assert key in item
-    matched = _db_query(db_users, {"path": "/users", "where": _db_c("age", "gt", 40)}).json["items"]
-    assert matched[0]["matched_by"] == ["age"]
-    # Only documents directly in the directory; none of another directory or database.
-    assert _db_query(db_users, {"path": "/users/sub"}).json["items"][0]["path"] == "/users/sub/u9.json"
-    everything_at_root = _db_query(db_users, {"path": "/"}).json
-    assert everything_at_root["items"] == []
-    assert _db_query(db_users, {"path": "/users/", "where": _db_c("name", "eq", "Zed")}).json["items"] == []
-
-
-def test_db_query_order_by(db_users):
-    assert _db_names(db_users, {}, order_by=[{"field": "age", "direction": "desc"}]) == \
-        ["heidi", "Dave", "Carol", "Alice", "Frank", "Grace", "Bob", "Eve"]
-    assert _db_names(db_users, {}, order_by=[{"field": "address.city", "direction": "asc"},
-                                             {"field": "age", "direction": "desc"}]) == \
-        ["Bob", "Eve", "heidi", "Dave", "Carol", "Alice", "Grace", "Frank"]
-    assert _db_names(db_users, {}, order_by=[{"field": "name", "direction": "DESC"}]) == \
-        ["heidi", "Grace", "Frank", "Eve", "Dave", "Carol", "Bob", "Alice"]
-    assert _db_names(db_users, {}, order_by=[{"field": "@path", "direction": "desc"}]) == _DB_ALL[::-1]
-    assert _db_names(db_users, {}, order_by="name") == sorted(_DB_ALL)
-    # Ties keep a stable order (by path).
-    assert _db_names(db_users, _db_c("age", "eq", 30), order_by=[{"field": "age"}]) == ["Alice", "Frank"]
-    _db_query(db_users, {"path": "/users", "order_by": [{"field": "age", "direction": "up"}]}, status=400)
-
-
-def test_db_query_default_limit(tmp_path):
-    client, _ = make_app(tmp_path, query_limit=3)
-    for number in range(5):
-        _db_put(client, "q", f"/d/{number}.json", json.dumps({"n": number}).encode())
-    answer = _db_query(client, {"path": "/d"}).json
-    assert [item["path"] for item in answer["items"]] == ["/d/0.json", "/d/1.json", "/d/2.json"]
-    assert answer["has_more"] is True
-    assert len(_db_query(client, {"path": "/d", "limit": 10}).json["items"]) == 5
-
-
-def test_db_query_paging_and_total(db_users):
-    pages, offset = [], 0
-    while True:
-        answer = _db_query(db_users, {"path": "/users", "order_by": [{"field": "name"}], "limit": 3,
-                                      "offset": offset, "include_total": True}).json
-        assert answer["total"] == 8
-        pages.append([item["path"] for item in answer["items"]])
-        if not answer["has_more"]:
-            break
-        offset += 3
-    assert [len(page) for page in pages] == [3, 3, 2]
-    assert sum(pages, []) == [f"/users/u{n}.json" for n in range(1, 9)]
-    filtered = _db_query(db_users, {"path": "/users", "where": _db_c("address.city", "eq", "Paris"),
-                                    "limit": 1, "include_total": True}).json
-    assert filtered["total"] == 3 and len(filtered["items"]) == 1 and filtered["has_more"] is True
-    exact = _db_query(db_users, {"path": "/users", "limit": 8}).json
-    assert len(exact["items"]) == 8 and exact["has_more"] is False
-    assert _db_query(db_users, {"path": "/users", "limit": 0}).json["items"] == []
-
-
-@pytest.mark.parametrize("spec, words", [
-    ({"path": "/users", "where": _db_c("name", "fuzzy", "Alise")}, ["unsupported operator", "fuzzy"]),
-    ({"path": "/users", "where": _db_c("name", "similar", "Alise")}, ["similar"]),
-    ({"path": "/users", "where": 5}, []),
-    ({"path": "/users", "where": "name = 'Alice'"}, []),
-    ({"path": "/users", "where": _db_c('na"me', "eq", "Alice")}, ["field"]),
-    ({"path": "/users", "where": _db_c("name')) OR 1=1 --", "eq", "x")}, ["field"]),
-    ({"path": "/users", "where": {"field": "name", "op": "eq"}}, []),
-    ({"path": "/users", "where": {"and": _db_c("age", "gt", 1)}}, ["and"]),
-    ({"path": "/users", "where": {"or": []}}, []),
-    ({"path": "/users", "where": {"and": [], "or": []}}, []),
-    ({"path": "/users", "where": _db_c("age", "between", 1)}, ["between"]),
-    ({"path": "/users", "where": _db_c("age", "in", 30)}, ["in"]),
-    ({"path": "/users", "where": _db_c("age", "gt", [1])}, []),
-    ({"path": "/users", "where": _db_c("age", "gt", True)}, []),
-    ({"path": "/users", "where": _db_c("name", "contains", 5)}, ["contains"]),
-    ({"path": "/users", "limit": "ten"}, ["limit"]),
-    ({"path": "/users", "limit": -1}, ["limit"]),
-    ({"path": "/users", "offset": 1.5}, ["offset"]),
-    ({"path": "users"}, ["absolute"]),
-    ({"path": "/users/../x"}, []),
-    ({"path": 7}, []),
-    (["/users"], []),
-    ("just text", []),
-])
-def test_db_query_errors(db_users, spec, words):
-    answer = _db_query(db_users, spec, status=400).json
-    assert isinstance(answer["error"], str) and answer["error"]
-    for word in words:
-        assert word in answer["error"], answer
-
-
-def test_db_query_body_not_json(db_users):
-    answer = db_users.post("/q/_query", b"{not json", headers=AUTH, status=400)
-    assert "JSON" in answer.json["error"]
-
-
-def test_db_query_from_plugin_matches_http(db_users):
-    specs = [
-        {"path": "/users", "where": {"AND": [_db_c("age", "gt", 24), {"NOT": _db_c("address.city", "eq", "Rome")}]},
-         "order_by": [{"field": "age", "direction": "desc"}], "limit": 2, "offset": 1, "include_total": True},
-        {"path": "/users", "where": [_db_c("tags", "eq", ["dev"])]},
-        {"path": "/users", "where": _db_c("name", "fuzzy", "x")},
-    ]
-    for spec in specs:
-        from_plugin = _db_host(db_users, "q", "aeordb_query", spec, table="query")
-        from_http = db_users.post("/q/_query", json.dumps(spec), headers=AUTH, expect_errors=True)
-        assert from_plugin == from_http.json
-        if from_http.status_int == 200:
-            assert from_plugin["items"] == from_plugin["results"]
-    bob = _db_host(db_users, "q", "aeordb_query", specs[1], table="query")["items"]
-    assert [item["path"] for item in bob] == ["/users/u2.json", "/users/u8.json"]
-
-
-# -- aggregates ----------------------------------------------------------------------
-
-def _db_agg(client, aggregate, status=200, **extra):
-    return _db_query(client, {"path": "/users", "aggregate": aggregate, **extra}, status=status)
-
-
-def test_db_aggregate_totals(db_users):
-    answer = _db_agg(db_users, {"count": True, "sum": ["age"], "avg": ["age"], "min": ["age"],
-                                "max": ["age", "name"]}).json
-    ages = [user["age"] for user in _DB_USERS]
-    assert answer["count"] == 8 and answer["total_count"] == 8
-    assert answer["sum"] == {"age": sum(ages)}
-    assert answer["avg"]["age"] == pytest.approx(sum(ages) / 8)
-    assert answer["min"] == {"age": 22} and answer["max"]["age"] == 45
-    assert answer["groups"] == [] and answer["has_more"] is False
-    without_count = _db_agg(db_users, {"sum": ["age"]}).json
-    assert "count" not in without_count and without_count["total_count"] == 8
-    filtered = _db_agg(db_users, {"count": True, "sum": ["age"]}, where=_db_c("active", "eq", True)).json
-    assert filtered["count"] == 5 and filtered["sum"]["age"] == 30 + 35 + 40 + 30 + 28.5
-    nothing = _db_agg(db_users, {"count": True, "avg": ["age"]}, where=_db_c("age", "gt", 100)).json
-    assert nothing["count"] == 0 and nothing["avg"] == {"age": None}
-
-
-def test_db_aggregate_group_by(db_users):
-    answer = _db_agg(db_users, {"count": True, "sum": ["age"], "avg": ["age"], "min": ["age"],
-                                "max": ["age"], "group_by": ["address.city"]}).json
-    groups = {group["key"]["address.city"]: group for group in answer["groups"]}
-    assert [group["key"] for group in answer["groups"]] == \
-        [{"address.city": city} for city in ("Berlin", "London", "Paris", "Rome")]
-    assert {city: group["count"] for city, group in groups.items()} == \
-        {"Berlin": 2, "London": 2, "Paris": 3, "Rome": 1}
-    assert groups["Paris"]["sum"] == {"age": 93.5} and groups["Paris"]["min"] == {"age": 28.5}
-    assert groups["London"]["max"] == {"age": 45} and groups["Berlin"]["avg"] == {"age": 23.5}
-    assert answer["total_count"] == 8 and answer["count"] == 8 and answer["has_more"] is False
-    assert answer["sum"] == {"age": sum(user["age"] for user in _DB_USERS)}
-
-    two = _db_agg(db_users, {"count": True, "group_by": ["address.city", "active"]}).json
-    counted = {(g["key"]["address.city"], g["key"]["active"]): g["count"] for g in two["groups"]}
-    assert counted == {("Berlin", False): 2, ("London", True): 1, ("London", None): 1,
-                       ("Paris", True): 3, ("Rome", True): 1}
-    assert all(set(g["key"]) == {"address.city", "active"} for g in two["groups"])
-
-    capped = _db_agg(db_users, {"count": True, "group_by": ["address.city"]}, limit=2).json
-    assert [g["key"]["address.city"] for g in capped["groups"]] == ["Berlin", "London"]
-    assert capped["has_more"] is True and capped["total_count"] == 8
-    rest = _db_agg(db_users, {"count": True, "group_by": ["address.city"]}, limit=2, offset=2).json
-    assert [g["key"]["address.city"] for g in rest["groups"]] == ["Paris", "Rome"]
-    assert rest["has_more"] is False
-    filtered = _db_agg(db_users, {"count": True, "group_by": ["address.city"]},
-                       where=_db_c("age", "lt", 30)).json
-    assert {g["key"]["address.city"]: g["count"] for g in filtered["groups"]} == {"Berlin": 2, "Paris": 1}
-    assert filtered["total_count"] == 3
-
-
-@pytest.mark.parametrize("aggregate", [{"median": ["age"]}, {"count": True, "percentile": ["age"]},
-                                       "count", {"sum": "age OR 1"}, {"sum": [5]}, {"group_by": {"a": 1}}])
-def test_db_aggregate_errors(db_users, aggregate):
-    answer = _db_agg(db_users, aggregate, status=400).json
-    assert answer["error"]
-    if isinstance(aggregate, dict) and "median" in aggregate:
-        assert "median" in answer["error"]
-
-
-def test_db_aggregate_from_plugin_matches_http(db_users):
-    spec = {"path": "/users", "where": _db_c("age", "gt", 20),
-            "aggregate": {"count": True, "avg": ["age"], "group_by": ["address.city"]}, "limit": 3}
-    from_plugin = _db_host(db_users, "q", "aeordb_aggregate", spec, table="aggregate")
-    assert from_plugin == _db_query(db_users, spec).json
-    assert len(from_plugin["groups"]) == 3 and from_plugin["has_more"] is True
-    missing = _db_host(db_users, "q", "aeordb_aggregate", {"path": "/users"}, table="aggregate")
-    assert "aggregate" in missing["error"]
-
-
-# -- documents and queries at the edges ------------------------------------------------
-
-def test_db_query_contains_is_case_insensitive_beyond_ascii(client):
-    for number, name in enumerate(["Élodie", "ÉCOLE normale", "Zoë", "plain"]):
-        _db_put(client, "q", f"/i/{number}.json", json.dumps({"name": name}).encode())
-
-    def names(needle):
-        answer = _db_query(client, {"path": "/i", "where": _db_c("name", "contains", needle)}).json
-        return [int(item["path"][3:-5]) for item in answer["items"]]
-    assert names("élo") == [0]
-    assert names("école") == [1]
-    assert names("ZOË") == [2]
-    assert names("É") == [0, 1]
-    assert names("PLAIN") == [3]
-
-
-def test_db_json_that_sqlite_refuses_is_kept_but_not_queried(client):
-    """Python's json accepts NaN and any depth; a document SQLite cannot parse must not
-    turn every query over its directory into an error."""
-    oddities = {"/j/nan.json": b'{"age": NaN}', "/j/inf.json": b'{"age": Infinity}',
-                "/j/deep.json": b'{"a":' * 5000 + b"1" + b"}" * 5000,
-                "/j/nul.json": b'{"age": 1}\x00'}
-    for path, data in oddities.items():
-        assert _db_put(client, "q", path, data, "application/json").status_int == 201, path
-    _db_put(client, "q", "/j/ok.json", b'{"age": 3}', "application/json")
-    for where, expected in ((_db_c("age", "gt", 1), ["/j/ok.json"]), ({}, ["/j/ok.json"]),
-                            (_db_c("a", "eq", 1), [])):
-        answer = _db_query(client, {"path": "/j", "where": where})
-        assert [item["path"] for item in answer.json["items"]] == expected, where
-    aggregate = _db_query(client, {"path": "/j", "aggregate": {"count": True, "sum": ["age"]}}).json
-    assert aggregate["count"] == 1 and aggregate["sum"] == {"age": 3}
-    for path, data in oddities.items():
-        assert client.get(f"/q/_files{path}", headers=AUTH).body == data
-
-
-def test_db_query_numbers_and_offsets_beyond_64_bits(db_users):
-    assert _db_names(db_users, _db_c("age", "eq", 10 ** 30)) == []
-    assert _db_names(db_users, _db_c("age", "lt", 10 ** 30)) == _DB_ALL
-    assert _db_names(db_users, _db_c("age", "gt", -10 ** 30)) == _DB_ALL
-    assert _db_names(db_users, _db_c("age", "between", -10 ** 30, value2=25)) == ["Bob", "Eve"]
-    assert _db_names(db_users, _db_c("age", "in", [10 ** 30, 22])) == ["Eve"]
-    assert _db_names(db_users, _db_c("age", "lt", 10 ** 400)) == _DB_ALL
-    assert _db_names(db_users, _db_c("age", "gt", -10 ** 400)) == _DB_ALL
-    answer = _db_query(db_users, {"path": "/users", "offset": 10 ** 30, "limit": 10 ** 30}).json
-    assert answer["items"] == [] and answer["has_more"] is False
-    assert len(_db_query(db_users, {"path": "/users", "limit": 10 ** 30}).json["items"]) == 8
-
-
-def test_db_query_many_conditions(db_users):
-    ages = list(range(1000, 3000)) + [22, 45]
-    assert _db_names(db_users, _db_c("age", "in", ages)) == ["Eve", "heidi"]
-    wide_or = {"OR": [_db_c("age", "eq", age) for age in ages]}
-    assert _db_names(db_users, wide_or) == ["Eve", "heidi"]
-    wide_and = [_db_c("age", "lt", 1000 + n) for n in range(1500)]
-    assert _db_names(db_users, wide_and) == _DB_ALL
-    # Past the server's bound it is a clear 400, never a 500 from SQLite.
-    too_many = _db_query(db_users, {"path": "/users", "where": _db_c("age", "in", list(range(100_000)))},
-                         status=400).json
-    assert "conditions" in too_many["error"]
-
-
-def test_db_host_bad_pointers_answer_error(client):
-    _db_put(client, "e", "/a.txt", b"secret")
+def test_bad_host_pointers_answer_an_error(client):
+    put_file(client, "e", "/a.txt", b"secret")
     for ptr, length in ((-1, 10), (0, -1), (2 * 65536 - 5, 100), (0x7FFFFFFF, 0x7FFFFFFF)):
         module = wat(f"""
 (module
@@ -2258,6 +1880,138 @@ def test_db_host_bad_pointers_answer_error(client):
         deploy(client, "e/s/ptr", module)
         answer = json.loads(invoke(client, "e/s/ptr/run").body)
         assert set(answer) == {"error"}, (ptr, length, answer)
+
+
+def test_host_function_failure_is_not_blamed_on_the_arguments(client, monkeypatch):
+    def broken(self, db, path):
+        raise ValueError("a bug of the server")
+    monkeypatch.setattr(aeordb.FileStore, "metadata", broken)
+    deploy(client, "db/s/t", host_call_module("aeordb_file_metadata", b'{"path": "/x"}'))
+    error = json.loads(invoke(client, "db/s/t/f").body)["error"]
+    assert "not valid JSON" not in error and "aeordb_file_metadata failed: ValueError" in error
+
+
+def test_host_answer_placement_with_and_without_alloc(client):
+    put_file(client, "p", "/f.txt", b"placed", "text/plain")
+    args = json_args({"path": "/f.txt"})
+    with_alloc = run_sequence(client, "p", [("aeordb_read_file", args)], alloc=True, tail="check_alloc")
+    assert base64.b64decode(json.loads(with_alloc.body)["data"]) == b"placed"
+    without = run_sequence(client, "p", [("aeordb_read_file", args)], alloc=False, tail="offset0")
+    assert base64.b64decode(json.loads(without.body)["data"]) == b"placed"
+    # Several answers in a row without alloc: each lands at 0 and the arguments stay intact.
+    steps = [("aeordb_file_metadata", args), ("aeordb_list_directory", json_args({"path": "/"})),
+             ("aeordb_read_file", args)]
+    last = run_sequence(client, "p", steps, alloc=False, tail="offset0")
+    assert json.loads(last.body)["size"] == 6
+
+
+# -- the wall between databases ------------------------------------------------
+
+def test_wall_between_databases(client):
+    written = call_host(client, "a", "aeordb_write_file",
+                        {"path": "/x.json", "data": base64.b64encode(b'{"owner": "a"}').decode()})
+    assert written["ok"] is True
+    assert client.get("/a/_files/x.json", headers=AUTH).json == {"owner": "a"}
+    answer = call_host(client, "b", "aeordb_read_file", {"path": "/x.json"})
+    assert "no file" in answer["error"]
+    assert "error" in call_host(client, "b", "aeordb_file_metadata", {"path": "/x.json"})
+    assert "error" in call_host(client, "b", "aeordb_delete_file", {"path": "/x.json"})
+    assert call_host(client, "b", "aeordb_list_directory", {"path": "/"}) == {"entries": []}
+    assert call_host(client, "b", "aeordb_query", {"path": "/"})["items"] == []
+    client.get("/b/_files/x.json", headers=AUTH, status=404)
+    assert client.get("/a/_files/x.json", headers=AUTH).json == {"owner": "a"}   # b deleted nothing
+
+
+# -- all-or-nothing invocations ------------------------------------------------
+
+def test_invocation_that_returns_keeps_everything(client):
+    steps = [write_step(f"/many/{n}.txt", str(n).encode()) for n in range(5)]
+    steps.append(("aeordb_delete_file", json_args({"path": "/many/0.txt"})))
+    answer = run_sequence(client, "t", steps)
+    assert json.loads(answer.body) == {"ok": True}
+    client.get("/t/_files/many/0.txt", headers=AUTH, status=404)
+    for n in range(1, 5):
+        assert client.get(f"/t/_files/many/{n}.txt", headers=AUTH).body == str(n).encode()
+
+
+def test_invocation_reads_its_own_writes(client):
+    put_file(client, "r", "/own.txt", b"before", "text/plain")
+    steps = [write_step("/own.txt", b"after", "text/x-new"),
+             write_step("/fresh.txt", b"fresh"),
+             ("aeordb_list_directory", json_args({"path": "/"})),
+             ("aeordb_read_file", json_args({"path": "/own.txt"}))]
+    answer = json.loads(run_sequence(client, "r", steps).body)
+    assert base64.b64decode(answer["data"]) == b"after" and answer["content_type"] == "text/x-new"
+    steps[-1] = ("aeordb_list_directory", json_args({"path": "/"}))
+    listing = json.loads(run_sequence(client, "r", steps).body)
+    assert [e["name"] for e in listing["entries"]] == ["fresh.txt", "own.txt"]
+    deleted = json.loads(run_sequence(client, "r", [("aeordb_delete_file", json_args({"path": "/fresh.txt"})),
+                                                    ("aeordb_read_file", json_args({"path": "/fresh.txt"}))]).body)
+    assert "no file" in deleted["error"]
+
+
+def test_invocation_that_traps_leaves_nothing(client):
+    put_file(client, "t", "/keep.txt", b"old")
+    steps = [write_step("/one.txt", b"1"), write_step("/dir/two.txt", b"2"),
+             write_step("/keep.txt", b"new"), ("aeordb_delete_file", json_args({"path": "/keep.txt"}))]
+    answer = run_sequence(client, "t", steps, status=500, tail="trap")
+    assert "unreachable" in answer.json["error"]
+    client.get("/t/_files/one.txt", headers=AUTH, status=404)
+    client.get("/t/_files/dir/two.txt", headers=AUTH, status=404)
+    assert client.get("/t/_files/keep.txt", headers=AUTH).body == b"old"
+
+
+def test_invocation_with_a_bad_answer_pointer_leaves_nothing(client):
+    steps = [write_step("/p1.txt", b"1"), write_step("/p2.txt", b"2")]
+    answer = run_sequence(client, "t", steps, status=500, tail="bad_pointer")
+    assert "pointer" in answer.json["error"]
+    client.get("/t/_files/p1.txt", headers=AUTH, status=404)
+    client.get("/t/_files/p2.txt", headers=AUTH, status=404)
+
+
+def test_invocation_over_the_time_limit_leaves_nothing(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.3)
+    answer = run_sequence(client, "t", [write_step("/slow.txt", b"x")], status=500, tail="loop")
+    assert "time limit" in answer.json["error"]
+    client.get("/t/_files/slow.txt", headers=AUTH, status=404)
+
+
+def test_invocation_failed_by_the_host_leaves_nothing(client):
+    # alloc answers the request a good pointer, then nonsense: the host cannot place the
+    # write's answer, fails the invocation, and the write must go with it.
+    module = wat(f"""
+(module
+  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
+  (memory (export "memory") 2)
+  (global $calls (mut i32) (i32.const 0))
+  (func (export "alloc") (param i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (if (result i32) (i32.eq (global.get $calls) (i32.const 1))
+      (then (i32.const 65536)) (else (i32.const -16))))
+  (data (i32.const 1024) "{wat_string(write_step('/host.txt', b'h')[1])}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (drop (call $write (i32.const 1024) (i32.const {len(write_step('/host.txt', b'h')[1])})))
+    (i64.const 0)))
+""")
+    deploy(client, "t/s/hostfail", module)
+    answer = invoke(client, "t/s/hostfail/run", status=500)
+    assert "bad pointer" in answer.json["error"]
+    client.get("/t/_files/host.txt", headers=AUTH, status=404)
+
+
+def test_only_plugins_that_can_write_run_in_a_transaction(client, monkeypatch):
+    deploy(client, "db/s/reader", host_call_module("aeordb_read_file", b'{"path": "/x"}'))
+    deploy(client, "db/s/writer", host_call_module("aeordb_delete_file", b'{"path": "/x"}'))
+    registry = client.app.config["aeordb.registry"]
+    assert registry.get("db/s/reader").shape.writes_files is False
+    assert registry.get("db/s/writer").shape.writes_files is True
+    files, batches = client.app.config["aeordb.files"], []
+    real_batch = files.batch
+    monkeypatch.setattr(files, "batch", lambda: batches.append(1) or real_batch())
+    assert "error" in json.loads(invoke(client, "db/s/reader/f").body)
+    assert batches == []
+    assert "error" in json.loads(invoke(client, "db/s/writer/f").body)
+    assert batches == [1]
 
 
 def test_invocation_fails_whole_when_the_database_abandons_its_transaction(client, monkeypatch):
@@ -2296,62 +2050,622 @@ def test_invocation_fails_whole_when_the_database_abandons_its_transaction(clien
     monkeypatch.undo()
     for name in ("first", "second", "third"):
         client.get(f"/db/_files/{name}.txt", headers=AUTH, status=404)
+
+
+# File store and queries #######################################################
+
+def test_file_round_trip_and_caching(client):
+    data = bytes(range(256))
+    put = put_file(client, "f", "/bin/all.bytes", data, "application/x-custom", status=201)
+    assert put.json["size"] == 256 and put.json["path"] == "/bin/all.bytes"
+    assert put.json["content_type"] == "application/x-custom"
+    got = client.get("/f/_files/bin/all.bytes", headers=AUTH)
+    assert got.body == data and got.content_type == "application/x-custom"
+    etag, modified = got.headers["ETag"], got.headers["Last-Modified"]
+    assert etag.startswith('"') and modified.endswith("GMT")
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": etag}, status=304)
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": '"other"'}, status=200)
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": f'"other", {etag}'}, status=304)
+    client.get("/f/_files/bin/all.bytes", headers={**AUTH, "If-None-Match": "*"}, status=304)
+    head = client.head("/f/_files/bin/all.bytes", headers=AUTH)
+    assert head.body == b"" and head.headers["ETag"] == etag
+    assert head.content_type == "application/x-custom"
+    again = put_file(client, "f", "/bin/all.bytes", data[::-1], "image/png", status=200)
+    assert again.json["created_at"] == put.json["created_at"]
+    got = client.get("/f/_files/bin/all.bytes", headers=AUTH)
+    assert got.body == data[::-1] and got.content_type == "image/png" and got.headers["ETag"] != etag
+
+
+def test_directory_listing(client):
+    put_file(client, "f", "/dir/a.txt", b"a")
+    put_file(client, "f", "/dir/sub/b.txt", b"bb")
+    put_file(client, "f", "/top.txt", b"t")
+    expected = [{"name": "a.txt", "type": "file", "size": 1},
+                {"name": "sub", "type": "directory", "size": 2}]
+    assert client.get("/f/_files/dir", headers=AUTH).json == {"path": "/dir", "entries": expected}
+    assert client.get("/f/_files/dir/", headers=AUTH).json["entries"] == expected
+    for root in ("/f/_files/", "/f/_files"):
+        assert [e["name"] for e in client.get(root, headers=AUTH).json["entries"]] == ["dir", "top.txt"]
+    assert client.get("/empty/_files/", headers=AUTH).json["entries"] == []
+    client.get("/f/_files/top.txt/", headers=AUTH, status=400)
+    put_file(client, "f", "/newdir/", b"x", status=400)       # a path ending in '/' names a directory
+    client.get("/f/_files/newdir", headers=AUTH, status=404)
+
+
+def test_missing_files_are_404_and_delete_removes(client):
+    client.get("/f/_files/missing.txt", headers=AUTH, status=404)
+    client.get("/f/_files/missing/", headers=AUTH, status=404)
+    client.head("/f/_files/missing.txt", headers=AUTH, status=404)
+    client.delete("/f/_files/missing.txt", headers=AUTH, status=404)
+    put_file(client, "f", "/del/me.txt", b"x")
+    assert client.delete("/f/_files/del/me.txt", headers=AUTH).json == {"deleted": True,
+                                                                         "path": "/del/me.txt"}
+    client.get("/f/_files/del/me.txt", headers=AUTH, status=404)
+    client.get("/f/_files/del", headers=AUTH, status=404)       # the directory went with its file
+    client.get("/f/_files/x.txt", status=401)                   # behind the token
+    client.put("/f/_files/x.txt", b"x", status=401)
+
+
+def test_file_inside_a_file_conflicts(client):
+    put_file(client, "f", "/file.txt", b"x")
+    conflict = put_file(client, "f", "/file.txt/inner.txt", b"y", status=409)
+    assert "error" in conflict.json
+    put_file(client, "f", "/dir/child.txt", b"z")
+    put_file(client, "f", "/dir", b"w", status=409)
+    # Nor through a plugin: the host answers an error and the invocation still succeeds.
+    answer = call_host(client, "f", "aeordb_write_file",
+                       {"path": "/file.txt/deep/x", "data": base64.b64encode(b"q").decode()})
+    assert "error" in answer
+    assert client.get("/f/_files/file.txt", headers=AUTH).body == b"x"
+
+
+def test_file_size_limit(tmp_path):
+    client, _ = make_app(tmp_path, max_file_size=100)
+    put_file(client, "f", "/big.bin", b"x" * 101, status=413)
+    client.get("/f/_files/big.bin", headers=AUTH, status=404)
+    put_file(client, "f", "/ok.bin", b"x" * 100, status=201)
+    answer = call_host(client, "f", "aeordb_write_file",
+                       {"path": "/big2.bin", "data": base64.b64encode(b"y" * 101).decode()})
+    assert "exceeds" in answer["error"]
+    client.get("/f/_files/big2.bin", headers=AUTH, status=404)
+
+
+def test_files_persist_across_restarts(tmp_path):
+    client, _ = make_app(tmp_path)
+    put_file(client, "keep", "/bin/all.bytes", bytes(range(256)), "application/x-custom")
+    put_file(client, "keep", "/docs/a.json", b'{"n": 7}', "application/json")
+    call_host(client, "keep", "aeordb_write_file",
+              {"path": "/docs/b.json", "data": base64.b64encode(b'{"n": 8}').decode()})
+    client2, _ = make_app(tmp_path)
+    got = client2.get("/keep/_files/bin/all.bytes", headers=AUTH)
+    assert got.body == bytes(range(256)) and got.content_type == "application/x-custom"
+    answer = client2.post("/keep/_query", json.dumps({"path": "/docs", "order_by": ["n"]}), headers=AUTH)
+    assert [item["path"] for item in answer.json["items"]] == ["/docs/a.json", "/docs/b.json"]
+    # The plugin deployed before is there too, and still reaches its database.
+    assert call_host(client2, "keep", "aeordb_file_metadata", {"path": "/docs/b.json"})["size"] == 8
+
+
+# -- queries -------------------------------------------------------------------
+
+@pytest.mark.parametrize("where, expected", [
+    (cond("name", "eq", "Alice"), ["Alice"]),
+    (cond("name", "eq", "alice"), []),
+    (cond("age", "eq", 30), ["Alice", "Frank"]),
+    (cond("age", "eq", 28.5), ["Grace"]),
+    (cond("active", "eq", True), ["Alice", "Carol", "Dave", "Frank", "Grace"]),
+    (cond("active", "eq", False), ["Bob", "Eve"]),
+    (cond("active", "eq", None), ["heidi"]),
+    (cond("age", "gt", 30), ["Carol", "Dave", "heidi"]),
+    (cond("age", "lt", 25), ["Eve"]),
+    (cond("name", "gt", "F"), ["Frank", "Grace", "heidi"]),
+    (cond("age", "between", 25, value2=30), ["Alice", "Bob", "Frank", "Grace"]),
+    (cond("age", "between", 28.5, value2=28.5), ["Grace"]),
+    (cond("address.city", "in", ["Rome", "London"]), ["Dave", "Frank", "heidi"]),
+    (cond("age", "in", [22, 45, "30"]), ["Eve", "heidi"]),
+    (cond("age", "in", []), []),
+    (cond("name", "contains", "AL"), ["Alice"]),
+    (cond("name", "contains", "e"), ["Alice", "Dave", "Eve", "Grace", "heidi"]),
+    (cond("address.city", "contains", "ARI"), ["Alice", "Carol", "Grace"]),
+    (cond("address.city", "eq", "Paris"), ["Alice", "Carol", "Grace"]),
+    (cond("address.zip", "eq", "75001"), []),
+    ({"and": [cond("age", "gt", 25), cond("address.city", "eq", "Paris")]}, ["Alice", "Carol", "Grace"]),
+    ({"AND": [cond("age", "gt", 25), cond("address.city", "eq", "Paris")]}, ["Alice", "Carol", "Grace"]),
+    ({"or": [cond("address.city", "eq", "Rome"), cond("age", "lt", 23)]}, ["Eve", "Frank"]),
+    ({"OR": [cond("address.city", "eq", "Rome"), cond("age", "lt", 23)]}, ["Eve", "Frank"]),
+    ({"not": cond("active", "eq", True)}, ["Bob", "Eve", "heidi"]),
+    ({"NOT": cond("active", "eq", True)}, ["Bob", "Eve", "heidi"]),
+    ({"And": [{"Or": [cond("address.city", "eq", "Berlin"), cond("address.city", "eq", "London")]},
+              {"Not": cond("age", "gt", 40)}]}, ["Bob", "Dave", "Eve"]),
+    ([cond("age", "gt", 25), cond("address.city", "eq", "Paris")], ["Alice", "Carol", "Grace"]),
+    ({}, USER_NAMES),
+    ([], USER_NAMES),
+    (None, USER_NAMES),
+])
+def test_query_operators(populated, where, expected):
+    assert names_matching(populated, where) == expected
+
+
+def test_query_items_and_defaults(populated):
+    answer = post_query(populated, {"path": "/users"}).json
+    assert answer["items"] == answer["results"] and len(answer["items"]) == 8
+    assert answer["has_more"] is False and "total" not in answer
+    item = answer["items"][0]
+    assert item["path"] == "/users/u1.json" and item["content_type"] == "application/json"
+    assert item["total_size"] == len(json.dumps(USERS[0]))
+    for key in ("score", "created_at", "updated_at", "matched_by"):
+        assert key in item
+    matched = post_query(populated, {"path": "/users", "where": cond("age", "gt", 40)}).json["items"]
+    assert matched[0]["matched_by"] == ["age"]
+    # Only documents directly in the directory; none of another directory or database.
+    assert post_query(populated, {"path": "/users/sub"}).json["items"][0]["path"] == "/users/sub/u9.json"
+    everything_at_root = post_query(populated, {"path": "/"}).json
+    assert everything_at_root["items"] == []
+    assert post_query(populated, {"path": "/users/", "where": cond("name", "eq", "Zed")}).json["items"] == []
+
+
+def test_query_order_by(populated):
+    assert names_matching(populated, {}, order_by=[{"field": "age", "direction": "desc"}]) == \
+        ["heidi", "Dave", "Carol", "Alice", "Frank", "Grace", "Bob", "Eve"]
+    assert names_matching(populated, {}, order_by=[{"field": "address.city", "direction": "asc"},
+                                                   {"field": "age", "direction": "desc"}]) == \
+        ["Bob", "Eve", "heidi", "Dave", "Carol", "Alice", "Grace", "Frank"]
+    assert names_matching(populated, {}, order_by=[{"field": "name", "direction": "DESC"}]) == \
+        ["heidi", "Grace", "Frank", "Eve", "Dave", "Carol", "Bob", "Alice"]
+    assert names_matching(populated, {}, order_by=[{"field": "@path", "direction": "desc"}]) == USER_NAMES[::-1]
+    assert names_matching(populated, {}, order_by="name") == sorted(USER_NAMES)
+    # Ties keep a stable order (by path).
+    assert names_matching(populated, cond("age", "eq", 30), order_by=[{"field": "age"}]) == ["Alice", "Frank"]
+    post_query(populated, {"path": "/users", "order_by": [{"field": "age", "direction": "up"}]}, status=400)
+
+
+def test_order_by_a_non_string_field_is_400(client):
+    answer = client.post("/db/_query", json.dumps({"order_by": [{"field": ["a"]}]}), headers=AUTH, status=400)
+    assert "invalid field" in answer.json["error"]
+
+
+def test_query_default_limit(tmp_path):
+    client, _ = make_app(tmp_path, query_limit=3)
+    for number in range(5):
+        put_file(client, "q", f"/d/{number}.json", json.dumps({"n": number}).encode())
+    answer = post_query(client, {"path": "/d"}).json
+    assert [item["path"] for item in answer["items"]] == ["/d/0.json", "/d/1.json", "/d/2.json"]
+    assert answer["has_more"] is True
+    assert len(post_query(client, {"path": "/d", "limit": 10}).json["items"]) == 5
+
+
+def test_query_paging_and_total(populated):
+    pages, offset = [], 0
+    while True:
+        answer = post_query(populated, {"path": "/users", "order_by": [{"field": "name"}], "limit": 3,
+                                        "offset": offset, "include_total": True}).json
+        assert answer["total"] == 8
+        pages.append([item["path"] for item in answer["items"]])
+        if not answer["has_more"]:
+            break
+        offset += 3
+    assert [len(page) for page in pages] == [3, 3, 2]
+    assert sum(pages, []) == [f"/users/u{n}.json" for n in range(1, 9)]
+    filtered = post_query(populated, {"path": "/users", "where": cond("address.city", "eq", "Paris"),
+                                      "limit": 1, "include_total": True}).json
+    assert filtered["total"] == 3 and len(filtered["items"]) == 1 and filtered["has_more"] is True
+    exact = post_query(populated, {"path": "/users", "limit": 8}).json
+    assert len(exact["items"]) == 8 and exact["has_more"] is False
+    assert post_query(populated, {"path": "/users", "limit": 0}).json["items"] == []
+
+
+def test_query_body_that_is_not_json_is_400(populated):
+    answer = populated.post("/q/_query", b"{not json", headers=AUTH, status=400)
+    assert "JSON" in answer.json["error"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"path": "/users", "where": cond("name", "fuzzy", "Alise")}, ["unsupported operator", "fuzzy"]),
+    ({"path": "/users", "where": cond("name", "similar", "Alise")}, ["similar"]),
+    ({"path": "/users", "where": 5}, []),
+    ({"path": "/users", "where": "name = 'Alice'"}, []),
+    ({"path": "/users", "where": cond('na"me', "eq", "Alice")}, ["field"]),
+    ({"path": "/users", "where": cond("name')) OR 1=1 --", "eq", "x")}, ["field"]),
+    ({"path": "/users", "where": {"field": "name", "op": "eq"}}, []),
+    ({"path": "/users", "where": {"and": cond("age", "gt", 1)}}, ["and"]),
+    ({"path": "/users", "where": {"or": []}}, []),
+    ({"path": "/users", "where": {"and": [], "or": []}}, []),
+    ({"path": "/users", "where": cond("age", "between", 1)}, ["between"]),
+    ({"path": "/users", "where": cond("age", "in", 30)}, ["in"]),
+    ({"path": "/users", "where": cond("age", "gt", [1])}, []),
+    ({"path": "/users", "where": cond("age", "gt", True)}, []),
+    ({"path": "/users", "where": cond("name", "contains", 5)}, ["contains"]),
+    ({"path": "/users", "limit": "ten"}, ["limit"]),
+    ({"path": "/users", "limit": -1}, ["limit"]),
+    ({"path": "/users", "offset": 1.5}, ["offset"]),
+    ({"path": "users"}, ["absolute"]),
+    ({"path": "/users/../x"}, []),
+    ({"path": 7}, []),
+    (["/users"], []),
+    ("just text", []),
+])
+def test_query_errors(populated, spec, words):
+    answer = post_query(populated, spec, status=400).json
+    assert isinstance(answer["error"], str) and answer["error"]
+    for word in words:
+        assert word in answer["error"], answer
+
+
+def test_query_from_a_plugin_matches_http(populated):
+    specs = [
+        {"path": "/users", "where": {"AND": [cond("age", "gt", 24), {"NOT": cond("address.city", "eq", "Rome")}]},
+         "order_by": [{"field": "age", "direction": "desc"}], "limit": 2, "offset": 1, "include_total": True},
+        {"path": "/users", "where": [cond("tags", "eq", ["dev"])]},
+        {"path": "/users", "where": cond("name", "fuzzy", "x")},
+    ]
+    for spec in specs:
+        from_plugin = call_host(populated, "q", "aeordb_query", spec, table="query")
+        from_http = populated.post("/q/_query", json.dumps(spec), headers=AUTH, expect_errors=True)
+        assert from_plugin == from_http.json
+        if from_http.status_int == 200:
+            assert from_plugin["items"] == from_plugin["results"]
+    bob = call_host(populated, "q", "aeordb_query", specs[1], table="query")["items"]
+    assert [item["path"] for item in bob] == ["/users/u2.json", "/users/u8.json"]
+
+
+# -- aggregates ----------------------------------------------------------------
+
+def test_aggregate_totals(populated):
+    answer = post_aggregate(populated, {"count": True, "sum": ["age"], "avg": ["age"], "min": ["age"],
+                                        "max": ["age", "name"]}).json
+    ages = [user["age"] for user in USERS]
+    assert answer["count"] == 8 and answer["total_count"] == 8
+    assert answer["sum"] == {"age": sum(ages)}
+    assert answer["avg"]["age"] == pytest.approx(sum(ages) / 8)
+    assert answer["min"] == {"age": 22} and answer["max"]["age"] == 45
+    assert answer["groups"] == [] and answer["has_more"] is False
+    without_count = post_aggregate(populated, {"sum": ["age"]}).json
+    assert "count" not in without_count and without_count["total_count"] == 8
+    filtered = post_aggregate(populated, {"count": True, "sum": ["age"]}, where=cond("active", "eq", True)).json
+    assert filtered["count"] == 5 and filtered["sum"]["age"] == 30 + 35 + 40 + 30 + 28.5
+    nothing = post_aggregate(populated, {"count": True, "avg": ["age"]}, where=cond("age", "gt", 100)).json
+    assert nothing["count"] == 0 and nothing["avg"] == {"age": None}
+
+
+def test_aggregate_group_by(populated):
+    answer = post_aggregate(populated, {"count": True, "sum": ["age"], "avg": ["age"], "min": ["age"],
+                                        "max": ["age"], "group_by": ["address.city"]}).json
+    groups = {group["key"]["address.city"]: group for group in answer["groups"]}
+    assert [group["key"] for group in answer["groups"]] == \
+        [{"address.city": city} for city in ("Berlin", "London", "Paris", "Rome")]
+    assert {city: group["count"] for city, group in groups.items()} == \
+        {"Berlin": 2, "London": 2, "Paris": 3, "Rome": 1}
+    assert groups["Paris"]["sum"] == {"age": 93.5} and groups["Paris"]["min"] == {"age": 28.5}
+    assert groups["London"]["max"] == {"age": 45} and groups["Berlin"]["avg"] == {"age": 23.5}
+    assert answer["total_count"] == 8 and answer["count"] == 8 and answer["has_more"] is False
+    assert answer["sum"] == {"age": sum(user["age"] for user in USERS)}
+
+    two = post_aggregate(populated, {"count": True, "group_by": ["address.city", "active"]}).json
+    counted = {(g["key"]["address.city"], g["key"]["active"]): g["count"] for g in two["groups"]}
+    assert counted == {("Berlin", False): 2, ("London", True): 1, ("London", None): 1,
+                       ("Paris", True): 3, ("Rome", True): 1}
+    assert all(set(g["key"]) == {"address.city", "active"} for g in two["groups"])
+
+    capped = post_aggregate(populated, {"count": True, "group_by": ["address.city"]}, limit=2).json
+    assert [g["key"]["address.city"] for g in capped["groups"]] == ["Berlin", "London"]
+    assert capped["has_more"] is True and capped["total_count"] == 8
+    rest = post_aggregate(populated, {"count": True, "group_by": ["address.city"]}, limit=2, offset=2).json
+    assert [g["key"]["address.city"] for g in rest["groups"]] == ["Paris", "Rome"]
+    assert rest["has_more"] is False
+    filtered = post_aggregate(populated, {"count": True, "group_by": ["address.city"]},
+                              where=cond("age", "lt", 30)).json
+    assert {g["key"]["address.city"]: g["count"] for g in filtered["groups"]} == {"Berlin": 2, "Paris": 1}
+    assert filtered["total_count"] == 3
+
+
+@pytest.mark.parametrize("aggregate", [{"median": ["age"]}, {"count": True, "percentile": ["age"]},
+                                       "count", {"sum": "age OR 1"}, {"sum": [5]}, {"group_by": {"a": 1}}])
+def test_aggregate_errors(populated, aggregate):
+    answer = post_aggregate(populated, aggregate, status=400).json
+    assert answer["error"]
+    if isinstance(aggregate, dict) and "median" in aggregate:
+        assert "median" in answer["error"]
+
+
+def test_aggregate_from_a_plugin_matches_http(populated):
+    spec = {"path": "/users", "where": cond("age", "gt", 20),
+            "aggregate": {"count": True, "avg": ["age"], "group_by": ["address.city"]}, "limit": 3}
+    from_plugin = call_host(populated, "q", "aeordb_aggregate", spec, table="aggregate")
+    assert from_plugin == post_query(populated, spec).json
+    assert len(from_plugin["groups"]) == 3 and from_plugin["has_more"] is True
+    missing = call_host(populated, "q", "aeordb_aggregate", {"path": "/users"}, table="aggregate")
+    assert "aggregate" in missing["error"]
+
+
+# -- documents and queries at the edges ----------------------------------------
+
+def test_contains_is_case_insensitive_beyond_ascii(client):
+    for number, name in enumerate(["Élodie", "ÉCOLE normale", "Zoë", "plain"]):
+        put_file(client, "q", f"/i/{number}.json", json.dumps({"name": name}).encode())
+
+    def names(needle):
+        answer = post_query(client, {"path": "/i", "where": cond("name", "contains", needle)}).json
+        return [int(item["path"][3:-5]) for item in answer["items"]]
+    assert names("élo") == [0]
+    assert names("école") == [1]
+    assert names("ZOË") == [2]
+    assert names("É") == [0, 1]
+    assert names("PLAIN") == [3]
+
+
+def test_query_numbers_and_offsets_beyond_64_bits(populated):
+    assert names_matching(populated, cond("age", "eq", 10 ** 30)) == []
+    assert names_matching(populated, cond("age", "lt", 10 ** 30)) == USER_NAMES
+    assert names_matching(populated, cond("age", "gt", -10 ** 30)) == USER_NAMES
+    assert names_matching(populated, cond("age", "between", -10 ** 30, value2=25)) == ["Bob", "Eve"]
+    assert names_matching(populated, cond("age", "in", [10 ** 30, 22])) == ["Eve"]
+    assert names_matching(populated, cond("age", "lt", 10 ** 400)) == USER_NAMES
+    assert names_matching(populated, cond("age", "gt", -10 ** 400)) == USER_NAMES
+    answer = post_query(populated, {"path": "/users", "offset": 10 ** 30, "limit": 10 ** 30}).json
+    assert answer["items"] == [] and answer["has_more"] is False
+    assert len(post_query(populated, {"path": "/users", "limit": 10 ** 30}).json["items"]) == 8
+
+
+def test_query_with_many_conditions(populated):
+    ages = list(range(1000, 3000)) + [22, 45]
+    assert names_matching(populated, cond("age", "in", ages)) == ["Eve", "heidi"]
+    wide_or = {"OR": [cond("age", "eq", age) for age in ages]}
+    assert names_matching(populated, wide_or) == ["Eve", "heidi"]
+    wide_and = [cond("age", "lt", 1000 + n) for n in range(1500)]
+    assert names_matching(populated, wide_and) == USER_NAMES
+    # Past the server's bound it is a clear 400, never a 500 from SQLite.
+    too_many = post_query(populated, {"path": "/users", "where": cond("age", "in", list(range(100_000)))},
+                          status=400).json
+    assert "conditions" in too_many["error"]
+
+
+def test_json_that_sqlite_refuses_is_kept_but_not_queried(client):
+    """Python's json accepts NaN and any depth; a document SQLite cannot parse must not
+    turn every query over its directory into an error."""
+    oddities = {"/j/nan.json": b'{"age": NaN}', "/j/inf.json": b'{"age": Infinity}',
+                "/j/deep.json": b'{"a":' * 5000 + b"1" + b"}" * 5000,
+                "/j/nul.json": b'{"age": 1}\x00'}
+    for path, data in oddities.items():
+        assert put_file(client, "q", path, data, "application/json").status_int == 201, path
+    put_file(client, "q", "/j/ok.json", b'{"age": 3}', "application/json")
+    for where, expected in ((cond("age", "gt", 1), ["/j/ok.json"]), ({}, ["/j/ok.json"]),
+                            (cond("a", "eq", 1), [])):
+        answer = post_query(client, {"path": "/j", "where": where})
+        assert [item["path"] for item in answer.json["items"]] == expected, where
+    aggregate = post_query(client, {"path": "/j", "aggregate": {"count": True, "sum": ["age"]}}).json
+    assert aggregate["count"] == 1 and aggregate["sum"] == {"age": 3}
+    for path, data in oddities.items():
+        assert client.get(f"/q/_files{path}", headers=AUTH).body == data
+
+
+# HTTP API #####################################################################
+
+def test_health_and_echo_round_trip(client):
+    assert client.get("/_health").json == {"status": "ok"}
+    deploy(client, "mydb/public/users", wat(ECHO_WAT))
+    answer = invoke(client, "mydb/public/users/compute", b"hi")
+    envelope = json.loads(answer.body)
+    assert envelope["arguments"] == [104, 105]
+    assert answer.content_type == "application/octet-stream"
+
+
+def test_health_needs_no_auth(client):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = client.get("/_health", headers=headers, status=200)
+        assert response.json == {"status": "ok"}
+
+
+def test_unknown_route_is_a_json_404(client):
+    response = client.get("/db/s/t/f/_nothing", headers=AUTH, status=404)
+    assert "error" in response.json
+
+
+def test_wrong_methods_are_405_with_allow(client):
+    cases = [("GET", "/db/s/t/_deploy", {"PUT"}), ("POST", "/db/s/t/_deploy", {"PUT"}),
+             ("GET", "/db/s/t/f/_invoke", {"POST"}), ("PUT", "/db/s/t/f/_invoke", {"POST"}),
+             ("POST", "/db/_plugins", {"GET"}), ("DELETE", "/db/_plugins", {"GET"}),
+             ("GET", "/db/s/t/f/_remove", {"DELETE"}), ("POST", "/db/_files/x", {"GET", "PUT", "DELETE"}),
+             ("PATCH", "/db/_files/x", {"GET", "PUT", "DELETE"}), ("GET", "/db/_query", {"POST"}),
+             ("DELETE", "/_health", {"GET"}), ("POST", "/_health", {"GET"})]
+    for method, path, allowed in cases:
+        answer = client.request(path, method=method, headers=AUTH, body=b"", expect_errors=True)
+        assert answer.status_int == 405, (method, path, answer.status)
+        allow = {item.strip() for item in answer.headers["Allow"].split(",")}
+        assert allowed <= allow and method not in allow, (method, path, allow)
+        assert method in error_of(answer)
+
+
+def test_invoke_over_the_request_limit_is_413(tmp_path):
+    client, _ = make_app(tmp_path, max_request_size=10)
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    invoke(client, "db/s/t/f", b"0123456789")
+    assert "limit" in error_of(invoke(client, "db/s/t/f", b"0123456789a", status=413))
+
+
+BAD_AUTHORIZATIONS = [
+    None,                                                        # missing
+    f"Bearer wrong-{TOKEN[::-1]}",                               # wrong token
+    "Bearer",                                                    # scheme alone
+    "Bearer ",                                                   # scheme and a space
+    "Basic " + base64.b64encode(f"user:{TOKEN}".encode()).decode(),   # other scheme
+    f"Token {TOKEN}",                                            # other scheme, right token
+    f"Bearer {TOKEN} ",                                          # trailing space
+    f"Bearer {TOKEN}x",                                          # a longer token
+    f"Bearer {TOKEN[:-1]}",                                      # a prefix of it
+    f"Bearer  {TOKEN}",                                          # two spaces
+]
+
+
+AUTH_ROUTES = [
+    ("PUT", "/db/s/t/_deploy", "module"),
+    ("POST", "/db/s/t/f/_invoke", b"hi"),
+    ("GET", "/db/_plugins", b""),
+    ("DELETE", "/db/s/t/f/_remove", b""),
+    ("GET", "/db/_files/a.txt", b""),
+    ("HEAD", "/db/_files/a.txt", b""),
+    ("GET", "/db/_files/", b""),
+    ("PUT", "/db/_files/a.txt", b"overwritten"),
+    ("DELETE", "/db/_files/a.txt", b""),
+    ("POST", "/db/_query", b'{"path": "/"}'),
+]
+
+
+@pytest.mark.parametrize("method, path, body", AUTH_ROUTES, ids=[f"{m} {p}" for m, p, _ in AUTH_ROUTES])
+def test_auth_is_required_on_every_route(client, method, path, body):
+    # Everything the route could touch exists, so only the token stands in the way.
+    deploy(client, "db/s/t", answer_module(b"original"))
+    client.put("/db/_files/a.txt", b"original", headers=AUTH)
+    payload = bytes(wat(ECHO_WAT)) if body == "module" else body
+    for authorization in BAD_AUTHORIZATIONS:
+        headers = {} if authorization is None else {"Authorization": authorization}
+        response = client.request(path, method=method, body=payload, headers=headers, expect_errors=True)
+        assert response.status_int == 401, (authorization, response.status)
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        if method != "HEAD":
+            assert "error" in response.json
+            assert TOKEN not in response.text and TOKEN[::-1] not in response.text
+    # Nothing changed behind the refusals.
+    assert invoke(client, "db/s/t/f").body == b"original"
+    assert client.get("/db/_files/a.txt", headers=AUTH).body == b"original"
+    # And the right token passes on the same route.
+    ok = client.request(path, method=method, body=payload, headers=AUTH, expect_errors=True)
+    assert ok.status_int < 400, ok.status
+
+
+def test_bad_authorization_is_401_without_echoing_the_token(deployed):
+    client, _ = deployed
+    basic = base64.b64encode(f"user:{TOKEN}".encode()).decode()
+    values = [None, "", "Bearer", "Bearer ", f"Bearer {TOKEN} ", f"Bearer {TOKEN}  ", f" Bearer {TOKEN}",
+              f"Bearer  {TOKEN}", f"Bearer\t{TOKEN}", f"Basic {basic}", "Basic x", f"Token {TOKEN}", TOKEN,
+              f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", "Bearer " + "a" * 5000, f"Bearer {TOKEN}\u00e9"]
+    requests = [("GET", "/db/_plugins"), ("PUT", "/db/s/u/_deploy"), ("POST", "/db/s/t/f/_invoke"),
+                ("DELETE", "/db/s/t/f/_remove"), ("GET", "/db/_files/x"), ("PUT", "/db/_files/x"),
+                ("DELETE", "/db/_files/x"), ("POST", "/db/_query")]
+    for value in values:
+        headers = {} if value is None else {"Authorization": value}
+        for method, path in requests:
+            answer = client.request(path, method=method, headers=headers, body=b"{}", expect_errors=True)
+            assert answer.status_int == 401, (value, method, path, answer.status)
+            assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+            assert error_of(answer) and TOKEN.encode() not in answer.body
+    # Nothing happened: the plugin is still there, no file was written, nothing deployed.
+    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+    assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
+    assert client.get("/_health").status_int == 200      # the one public route
+
+
+def test_access_log_shows_the_plugins_status(tmp_path, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb")
+    client, _ = make_app(tmp_path, access_log=True)
+    deploy(client, "db/s/gone", answer_module(b'{"status_code":404,"body":[110,111]}'))
+    invoke(client, "db/s/gone/f", status=404)
+    assert any("POST /db/s/gone/f/_invoke 404 " in record.getMessage() for record in caplog.records)
+
+
+def test_help_documents_the_options():
+    for word in ("--data-dir", "--token", "--port", "--host", "--threads", "--timeout",
+                 "--memory-limit", "AEORDB_PORT", "AEORDB_TOKEN", "AEORDB_DATA_DIR"):
+        assert word in help_text(), word
+
+
+def test_help_shows_no_none_default_and_the_query_limit():
+    assert "AEORDB_TOKEN" in help_text()
+    assert "default: None" not in help_text()
+    assert "invoke or query body" in " ".join(help_text().split())
+
+
 # Hardening ####################################################################
-#
-# Issue 4: hostile plugins cost only their own request, bad requests get clear
-# 4xx answers, and crashes, faults and concurrency lose nothing.
+# Hostile plugins cost only their own request, bad requests get clear 4xx
+# answers, and faults and concurrency lose nothing.
 #
 # Most hostile modules below misbehave only when their request envelope is
-# longer than 1000 bytes (an invoke body of _HZ_HOSTILE), so the same plugin
+# longer than 1000 bytes (an invoke body of HOSTILE_BODY), so the same plugin
 # proves that its next, ordinary request succeeds.
 
-_HZ_HOSTILE = b"x" * 400          # its envelope is over 1600 bytes: the module misbehaves
-_HZ_OK = 1024 << 32 | 2           # handle's answer "ok", kept at 1024
+# -- hostile modules -----------------------------------------------------------
 
-
-def _hz_packed(ptr: int, length: int) -> int:
-    """handle's i64 answer for (ptr, length), as the signed value an i64.const needs."""
-    value = (ptr & 0xFFFFFFFF) << 32 | (length & 0xFFFFFFFF)
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _hz_module(hostile: str, head: str = "", extra: str = "", memory: str = "1") -> bytes:
-    """A module answering "ok" unless its request envelope is over 1000 bytes: then ``hostile`` runs."""
-    return wat(f"""
+def test_answer_ending_exactly_at_memory_end_is_fine(client):
+    tail = b"0123456789"
+    module = wat(f"""
 (module
-  {head}
-  (memory (export "memory") {memory})
-  {extra}
-  (data (i32.const 1024) "ok")
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (if (i32.gt_u (local.get $len) (i32.const 1000)) (then {hostile}))
-    (i64.const {_HZ_OK})))
+  (memory (export "memory") 1)
+  (data (i32.const {65536 - len(tail)}) "{wat_string(tail)}")
+  (func (export "handle") (param i32 i32) (result i64) (i64.const {packed(65536 - len(tail), len(tail))})))
 """)
+    deploy(client, "db/s/edge", module)
+    assert invoke(client, "db/s/edge/f").body == tail
+
+
+def test_answer_at_the_response_limit_is_fine(tmp_path):
+    client, _ = make_app(tmp_path, max_response_size=1000)
+    deploy(client, "db/s/big", misbehaving_module(f"(return (i64.const {packed(0, 1000)}))"))
+    assert len(invoke(client, "db/s/big/f", HOSTILE_BODY).body) == 1000
+
+
+def test_unprovided_imports_are_refused_at_deploy_naming_them(client):
+    handle = '(memory (export "memory") 1) (func (export "handle") (param i32 i32) (result i64) (i64.const 0))'
+    for imports, named in [
+            ('(import "env" "mystery" (func))', "env.mystery"),
+            ('(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))',
+             "wasi_snapshot_preview1.fd_write"),
+            ('(import "aeordb" "aeordb_read_file" (func (param i32) (result i32)))', "aeordb.aeordb_read_file"),
+            ('(import "aeordb" "aeordb_launch_missiles" (func (param i32 i32) (result i64)))',
+             "aeordb.aeordb_launch_missiles"),
+            ('(import "env" "table" (table 1 funcref))', "env.table"),
+            ('(import "env" "counter" (global i32))', "env.counter")]:
+        message = error_of(deploy(client, "db/s/imports", wat(f"(module {imports} {handle})"), status=400))
+        assert named in message, message
+    assert client.get("/db/_plugins", headers=AUTH).json == []
+
+
+OVERSIZED_DECLARATIONS = {
+    "exported_memory": '(memory (export "memory") 40000)',
+    "hidden_second_memory": '(memory (export "memory") 1) (memory $hidden 40000)',
+    "imported_memory": '(import "env" "memory" (memory 40000))',
+    "exported_table": '(memory (export "memory") 1) (table (export "table") 200000 funcref)',
+    "hidden_table": '(memory (export "memory") 1) (table 200000 funcref)',
+    "hidden_externref_table": '(memory (export "memory") 1) (table 1 funcref) (table 300000 externref)',
+}
+
+
+@pytest.mark.parametrize("pooling", [True, False], ids=["pooling", "on_demand"])
+@pytest.mark.parametrize("case", sorted(OVERSIZED_DECLARATIONS))
+def test_huge_initial_memory_or_table_is_refused_at_deploy(tmp_path, case, pooling):
+    client, _ = make_app(tmp_path, options={"pooling": pooling})
+    module = wat(f'(module {OVERSIZED_DECLARATIONS[case]}'
+                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
+    message = error_of(deploy(client, "db/s/huge", module, status=400))
+    assert ("memory" if "memory" in case else "table") in message and "limit" in message, message
+    assert client.get("/db/_plugins", headers=AUTH).json == []
 
 
 # An alloc that works for small sizes and misbehaves (``bad``) for request-sized ones.
-_HZ_ALLOC_FOR_REQUEST = """
+ALLOC_FOR_REQUEST = """
   (func (export "alloc") (param $size i32) (result i32)
     (if (i32.gt_u (local.get $size) (i32.const 1000)) (then {bad}))
     (i32.const 2048))
 """
 
+
 # Imports aeordb_context; alloc misbehaves (``bad``) once handle armed it, i.e. for the host's answer.
-_HZ_HOST_HEAD = '(import "aeordb" "aeordb_context" (func $context (param i32 i32) (result i64)))'
-_HZ_ALLOC_FOR_HOST = """
+CONTEXT_IMPORT = '(import "aeordb" "aeordb_context" (func $context (param i32 i32) (result i64)))'
+
+
+ALLOC_FOR_HOST_ANSWER = """
   (global $armed (mut i32) (i32.const 0))
   (func $noop)
   (func (export "alloc") (param $size i32) (result i32)
     (if (global.get $armed) (then {bad}))
     (i32.const 4096))
 """
-_HZ_ARM_AND_CALL = ("(global.set $armed (i32.const 1))"
-                    "(drop (call $context (i32.const 1024) (i32.const 2)))"
-                    "(loop $spin (call $noop) (br $spin))")
-# The host's failure sets this Store's epoch deadline to 0; compiled code
-# rereads the deadline on function entry, so the call in the loop is what ends it.
 
-_HZ_HOSTILE_CASES = {
+
+ARM_AND_CALL = ("(global.set $armed (i32.const 1))"
+                "(drop (call $context (i32.const 1024) (i32.const 2)))"
+                "(loop $spin (call $noop) (br $spin))")
+
+
+HOSTILE_CASES = {
     "endless_loop": dict(hostile="(loop $forever (br $forever))", settings={"timeout": 0.5},
                          expect="time limit"),
     "deep_recursion": dict(
@@ -2370,46 +2684,46 @@ _HZ_HOSTILE_CASES = {
     "memory_big_request_refused_then_abort": dict(
         hostile="(block $enough (loop $more (br_if $enough (i32.ge_u (memory.size) (i32.const 640)))"
                 " (drop (memory.grow (i32.const 1))) (br $more)))"
-                f" (if (i32.ne (memory.grow (i32.const 400)) (i32.const -1)) (then (return (i64.const {_HZ_OK}))))"
+                f" (if (i32.ne (memory.grow (i32.const 400)) (i32.const -1)) (then (return (i64.const {OK_AT_1024}))))"
                 " unreachable",
         expect="memory limit"),
     "unreachable": dict(hostile="unreachable", expect="unreachable", not_expect="memory"),
     "division_by_zero": dict(
         hostile="(drop (i32.div_u (i32.const 1) (i32.sub (local.get $len) (local.get $len))))",
         expect="division by zero"),
-    "answer_pointer_negative": dict(hostile=f"(return (i64.const {_hz_packed(0xFFFFFFF0, 16)}))",
+    "answer_pointer_negative": dict(hostile=f"(return (i64.const {packed(0xFFFFFFF0, 16)}))",
                                     expect="bad pointer"),
-    "answer_pointer_just_past_end": dict(hostile=f"(return (i64.const {_hz_packed(65536 - 10, 11)}))",
+    "answer_pointer_just_past_end": dict(hostile=f"(return (i64.const {packed(65536 - 10, 11)}))",
                                          expect="bad pointer"),
-    "answer_length_huge": dict(hostile=f"(return (i64.const {_hz_packed(0, 0xFFFFFFFF)}))",
+    "answer_length_huge": dict(hostile=f"(return (i64.const {packed(0, 0xFFFFFFFF)}))",
                                expect="response limit"),
-    "answer_over_max_response_size": dict(hostile=f"(return (i64.const {_hz_packed(0, 1001)}))",
+    "answer_over_max_response_size": dict(hostile=f"(return (i64.const {packed(0, 1001)}))",
                                           settings={"max_response_size": 1000}, expect="response limit"),
-    "alloc_traps_for_request": dict(hostile="", extra=_HZ_ALLOC_FOR_REQUEST.format(bad="unreachable"),
+    "alloc_traps_for_request": dict(hostile="", extra=ALLOC_FOR_REQUEST.format(bad="unreachable"),
                                     expect="unreachable"),
     "alloc_bad_pointer_for_request": dict(
-        hostile="", extra=_HZ_ALLOC_FOR_REQUEST.format(bad="(return (i32.const -256))"),
+        hostile="", extra=ALLOC_FOR_REQUEST.format(bad="(return (i32.const -256))"),
         expect="bad pointer"),
     "alloc_traps_for_host_answer": dict(
-        hostile=_HZ_ARM_AND_CALL, head=_HZ_HOST_HEAD,
-        extra=_HZ_ALLOC_FOR_HOST.format(bad="unreachable"), expect="unreachable"),
+        hostile=ARM_AND_CALL, head=CONTEXT_IMPORT,
+        extra=ALLOC_FOR_HOST_ANSWER.format(bad="unreachable"), expect="unreachable"),
     "alloc_bad_pointer_for_host_answer": dict(
-        hostile=_HZ_ARM_AND_CALL, head=_HZ_HOST_HEAD,
-        extra=_HZ_ALLOC_FOR_HOST.format(bad="(return (i32.const 2147483632))"),
+        hostile=ARM_AND_CALL, head=CONTEXT_IMPORT,
+        extra=ALLOC_FOR_HOST_ANSWER.format(bad="(return (i32.const 2147483632))"),
         expect="bad pointer for the answer of aeordb_context"),
 }
 
 
 @pytest.mark.parametrize("options", [{"fast_calls": True}, {"fast_calls": True, "pooling": False},
                                      {"fast_calls": False}], ids=["fast_path", "fast_ondemand", "public_api"])
-@pytest.mark.parametrize("case", sorted(_HZ_HOSTILE_CASES))
-def test_hardening_hostile_module_costs_only_its_request(tmp_path, case, options):
-    spec = _HZ_HOSTILE_CASES[case]
+@pytest.mark.parametrize("case", sorted(HOSTILE_CASES))
+def test_hostile_module_costs_only_its_request(tmp_path, case, options):
+    spec = HOSTILE_CASES[case]
     client, _ = make_app(tmp_path, options=options, **spec.get("settings", {}))
-    deploy(client, "db/s/hostile", _hz_module(spec["hostile"], spec.get("head", ""), spec.get("extra", "")))
+    deploy(client, "db/s/hostile", misbehaving_module(spec["hostile"], spec.get("head", ""), spec.get("extra", "")))
     deploy(client, "db/s/echo", wat(ECHO_WAT))
     started = time.monotonic()
-    failed = invoke(client, "db/s/hostile/f", _HZ_HOSTILE, status=500)
+    failed = invoke(client, "db/s/hostile/f", HOSTILE_BODY, status=500)
     elapsed = time.monotonic() - started
     message = error_of(failed)
     assert message.startswith("plugin "), message
@@ -2418,28 +2732,28 @@ def test_hardening_hostile_module_costs_only_its_request(tmp_path, case, options
     assert elapsed < (2.0 if "timeout" in spec.get("settings", {}) else 3.0), elapsed
     assert invoke(client, "db/s/hostile/f", b"").body == b"ok"
     assert json.loads(invoke(client, "db/s/echo/f", b"hi").body)["arguments"] == [104, 105]
-    assert invoke(client, "db/s/hostile/f", _HZ_HOSTILE, status=500).json["error"] == message
+    assert invoke(client, "db/s/hostile/f", HOSTILE_BODY, status=500).json["error"] == message
 
 
-def test_hardening_answer_ending_exactly_at_memory_end_is_fine(client):
-    tail = b"0123456789"
+def test_log_message_with_wild_arguments_is_harmless(client):
+    calls = "".join(f"(call $log (i32.const {a}) (i32.const {b}) (i32.const {c}) (i32.const {d}))"
+                    for a, b, c, d in [(-1, 5, -1, 5), (0, 0x7FFFFFFF, 0, 0x7FFFFFFF), (65530, 100, 0, 10),
+                                       (60000, 4, 60000, 3), (1024, 2, 0, -7)])
     module = wat(f"""
 (module
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
   (memory (export "memory") 1)
-  (data (i32.const {65536 - len(tail)}) "{wat_string(tail)}")
-  (func (export "handle") (param i32 i32) (result i64) (i64.const {_hz_packed(65536 - len(tail), len(tail))})))
+  (data (i32.const 60000) "\\ff\\fe\\00")
+  (data (i32.const 60010) "ok")
+  (func (export "handle") (param i32 i32) (result i64)
+    {calls}
+    (i64.const {packed(60010, 2)})))
 """)
-    deploy(client, "db/s/edge", module)
-    assert invoke(client, "db/s/edge/f").body == tail
+    deploy(client, "db/s/logs", module)
+    assert invoke(client, "db/s/logs/f", b"x").body == b"ok"
 
 
-def test_hardening_answer_at_the_response_limit_is_fine(tmp_path):
-    client, _ = make_app(tmp_path, max_response_size=1000)
-    deploy(client, "db/s/big", _hz_module(f"(return (i64.const {_hz_packed(0, 1000)}))"))
-    assert len(invoke(client, "db/s/big/f", _HZ_HOSTILE).body) == 1000
-
-
-def test_hardening_host_functions_survive_wild_pointers(client):
+def test_host_functions_survive_wild_pointers(client):
     """Out-of-memory, negative (high bit set) and huge pointers and lengths: {"error": ...}, no trap."""
     memory_size = 2 * 65536
     cases = [(-1, 10), (-16, 16), (0, -1), (-2147483648, 4), (16, 0x7FFFFFFF), (0, 16 * 1024 * 1024 + 1),
@@ -2460,19 +2774,21 @@ def test_hardening_host_functions_survive_wild_pointers(client):
     assert client.get("/_health").json == {"status": "ok"}
 
 
-_HZ_BAD_ARGUMENTS = [b"\xff\xfe{}", b'{"path": "/\xc3\x28"}', b"not json", b"[1, 2]", b"42", b"",
-                     b"[" * 50_000, b'{"path": 5}']
-_HZ_BAD_PATHS = ["etc/passwd", "/../etc/passwd", "/a/../../b", "/a\u0000b", "/\ud800", "/" + "a" * 2000,
-                 "/a//b", "/."]
+BAD_HOST_ARGUMENTS = [b"\xff\xfe{}", b'{"path": "/\xc3\x28"}', b"not json", b"[1, 2]", b"42", b"",
+                      b"[" * 50_000, b'{"path": 5}']
 
 
-def test_hardening_host_functions_answer_errors_for_bad_arguments(client):
+BAD_HOST_PATHS = ["etc/passwd", "/../etc/passwd", "/a/../../b", "/a\u0000b", "/\ud800", "/" + "a" * 2000,
+                  "/a//b", "/."]
+
+
+def test_host_functions_answer_errors_for_bad_arguments(client):
     """Invalid UTF-8, non-JSON, non-objects and bad paths: the plugin gets {"error": ...}."""
-    calls = [(function, args) for function in aeordb.HOST_FUNCTION_NAMES for args in _HZ_BAD_ARGUMENTS
+    calls = [(function, args) for function in aeordb.HOST_FUNCTION_NAMES for args in BAD_HOST_ARGUMENTS
              if function != "aeordb_context" or args != b'{"path": 5}']
     for function in ("aeordb_read_file", "aeordb_write_file", "aeordb_delete_file", "aeordb_file_metadata",
                      "aeordb_extract_file", "aeordb_query", "aeordb_aggregate"):
-        for path in _HZ_BAD_PATHS:
+        for path in BAD_HOST_PATHS:
             args = {"path": path, "data": "aGk=", "aggregate": {"count": True}}
             calls.append((function, json.dumps(args).encode()))
     calls += [("aeordb_write_file", b'{"path": "/x", "data": "!!not base64!!"}'),
@@ -2490,25 +2806,7 @@ def test_hardening_host_functions_answer_errors_for_bad_arguments(client):
     assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
 
 
-def test_hardening_log_message_with_wild_arguments_is_harmless(client):
-    calls = "".join(f"(call $log (i32.const {a}) (i32.const {b}) (i32.const {c}) (i32.const {d}))"
-                    for a, b, c, d in [(-1, 5, -1, 5), (0, 0x7FFFFFFF, 0, 0x7FFFFFFF), (65530, 100, 0, 10),
-                                       (60000, 4, 60000, 3), (1024, 2, 0, -7)])
-    module = wat(f"""
-(module
-  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 60000) "\\ff\\fe\\00")
-  (data (i32.const 60010) "ok")
-  (func (export "handle") (param i32 i32) (result i64)
-    {calls}
-    (i64.const {_hz_packed(60010, 2)})))
-""")
-    deploy(client, "db/s/logs", module)
-    assert invoke(client, "db/s/logs/f", b"x").body == b"ok"
-
-
-def test_hardening_host_function_called_thousands_of_times(client):
+def test_host_function_called_thousands_of_times(client):
     """5,000 host calls in one invocation (writes in one transaction, then reads): all answered."""
     args = json.dumps({"path": "/counter.json", "data": base64.b64encode(b'{"n": 1}').decode()}).encode()
     module = wat(f"""
@@ -2536,244 +2834,7 @@ def test_hardening_host_function_called_thousands_of_times(client):
     assert client.get("/db/_files/counter.json", headers=AUTH).body == b'{"n": 1}'
 
 
-def test_hardening_start_function_that_loops_is_bounded(tmp_path):
-    """The start function never runs at deploy; at invoke it meets the time limit like handle would."""
-    client, _ = make_app(tmp_path, timeout=0.5)
-    module = _hz_module("", extra="(func $spin (loop $forever (br $forever))) (start $spin)")
-    started = time.monotonic()
-    deploy(client, "db/s/spin", module, status=200)
-    assert time.monotonic() - started < 2.0
-    deploy(client, "db/s/echo", wat(ECHO_WAT))
-    started = time.monotonic()
-    assert "time limit" in error_of(invoke(client, "db/s/spin/f", status=500))
-    assert time.monotonic() - started < 2.0
-    # A restart loads it without running it.
-    started = time.monotonic()
-    make_app(tmp_path, timeout=0.5)
-    assert time.monotonic() - started < 5.0
-    assert json.loads(invoke(client, "db/s/echo/f", b"x").body)["arguments"] == [120]
-
-
-_HZ_OVERSIZED = {
-    "exported_memory": '(memory (export "memory") 40000)',
-    "hidden_second_memory": '(memory (export "memory") 1) (memory $hidden 40000)',
-    "imported_memory": '(import "env" "memory" (memory 40000))',
-    "exported_table": '(memory (export "memory") 1) (table (export "table") 200000 funcref)',
-    "hidden_table": '(memory (export "memory") 1) (table 200000 funcref)',
-    "hidden_externref_table": '(memory (export "memory") 1) (table 1 funcref) (table 300000 externref)',
-}
-
-
-@pytest.mark.parametrize("pooling", [True, False], ids=["pooling", "on_demand"])
-@pytest.mark.parametrize("case", sorted(_HZ_OVERSIZED))
-def test_hardening_huge_initial_memory_or_table_refused_at_deploy(tmp_path, case, pooling):
-    client, _ = make_app(tmp_path, options={"pooling": pooling})
-    module = wat(f'(module {_HZ_OVERSIZED[case]}'
-                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
-    message = error_of(deploy(client, "db/s/huge", module, status=400))
-    assert ("memory" if "memory" in case else "table") in message and "limit" in message, message
-    assert client.get("/db/_plugins", headers=AUTH).json == []
-
-
-def test_hardening_unprovided_imports_refused_at_deploy_naming_them(client):
-    handle = '(memory (export "memory") 1) (func (export "handle") (param i32 i32) (result i64) (i64.const 0))'
-    for imports, named in [
-            ('(import "env" "mystery" (func))', "env.mystery"),
-            ('(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))',
-             "wasi_snapshot_preview1.fd_write"),
-            ('(import "aeordb" "aeordb_read_file" (func (param i32) (result i32)))', "aeordb.aeordb_read_file"),
-            ('(import "aeordb" "aeordb_launch_missiles" (func (param i32 i32) (result i64)))',
-             "aeordb.aeordb_launch_missiles"),
-            ('(import "env" "table" (table 1 funcref))', "env.table"),
-            ('(import "env" "counter" (global i32))', "env.counter")]:
-        message = error_of(deploy(client, "db/s/imports", wat(f"(module {imports} {handle})"), status=400))
-        assert named in message, message
-    assert client.get("/db/_plugins", headers=AUTH).json == []
-
-
-# Bad requests #################################################################
-
-def test_hardening_bad_authorization_is_401_without_echoing_the_token(client):
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    basic = base64.b64encode(f"user:{TOKEN}".encode()).decode()
-    values = [None, "", "Bearer", "Bearer ", f"Bearer {TOKEN} ", f"Bearer {TOKEN}  ", f" Bearer {TOKEN}",
-              f"Bearer  {TOKEN}", f"Bearer\t{TOKEN}", f"Basic {basic}", "Basic x", f"Token {TOKEN}", TOKEN,
-              f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", "Bearer " + "a" * 5000, f"Bearer {TOKEN}\u00e9"]
-    requests = [("GET", "/db/_plugins"), ("PUT", "/db/s/u/_deploy"), ("POST", "/db/s/t/f/_invoke"),
-                ("DELETE", "/db/s/t/f/_remove"), ("GET", "/db/_files/x"), ("PUT", "/db/_files/x"),
-                ("DELETE", "/db/_files/x"), ("POST", "/db/_query")]
-    for value in values:
-        headers = {} if value is None else {"Authorization": value}
-        for method, path in requests:
-            answer = client.request(path, method=method, headers=headers, body=b"{}", expect_errors=True)
-            assert answer.status_int == 401, (value, method, path, answer.status)
-            assert answer.headers["WWW-Authenticate"].startswith("Bearer")
-            assert error_of(answer) and TOKEN.encode() not in answer.body
-    # Nothing happened: the plugin is still there, no file was written, nothing deployed.
-    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
-    assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
-    assert client.get("/_health").status_int == 200      # the one public route
-
-
-_HZ_BAD_SEGMENTS = ["..", "%2e%2e", "%2E%2E", ".", "a%2Fb", "%2F", "a%00b", "%00", "%0d%0aX-Injected:%201",
-                    "%EF%BD%84%EF%BD%82", "d%D0%B0b", "a" * 10_000, "_reserved", "a%20b", "%C0%AE%C0%AE",
-                    "%FF", "a%5Cb"]
-# In file paths '/' (hence %2F) separates segments, and any printable UTF-8 name is allowed.
-_HZ_BAD_FILE_SEGMENTS = ["..", "%2e%2e", ".", "a%00b", "%00", "a%0db", "a" * 10_000, "%FF", "%C0%AE%C0%AE"]
-
-
-def _hz_bad_name_requests():
-    for bad in _HZ_BAD_SEGMENTS:
-        yield "GET", f"/{bad}/_plugins"
-        yield "POST", f"/{bad}/_query"
-        for position in range(3):
-            parts = ["db", "s", "t"]
-            parts[position] = bad
-            yield "PUT", "/" + "/".join(parts) + "/_deploy"
-        for position in range(4):
-            parts = ["db", "s", "t", "f"]
-            parts[position] = bad
-            yield "POST", "/" + "/".join(parts) + "/_invoke"
-            yield "DELETE", "/" + "/".join(parts) + "/_remove"
-        for method in ("GET", "PUT", "DELETE"):
-            yield method, f"/{bad}/_files/x"
-    for bad in _HZ_BAD_FILE_SEGMENTS:
-        for method in ("GET", "HEAD", "PUT", "DELETE"):
-            yield method, f"/db/_files/{bad}"
-            yield method, f"/db/_files/a/{bad}/b"
-
-
-def test_hardening_bad_names_are_400_or_404_never_500(client):
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    checked = 0
-    for method, path in _hz_bad_name_requests():
-        body = bytes(wat(ECHO_WAT)) if path.endswith("_deploy") else b"{}"
-        answer = client.request(path, method=method, headers=AUTH, body=body, expect_errors=True)
-        assert answer.status_int in (400, 404), (method, path[:80], answer.status, answer.body[:200])
-        if method != "HEAD":
-            assert len(error_of(answer)) < 1000, path[:80]     # names are shown shortened
-        checked += 1
-    assert checked > 200
-    # Query parameters of a deploy, too.
-    for query in ("name=%0a", "name=" + "n" * 200, "name=a%00b", "plugin_type=native", "plugin_type=%0d"):
-        error_of(client.put(f"/db/s/t/_deploy?{query}", wat(ECHO_WAT), headers=AUTH, status=400))
-    # Nothing was created anywhere by those requests.
-    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
-    assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
-    plugins_dir = client.app.config["aeordb.settings"].data_dir / "plugins"
-    assert [p.parent.relative_to(plugins_dir).as_posix() for p in plugins_dir.rglob("plugin.json")] == ["db/s/t"]
-
-
-def test_hardening_bad_names_on_a_real_server(tmp_path):
-    """waitress decodes paths itself: the same answers there, never a 500 or a dropped connection."""
-    _, app = make_app(tmp_path)
-    with server_thread(app) as port:
-        for method, path in list(_hz_bad_name_requests())[::7]:
-            status, headers, body = http_request(port, method, path, b"{}")
-            assert status in (400, 404), (method, path[:80], status, body[:200])
-        status, _, _ = http_request(port, "GET", "/db/_plugins")
-        assert status == 200
-
-
-class _HzCountingInput:
-    """A wsgi.input that counts what the app reads (and has only a few bytes to give)."""
-
-    def __init__(self, data: bytes = b"0123456789"):
-        self.data, self.read_bytes = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.data[:len(self.data) if size is None or size < 0 else size]
-        self.data = self.data[len(chunk):]
-        self.read_bytes += len(chunk)
-        return chunk
-
-    def readline(self, size: int = -1) -> bytes:
-        return self.read(size)
-
-
-def test_hardening_oversized_bodies_are_413_unread(tmp_path):
-    limits = {"max_module_size": 1000, "max_request_size": 2000, "max_file_size": 3000}
-    client, app = make_app(tmp_path, **limits)
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    routes = [("PUT", "/db/s/u/_deploy", 1000), ("POST", "/db/s/t/f/_invoke", 2000),
-              ("PUT", "/db/_files/big", 3000), ("POST", "/db/_query", 2000)]
-    for method, path, limit in routes:
-        # Over the limit by one byte: 413 and a JSON error naming the limit.
-        answer = client.request(path, method=method, headers=AUTH, body=b" " * (limit + 1), expect_errors=True)
-        assert answer.status_int == 413, (path, answer.status)
-        assert str(limit) in error_of(answer)
-        # At the limit: accepted (a deploy of spaces is a bad module, 400, but not too large).
-        answer = client.request(path, method=method, headers=AUTH, body=b" " * limit, expect_errors=True)
-        assert answer.status_int in (200, 201, 400) and answer.status_int != 413, (path, answer.status)
-        # A body announced as huge is refused from its Content-Length alone: nothing is read.
-        for announced in (limit + 1, 10 ** 12):
-            body = _HzCountingInput()
-            environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "127.0.0.1",
-                       "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": body,
-                       "CONTENT_LENGTH": str(announced), "HTTP_AUTHORIZATION": AUTH["Authorization"],
-                       "wsgi.errors": sys.stderr}
-            answer = webtest.TestRequest(environ).get_response(app)
-            assert answer.status_int == 413 and body.read_bytes == 0, (path, announced, answer.status)
-    assert client.get("/db/_files/", headers=AUTH).json["entries"] == [
-        {"name": "big", "type": "file", "size": 3000}]
-
-
-def _hz_send_raw(port: int, head: bytes, body: bytes, timeout: float = 5.0) -> bytes:
-    """Send a raw request (headers, then only ``body``) and answer what the server says first."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(head + body)
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
-def test_hardening_oversized_bodies_on_a_real_server(tmp_path):
-    """waitress's global cap (the one serve() sets) refuses a huge Content-Length before any body."""
-    client, app = make_app(tmp_path, max_module_size=1000, max_request_size=1000, max_file_size=1000)
-    settings = app.config["aeordb.settings"]
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    with server_thread(app, max_request_body_size=settings.max_body_size) as port:
-        for method, path in [("PUT", "/db/s/u/_deploy"), ("POST", "/db/s/t/f/_invoke"),
-                             ("PUT", "/db/_files/big")]:
-            head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
-                    f"Content-Length: {10 ** 10}\r\n\r\n").encode()
-            started = time.monotonic()
-            answer = _hz_send_raw(port, head, b"only a few bytes")
-            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-            assert time.monotonic() - started < 3.0
-            # Over the route's limit but under the global cap: the app refuses it from Content-Length.
-            status, _, body = http_request(port, method, path, b"x" * 1500)
-            assert status == 413 and "1000" in json.loads(body)["error"]
-            # Chunked, so without Content-Length: refused all the same.
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request(method, path, body=iter([b"y" * 800, b"y" * 800]), headers={**AUTH},
-                         encode_chunked=True)
-            assert conn.getresponse().status == 413
-            conn.close()
-        status, _, body = http_request(port, "GET", "/db/_files/")
-        assert status == 200 and json.loads(body)["entries"] == []
-
-
-def test_hardening_wrong_methods_are_405_with_allow(client):
-    cases = [("GET", "/db/s/t/_deploy", {"PUT"}), ("POST", "/db/s/t/_deploy", {"PUT"}),
-             ("GET", "/db/s/t/f/_invoke", {"POST"}), ("PUT", "/db/s/t/f/_invoke", {"POST"}),
-             ("POST", "/db/_plugins", {"GET"}), ("DELETE", "/db/_plugins", {"GET"}),
-             ("GET", "/db/s/t/f/_remove", {"DELETE"}), ("POST", "/db/_files/x", {"GET", "PUT", "DELETE"}),
-             ("PATCH", "/db/_files/x", {"GET", "PUT", "DELETE"}), ("GET", "/db/_query", {"POST"}),
-             ("DELETE", "/_health", {"GET"}), ("POST", "/_health", {"GET"})]
-    for method, path, allowed in cases:
-        answer = client.request(path, method=method, headers=AUTH, body=b"", expect_errors=True)
-        assert answer.status_int == 405, (method, path, answer.status)
-        allow = {item.strip() for item in answer.headers["Allow"].split(",")}
-        assert allowed <= allow and method not in allow, (method, path, allow)
-        assert method in error_of(answer)
-
-
-def test_hardening_fuzzed_modules_are_200_or_400_never_500(tmp_path):
+def test_fuzzed_modules_are_200_or_400_never_500(tmp_path):
     client, _ = make_app(tmp_path, timeout=0.3)
     base = host_call_module("aeordb_context", b"{}")
     rng = random.Random(20240404)
@@ -2813,7 +2874,273 @@ def test_hardening_fuzzed_modules_are_200_or_400_never_500(tmp_path):
     assert json.loads(invoke(client, "db/s/fuzz/f", b"!").body)["arguments"] == [33]
 
 
-_HZ_PLUGIN_HEADERS = {
+# -- bad requests --------------------------------------------------------------
+
+BAD_SEGMENTS = ["..", "%2e%2e", "%2E%2E", ".", "a%2Fb", "%2F", "a%00b", "%00", "%0d%0aX-Injected:%201",
+                "%EF%BD%84%EF%BD%82", "d%D0%B0b", "a" * 10_000, "_reserved", "a%20b", "%C0%AE%C0%AE",
+                "%FF", "a%5Cb"]
+
+
+# In file paths '/' (hence %2F) separates segments, and any printable UTF-8 name is allowed.
+BAD_FILE_SEGMENTS = ["..", "%2e%2e", ".", "a%00b", "%00", "a%0db", "a" * 10_000, "%FF", "%C0%AE%C0%AE"]
+
+
+def bad_name_requests():
+    for bad in BAD_SEGMENTS:
+        yield "GET", f"/{bad}/_plugins"
+        yield "POST", f"/{bad}/_query"
+        for position in range(3):
+            parts = ["db", "s", "t"]
+            parts[position] = bad
+            yield "PUT", "/" + "/".join(parts) + "/_deploy"
+        for position in range(4):
+            parts = ["db", "s", "t", "f"]
+            parts[position] = bad
+            yield "POST", "/" + "/".join(parts) + "/_invoke"
+            yield "DELETE", "/" + "/".join(parts) + "/_remove"
+        for method in ("GET", "PUT", "DELETE"):
+            yield method, f"/{bad}/_files/x"
+    for bad in BAD_FILE_SEGMENTS:
+        for method in ("GET", "HEAD", "PUT", "DELETE"):
+            yield method, f"/db/_files/{bad}"
+            yield method, f"/db/_files/a/{bad}/b"
+
+
+def test_bad_names_are_400_or_404_never_500(deployed):
+    client, _ = deployed
+    checked = 0
+    for method, path in bad_name_requests():
+        body = bytes(wat(ECHO_WAT)) if path.endswith("_deploy") else b"{}"
+        answer = client.request(path, method=method, headers=AUTH, body=body, expect_errors=True)
+        assert answer.status_int in (400, 404), (method, path[:80], answer.status, answer.body[:200])
+        if method != "HEAD":
+            assert len(error_of(answer)) < 1000, path[:80]     # names are shown shortened
+        checked += 1
+    assert checked > 200
+    # Query parameters of a deploy, too.
+    for query in ("name=%0a", "name=" + "n" * 200, "name=a%00b", "plugin_type=native", "plugin_type=%0d"):
+        error_of(client.put(f"/db/s/t/_deploy?{query}", wat(ECHO_WAT), headers=AUTH, status=400))
+    # Nothing was created anywhere by those requests.
+    assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+    assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
+    plugins_dir = client.app.config["aeordb.settings"].data_dir / "plugins"
+    assert [p.parent.relative_to(plugins_dir).as_posix() for p in plugins_dir.rglob("plugin.json")] == ["db/s/t"]
+
+
+def test_oversized_bodies_are_413_unread(tmp_path):
+    limits = {"max_module_size": 1000, "max_request_size": 2000, "max_file_size": 3000}
+    client, app = make_app(tmp_path, **limits)
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    routes = [("PUT", "/db/s/u/_deploy", 1000), ("POST", "/db/s/t/f/_invoke", 2000),
+              ("PUT", "/db/_files/big", 3000), ("POST", "/db/_query", 2000)]
+    for method, path, limit in routes:
+        # Over the limit by one byte: 413 and a JSON error naming the limit.
+        answer = client.request(path, method=method, headers=AUTH, body=b" " * (limit + 1), expect_errors=True)
+        assert answer.status_int == 413, (path, answer.status)
+        assert str(limit) in error_of(answer)
+        # At the limit: accepted (a deploy of spaces is a bad module, 400, but not too large).
+        answer = client.request(path, method=method, headers=AUTH, body=b" " * limit, expect_errors=True)
+        assert answer.status_int in (200, 201, 400) and answer.status_int != 413, (path, answer.status)
+        # A body announced as huge is refused from its Content-Length alone: nothing is read.
+        for announced in (limit + 1, 10 ** 12):
+            body = CountingInput()
+            environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "127.0.0.1",
+                       "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": body,
+                       "CONTENT_LENGTH": str(announced), "HTTP_AUTHORIZATION": AUTH["Authorization"],
+                       "wsgi.errors": sys.stderr}
+            answer = webtest.TestRequest(environ).get_response(app)
+            assert answer.status_int == 413 and body.read_bytes == 0, (path, announced, answer.status)
+    assert client.get("/db/_files/", headers=AUTH).json["entries"] == [
+        {"name": "big", "type": "file", "size": 3000}]
+
+
+# -- faults and concurrency ----------------------------------------------------
+
+def test_failed_commit_leaves_no_open_transaction(client):
+    files = client.app.config["aeordb.files"]
+    real = files._conn()
+    files._local.conn = CommitFails(real)
+    try:
+        client.put("/db/_files/a.txt", b"a", headers=AUTH, status=503)
+        assert not real.in_transaction            # else this thread would hold the write lock for good
+        client.put("/db/_files/b.txt", b"b", headers=AUTH, status=201)
+    finally:
+        files._local.conn = real
+    client.get("/db/_files/a.txt", headers=AUTH, status=404)
+    assert client.get("/db/_files/b.txt", headers=AUTH).body == b"b"
+
+
+def test_read_only_database_is_503_and_reads_keep_working(tmp_path, monkeypatch):
+    import sqlite3
+    client, app = make_app(tmp_path)
+    files = app.config["aeordb.files"]
+    client.put("/db/_files/docs/a.json", b'{"n": 1}', headers=AUTH, status=201)
+    writer = host_call_module("aeordb_write_file", json.dumps({"path": "/docs/b.json", "data": "e30="}).encode())
+    deploy(client, "db/s/writer", writer)
+    files._conn()      # this thread's connection exists; swap it for a read-only one
+    read_only = sqlite3.connect(f"file:{files.db_file}?mode=ro", uri=True, isolation_level=None,
+                                check_same_thread=False)
+    monkeypatch.setattr(files._local, "conn", read_only)
+    for method, path, body in [("PUT", "/db/_files/docs/c.json", b"{}"), ("PUT", "/db/_files/docs/a.json", b"{}"),
+                               ("DELETE", "/db/_files/docs/a.json", b"")]:
+        answer = client.request(path, method=method, headers=AUTH, body=body, expect_errors=True)
+        assert answer.status_int == 503 and "storage" in error_of(answer), (method, path, answer.body)
+    assert "storage" in json.loads(invoke(client, "db/s/writer/f").body)["error"]
+    # Reads keep working and nothing changed.
+    assert client.get("/db/_files/docs/a.json", headers=AUTH).body == b'{"n": 1}'
+    assert [e["name"] for e in client.get("/db/_files/docs", headers=AUTH).json["entries"]] == ["a.json"]
+    assert client.post("/db/_query", b'{"path": "/docs"}', headers=AUTH).json["items"][0]["path"] == "/docs/a.json"
+    monkeypatch.undo()
+    read_only.close()
+    client.put("/db/_files/docs/c.json", b"{}", headers=AUTH, status=201)
+    assert json.loads(invoke(client, "db/s/writer/f").body)["ok"] is True
+
+
+def test_disk_full_on_deploy_and_remove_is_503_without_partial_state(tmp_path, monkeypatch):
+    import errno
+    client, _ = make_app(tmp_path)
+    deploy(client, "db/s/t", answer_module(b"v1"))
+    real_write = aeordb.atomic_write
+
+    def failing_write(only: str):
+        def write(path, data, mode=0o644):
+            if only in path.name:
+                raise disk_error()
+            return real_write(path, data, mode)
+        return write
+
+    for only in ("", "plugin.json", ".wasm"):
+        monkeypatch.setattr(aeordb, "atomic_write", failing_write(only))
+        message = error_of(deploy(client, "db/s/t", answer_module(b"v2"), status=503))
+        assert "storage" in message and "No space" in message, message
+        assert invoke(client, "db/s/t/f").body == b"v1"
+        error_of(deploy(client, "db/s/new", answer_module(b"n"), status=503))
+        assert [m["path"] for m in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+        assert client.get("/_health").status_int == 200
+    monkeypatch.setattr(aeordb, "atomic_write", real_write)
+    # A remove whose unlink the disk refuses.
+    real_unlink = Path.unlink
+
+    def failing_unlink(self, *args, **kwargs):
+        if self.name == "plugin.json":
+            raise disk_error(errno.EROFS)
+        return real_unlink(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", failing_unlink)
+    assert "storage" in error_of(client.delete("/db/s/t/f/_remove", headers=AUTH, status=503))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert invoke(client, "db/s/t/f").body == b"v1"
+    # A restart sees v1 alone: no half-deployed v2, no stray module or temp file.
+    reloaded, _ = make_app(tmp_path)
+    assert [m["path"] for m in reloaded.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
+    assert invoke(reloaded, "db/s/t/f").body == b"v1"
+    assert len(list((tmp_path / "plugins" / "db" / "s" / "t").glob("module-*.wasm"))) == 1
+    assert not list((tmp_path / "plugins").glob("db/s/new/*"))
+    assert temp_files(tmp_path) == []
+
+
+def test_racing_deploys_and_removes_of_one_plugin_keep_its_files(tmp_path, monkeypatch):
+    """Forces the interleavings the concurrency test only meets by chance.
+
+    Each deploy pauses (bounded) right after writing its module file, letting
+    the other thread's deploy or remove run into that gap if nothing prevents it.
+    """
+    _, app = make_app(tmp_path)
+    registry = app.config["aeordb.registry"]
+    real_write, real_lock = aeordb.atomic_write, registry._lock
+    module_written, other_done = threading.Event(), threading.Event()
+
+    def pausing_write(path, data, mode=0o644):
+        real_write(path, data, mode)
+        if path.name.startswith("module-") and threading.current_thread().name == "hz-first":
+            module_written.set()
+            # Until the other operation is over, or waits for the lock we may hold.
+            wait_for(lambda: other_done.is_set() or registry._lock.waiting.is_set(), what="the other operation")
+
+    monkeypatch.setattr(aeordb, "atomic_write", pausing_write)
+    for second in ("deploy", "remove"):
+        registry._lock = real_lock
+        registry.deploy("db", "s", "t", answer_module(b"v0"), "t", "wasm")
+        registry._lock = GatedLock(real_lock)
+        module_written.clear()
+        other_done.clear()
+        outcome = {}
+
+        def run_first():
+            try:
+                outcome["meta"] = registry.deploy("db", "s", "t", answer_module(b"v1-" + second.encode()),
+                                                  "t", "wasm")
+            except BaseException as exc:   # reported below: a thread's failure must fail the test
+                outcome["error"] = exc
+        first = threading.Thread(name="hz-first", target=run_first)
+        first.start()
+        assert module_written.wait(timeout=10)
+        if second == "deploy":
+            registry.deploy("db", "s", "t", answer_module(b"v2"), "t", "wasm")
+        else:
+            registry.remove("db", "s", "t")     # v0 (or v1) is deployed: never a 404
+        other_done.set()
+        first.join(timeout=10)
+        assert not first.is_alive() and "meta" in outcome, outcome
+        listed = registry.list("db")
+        if second == "deploy":
+            assert [meta["path"] for meta in listed] == ["db/s/t"]
+        check_plugin_files(tmp_path, listed)
+        reloaded, _ = make_app(tmp_path)
+        assert reloaded.get("/db/_plugins", headers=AUTH).json == listed
+        for meta in listed:
+            assert invoke(reloaded, meta["path"] + "/f").status_int == 200
+
+
+# Real-server tests ############################################################
+# Everything that starts waitress in this process or `python aeordb.py` as a process.
+
+def test_real_server_round_trip(tmp_path):
+    with server_process(tmp_path) as (process, port):
+        status, _, body = http_request(port, "PUT", "/mydb/public/users/_deploy?name=my-plugin",
+                                       wat(ECHO_WAT))
+        assert status == 200 and json.loads(body)["name"] == "my-plugin"
+        status, headers, body = http_request(port, "POST", "/mydb/public/users/compute/_invoke", b"hi",
+                                             {"Content-Type": "text/plain"})
+        assert status == 200 and headers["content-type"] == "application/octet-stream"
+        envelope = json.loads(body)
+        assert envelope["arguments"] == [104, 105]
+        assert envelope["metadata"]["content_type"] == "text/plain"
+        status, _, body = http_request(port, "GET", "/mydb/_plugins")
+        assert status == 200 and [p["path"] for p in json.loads(body)] == ["mydb/public/users"]
+        status, headers, body = http_request(port, "GET", "/mydb/_plugins", headers={"Authorization": "Bearer x"})
+        assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+        status, _, body = http_request(port, "DELETE", "/mydb/public/users/compute/_remove")
+        assert status == 200 and json.loads(body) == {"removed": True, "path": "mydb/public/users"}
+        status, _, _ = http_request(port, "POST", "/mydb/public/users/compute/_invoke", b"hi")
+        assert status == 404
+        process.terminate()
+        output = process.communicate(timeout=10)[0].decode()
+    assert f"127.0.0.1:{port}" in output
+    assert TOKEN not in output
+
+
+def test_path_traversal_on_a_real_server(real_server):
+    _, port = real_server
+    assert http_request(port, "PUT", "/f/_files/secret.txt", b"SECRET")[0] == 201
+    # No Content-Type on the request: the type follows the extension.
+    assert http_request(port, "GET", "/f/_files/secret.txt")[1]["content-type"].startswith("text/plain")
+    for path in ("/f/_files/a/../secret.txt", "/f/_files/a/%2e%2e/secret.txt",
+                 "/x/_files/..%2f..%2ff%2f_files%2fsecret.txt", "/f/_files/a/..%2Fsecret.txt"):
+        status, _, body = http_request(port, "GET", path)
+        assert status in (400, 404) and b"SECRET" not in body, (path, status)
+
+
+def test_bad_names_on_a_real_server(real_server):
+    """waitress decodes paths itself: the same answers there, never a 500 or a dropped connection."""
+    _, port = real_server
+    for method, path in list(bad_name_requests())[::7]:
+        status, headers, body = http_request(port, method, path, b"{}")
+        assert status in (400, 404), (method, path[:80], status, body[:200])
+    status, _, _ = http_request(port, "GET", "/db/_plugins")
+    assert status == 200
+
+
+HOSTILE_PLUGIN_HEADERS = {
     "X-Ok": "yes", "x-lower": "fine", "Cache-Control": "no-store", "ETag": '"v1"', "Vary": "Accept",
     "Set-Cookie": "session=stolen", "Location": "http://evil.example/", "Content-Length": "1",
     "Transfer-Encoding": "chunked", "Server": "evil", "WWW-Authenticate": "Basic", "Connection": "close",
@@ -2824,10 +3151,10 @@ _HZ_PLUGIN_HEADERS = {
 }
 
 
-def test_hardening_unsafe_plugin_headers_are_dropped(tmp_path):
+def test_unsafe_plugin_headers_are_dropped(real_server):
     envelope = {"status_code": 201, "body": "hi", "content_type": "text/plain\r\nSet-Cookie: ct=1",
-                "headers": _HZ_PLUGIN_HEADERS}
-    client, app = make_app(tmp_path)
+                "headers": HOSTILE_PLUGIN_HEADERS}
+    client, port = real_server
     deploy(client, "db/s/h", answer_module(json.dumps(envelope).encode()))
 
     def check(status, headers, body):
@@ -2842,98 +3169,160 @@ def test_hardening_unsafe_plugin_headers_are_dropped(tmp_path):
 
     answer = invoke(client, "db/s/h/f", status=201)
     check(answer.status_int, dict(answer.headers), answer.body)
+    check(*http_request(port, "POST", "/db/s/h/f/_invoke", b""))
+    assert http_request(port, "GET", "/_health")[0] == 200
+
+
+def test_oversized_bodies_on_a_real_server(tmp_path):
+    """waitress's global cap (the one serve() sets) refuses a huge Content-Length before any body."""
+    client, app = make_app(tmp_path, max_module_size=1000, max_request_size=1000, max_file_size=1000)
+    settings = app.config["aeordb.settings"]
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    with server_thread(app, max_request_body_size=settings.max_body_size) as port:
+        for method, path in [("PUT", "/db/s/u/_deploy"), ("POST", "/db/s/t/f/_invoke"),
+                             ("PUT", "/db/_files/big")]:
+            head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                    f"Content-Length: {10 ** 10}\r\n\r\n").encode()
+            started = time.monotonic()
+            answer = send_raw(port, head, b"only a few bytes")
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+            assert time.monotonic() - started < 3.0
+            # Over the route's limit but under the global cap: the app refuses it from Content-Length.
+            status, _, body = http_request(port, method, path, b"x" * 1500)
+            assert status == 413 and "1000" in json.loads(body)["error"]
+            # Chunked, so without Content-Length: refused all the same.
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request(method, path, body=iter([b"y" * 800, b"y" * 800]), headers={**AUTH},
+                         encode_chunked=True)
+            assert conn.getresponse().status == 413
+            conn.close()
+        status, _, body = http_request(port, "GET", "/db/_files/")
+        assert status == 200 and json.loads(body)["entries"] == []
+
+
+START_LOOP_WAT = """
+(module
+  (memory (export "memory") 1)
+  (func $start (loop $forever (br $forever)))
+  (start $start)
+  (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))
+"""
+
+
+def test_start_function_runs_without_the_gil(tmp_path):
+    """A start function is guest code: while it spins, other requests are served."""
+    client, app = make_app(tmp_path, timeout=2)
+    deploy(client, "db/s/starts", wat(START_LOOP_WAT))
+    deploy(client, "db/s/plain", wat(ECHO_WAT))
+
+    runtime, started = app.config["aeordb.runtime"], threading.Event()
+    real_invoke = runtime.invoke
+
+    def observed_invoke(plugin, request, invocation):
+        if plugin.key == "db/s/starts":
+            started.set()
+        return real_invoke(plugin, request, invocation)
+    runtime.invoke = observed_invoke
     with server_thread(app) as port:
-        check(*http_request(port, "POST", "/db/s/h/f/_invoke", b""))
-        assert http_request(port, "GET", "/_health")[0] == 200
+        outcome = {}
+        spinner = threading.Thread(target=lambda: outcome.update(
+            result=http_request(port, "POST", "/db/s/starts/f/_invoke", b"")))
+        spinner.start()
+        assert started.wait(10)
+        status, _, body = http_request(port, "POST", "/db/s/plain/f/_invoke", b"hi", timeout=1.5)
+        assert status == 200 and json.loads(body)["arguments"] == [104, 105]
+        assert spinner.is_alive(), "the looping start function ended before the other request"
+        spinner.join(15)
+    status, _, body = outcome["result"]
+    assert status == 500 and "time limit" in json.loads(body)["error"]
 
 
-# Faults and concurrency #######################################################
+def spin_between_marks_module(count: int) -> bytes:
+    write = write_step("/c.json", b'{"n": 1}')[1]
+    return wat(f"""
+(module
+  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
+  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (data (i32.const 1024) "info")
+  (data (i32.const 1032) "written")
+  (data (i32.const 1040) "spun")
+  (data (i32.const 1048) "{wat_string(write)}")
+  (func (export "handle") (param i32 i32) (result i64)
+    (local $r i64) (local $i i32)
+    (local.set $r (call $write (i32.const 1048) (i32.const {len(write)})))
+    (call $log (i32.const 1024) (i32.const 4) (i32.const 1032) (i32.const 7))
+    (local.set $i (i32.const {count}))
+    (loop $spin (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $spin (local.get $i)))
+    (call $log (i32.const 1024) (i32.const 4) (i32.const 1040) (i32.const 4))
+    (local.get $r)))
+""")
 
-def _hz_temp_files(root: Path) -> list:
-    return [p for p in root.rglob("*") if aeordb.TEMP_MARK in p.name]
 
+def test_concurrent_invocations_do_not_see_uncommitted_writes(real_server):
+    """P writes /c.json, logs "written", spins, logs "spun" and returns (commit after that).
 
-def test_hardening_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path):
-    """SIGKILL while a client deploys, removes, writes and deletes; every acknowledged change survives."""
-    data_dir = tmp_path / "data"
-    expected: dict = {}        # key -> value (bytes) or None: the acknowledged state
-    in_flight: dict = {}       # key -> value the unanswered request would have set
-    unexpected: list = []
-    stop = threading.Event()
+    Every read that *completed* before P logged "spun" happened before the commit, so it
+    must miss the file: HTTP GET answers 404 and a reading plugin answers "no file".
+    P's "written" line holds it (inside its invocation) until a first pair of reads is done.
+    """
+    import logging
+    _, port = real_server
+    written, spun, reads_done = threading.Event(), threading.Event(), threading.Event()
 
-    def stream(port: int) -> None:
-        rng = random.Random(99)
-        for number in range(100_000):
-            if stop.is_set():
-                return
-            kind = rng.choice(("deploy", "deploy", "remove", "write", "write", "write", "delete"))
-            if kind in ("deploy", "remove"):
-                key = f"p{rng.randrange(8)}"
-                value = f"{key}-v{number}".encode() if kind == "deploy" else None
-                method, path = ("PUT", f"/db/s/{key}/_deploy") if value else ("DELETE", f"/db/s/{key}/f/_remove")
-                body = answer_module(value) if value else None
-            else:
-                key = f"f{rng.randrange(12)}"
-                value = (f"{key}-{number}|".encode() * rng.randrange(1, 20_000)) if kind == "write" else None
-                method, path, body = ("PUT" if value else "DELETE"), f"/db/_files/{key}", value
-            in_flight.clear()
-            in_flight[key] = value
-            try:
-                status, _, answer = http_request(port, method, path, body, timeout=10)
-            except OSError:
-                return                       # the server is gone: this change is unacknowledged
-            if status in (200, 201) or (status == 404 and value is None):
-                expected[key] = value
-            else:
-                unexpected.append((method, path, status, answer[:200]))
-            in_flight.clear()
-
-    with server_process(data_dir) as (process, port):
-        # serve() hands waitress the global body cap: a huge Content-Length is refused before any body.
-        head = (f"PUT /db/_files/huge HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
-                f"Content-Length: {10 ** 12}\r\n\r\n").encode()
-        assert _hz_send_raw(port, head, b"abc").startswith(b"HTTP/1.1 413")
-        client = threading.Thread(target=stream, args=(port,), daemon=True)
-        client.start()
-        def enough() -> bool:
-            acknowledged = dict(expected)    # a copy: the client thread keeps adding keys
-            return len(acknowledged) >= 12 and sum(v is not None for v in acknowledged.values()) >= 6
-        wait_for(lambda: enough() or not client.is_alive(), timeout=30, what="12 acknowledged changes")
-        assert enough() and client.is_alive(), unexpected
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-        stop.set()
-        client.join(timeout=15)
-        output = process.stdout.read()
-    assert not client.is_alive() and not unexpected, unexpected
-    assert TOKEN.encode() not in output
-    # Leftovers of interrupted writes, as a crash at another moment would leave them.
-    for planted in (data_dir / "plugins" / "db" / "s" / "p0" / f"plugin.json{aeordb.TEMP_MARK}x1",
-                    data_dir / "cache" / f"deadbeef.cwasm{aeordb.TEMP_MARK}x2"):
-        planted.parent.mkdir(parents=True, exist_ok=True)
-        planted.write_bytes(b"torn")
-    with server_process(data_dir) as (process, port):
-        assert _hz_temp_files(data_dir) == []
-        listed = {meta["path"]: meta for meta in json.loads(http_request(port, "GET", "/db/_plugins")[2])}
-        for key in sorted(set(expected) | set(in_flight)):
-            allowed = {expected.get(key, None)} | ({in_flight[key]} if key in in_flight else set())
-            if key.startswith("p"):
-                if f"db/s/{key}" in listed:
-                    status, _, body = http_request(port, "POST", f"/db/s/{key}/f/_invoke", b"")
-                    assert status == 200 and body in allowed, (key, status, body, allowed)
+    class Marks(logging.Handler):
+        def emit(self, record):   # runs in P's thread, inside its log_message call
+            message = record.getMessage()
+            if "[c/s/p]" in message:
+                if message.endswith("written"):
+                    written.set()
+                    reads_done.wait(10)
                 else:
-                    assert None in allowed, (key, allowed)
-            else:
-                status, _, body = http_request(port, "GET", f"/db/_files/{key}")
-                assert (body if status == 200 else None) in allowed, (key, status, body[:80], allowed)
-                assert status in (200, 404)
-        # Nothing listed that was never deployed, every listed plugin answers.
-        assert set(listed) <= {f"db/s/p{k}" for k in range(8)}
-        for path in listed:
-            assert http_request(port, "POST", f"/{path}/f/_invoke", b"")[0] == 200
+                    spun.set()
+
+    handler, plugin_logger = Marks(), logging.getLogger("aeordb.plugin")
+    old_level = plugin_logger.level
+    plugin_logger.addHandler(handler)
+    plugin_logger.setLevel(logging.INFO)
+    reader = host_call_module("aeordb_read_file", json_args({"path": "/c.json"}))
+    try:
+        assert http_request(port, "PUT", "/c/s/q/_deploy", reader)[0] == 200
+        assert http_request(port, "PUT", "/c/s/p/_deploy", spin_between_marks_module(1_000_000))[0] == 200
+        done = threading.Event()
+        result = {}
+
+        def run_p():
+            try:
+                result["p"] = http_request(port, "POST", "/c/s/p/run/_invoke", b"")
+            finally:
+                done.set()
+        thread = threading.Thread(target=run_p)
+        thread.start()
+        assert written.wait(10)
+        early = 0
+        while not done.is_set():
+            status, _, body = http_request(port, "GET", "/c/_files/c.json")
+            q_status, _, q_body = http_request(port, "POST", "/c/s/q/run/_invoke", b"")
+            if not spun.is_set():          # both reads finished before P's commit
+                assert status == 404, body
+                assert q_status == 200 and "no file" in json.loads(q_body)["error"]
+                early += 1
+            reads_done.set()               # P may go on to its commit
+        thread.join(10)
+        assert result["p"][0] == 200 and json.loads(result["p"][2]) == {"ok": True, "size": 8}
+        status, _, body = http_request(port, "GET", "/c/_files/c.json")
+        assert (status, json.loads(body)) == (200, {"n": 1})
+        q_status, _, q_body = http_request(port, "POST", "/c/s/q/run/_invoke", b"")
+        assert base64.b64decode(json.loads(q_body)["data"]) == b'{"n": 1}'
+        assert early > 0, "no read landed while P was running"
+    finally:
+        reads_done.set()
+        plugin_logger.removeHandler(handler)
+        plugin_logger.setLevel(old_level)
 
 
-def test_hardening_concurrent_clients_keep_the_registry_consistent(tmp_path):
+def test_concurrent_clients_keep_the_registry_consistent(tmp_path):
     """6 threads deploy, invoke, list and remove shared and own plugins at once against waitress."""
     _, app = make_app(tmp_path)
     registry = app.config["aeordb.registry"]
@@ -3007,438 +3396,88 @@ def test_hardening_concurrent_clients_keep_the_registry_consistent(tmp_path):
             assert status == (500 if meta["path"] == "db/s/trap" else 200), (meta, status, body[:200])
     # The registry, its files on disk and a fresh load all agree.
     assert listed == registry.list("db")
-    _hz_check_plugin_files(tmp_path, listed)
-    assert _hz_temp_files(tmp_path) == []
+    check_plugin_files(tmp_path, listed)
+    assert temp_files(tmp_path) == []
     reloaded, _ = make_app(tmp_path)
     assert reloaded.get("/db/_plugins", headers=AUTH).json == listed
 
 
-def _hz_check_plugin_files(data_dir: Path, listed: list) -> None:
-    """plugin.json files on disk match ``listed``, each beside exactly its own module."""
-    on_disk = {}
-    for meta_file in (data_dir / "plugins").glob("*/*/*/plugin.json"):
-        meta = json.loads(meta_file.read_text())
-        on_disk[meta["path"]] = meta
-        folder = meta_file.parent
-        assert meta["path"] == "/".join(folder.parts[-3:])
-        assert sorted(p.name for p in folder.glob("module-*.wasm")) == [f"module-{meta['sha256']}.wasm"], meta
-    assert on_disk == {meta["path"]: meta for meta in listed}
+def test_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path):
+    """SIGKILL while a client deploys, removes, writes and deletes; every acknowledged change survives."""
+    data_dir = tmp_path / "data"
+    expected: dict = {}        # key -> value (bytes) or None: the acknowledged state
+    in_flight: dict = {}       # key -> value the unanswered request would have set
+    unexpected: list = []
+    stop = threading.Event()
 
-
-def test_hardening_racing_deploys_and_removes_of_one_plugin_keep_its_files(tmp_path, monkeypatch):
-    """Forces the interleavings the concurrency test only meets by chance.
-
-    Each deploy pauses (bounded) right after writing its module file, letting
-    the other thread's deploy or remove run into that gap if nothing prevents it.
-    """
-    _, app = make_app(tmp_path)
-    registry = app.config["aeordb.registry"]
-    real_write, real_lock = aeordb.atomic_write, registry._lock
-    module_written, other_done = threading.Event(), threading.Event()
-
-    def pausing_write(path, data, mode=0o644):
-        real_write(path, data, mode)
-        if path.name.startswith("module-") and threading.current_thread().name == "hz-first":
-            module_written.set()
-            # Until the other operation is over, or waits for the lock we may hold.
-            wait_for(lambda: other_done.is_set() or registry._lock.waiting.is_set(), what="the other operation")
-
-    monkeypatch.setattr(aeordb, "atomic_write", pausing_write)
-    for second in ("deploy", "remove"):
-        registry._lock = real_lock
-        registry.deploy("db", "s", "t", answer_module(b"v0"), "t", "wasm")
-        registry._lock = GatedLock(real_lock)
-        module_written.clear()
-        other_done.clear()
-        outcome = {}
-
-        def run_first():
+    def stream(port: int) -> None:
+        rng = random.Random(99)
+        for number in range(100_000):
+            if stop.is_set():
+                return
+            kind = rng.choice(("deploy", "deploy", "remove", "write", "write", "write", "delete"))
+            if kind in ("deploy", "remove"):
+                key = f"p{rng.randrange(8)}"
+                value = f"{key}-v{number}".encode() if kind == "deploy" else None
+                method, path = ("PUT", f"/db/s/{key}/_deploy") if value else ("DELETE", f"/db/s/{key}/f/_remove")
+                body = answer_module(value) if value else None
+            else:
+                key = f"f{rng.randrange(12)}"
+                value = (f"{key}-{number}|".encode() * rng.randrange(1, 20_000)) if kind == "write" else None
+                method, path, body = ("PUT" if value else "DELETE"), f"/db/_files/{key}", value
+            in_flight.clear()
+            in_flight[key] = value
             try:
-                outcome["meta"] = registry.deploy("db", "s", "t", answer_module(b"v1-" + second.encode()),
-                                                  "t", "wasm")
-            except BaseException as exc:   # reported below: a thread's failure must fail the test
-                outcome["error"] = exc
-        first = threading.Thread(name="hz-first", target=run_first)
-        first.start()
-        assert module_written.wait(timeout=10)
-        if second == "deploy":
-            registry.deploy("db", "s", "t", answer_module(b"v2"), "t", "wasm")
-        else:
-            registry.remove("db", "s", "t")     # v0 (or v1) is deployed: never a 404
-        other_done.set()
-        first.join(timeout=10)
-        assert not first.is_alive() and "meta" in outcome, outcome
-        listed = registry.list("db")
-        if second == "deploy":
-            assert [meta["path"] for meta in listed] == ["db/s/t"]
-        _hz_check_plugin_files(tmp_path, listed)
-        reloaded, _ = make_app(tmp_path)
-        assert reloaded.get("/db/_plugins", headers=AUTH).json == listed
-        for meta in listed:
-            assert invoke(reloaded, meta["path"] + "/f").status_int == 200
+                status, _, answer = http_request(port, method, path, body, timeout=10)
+            except OSError:
+                return                       # the server is gone: this change is unacknowledged
+            if status in (200, 201) or (status == 404 and value is None):
+                expected[key] = value
+            else:
+                unexpected.append((method, path, status, answer[:200]))
+            in_flight.clear()
 
+    with server_process(data_dir) as (process, port):
+        # serve() hands waitress the global body cap: a huge Content-Length is refused before any body.
+        head = (f"PUT /db/_files/huge HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                f"Content-Length: {10 ** 12}\r\n\r\n").encode()
+        assert send_raw(port, head, b"abc").startswith(b"HTTP/1.1 413")
+        client = threading.Thread(target=stream, args=(port,), daemon=True)
+        client.start()
+        def enough() -> bool:
+            acknowledged = dict(expected)    # a copy: the client thread keeps adding keys
+            return len(acknowledged) >= 12 and sum(v is not None for v in acknowledged.values()) >= 6
+        wait_for(lambda: enough() or not client.is_alive(), timeout=30, what="12 acknowledged changes")
+        assert enough() and client.is_alive(), unexpected
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        stop.set()
+        client.join(timeout=15)
+        output = process.stdout.read()
+    assert not client.is_alive() and not unexpected, unexpected
+    assert TOKEN.encode() not in output
+    # Leftovers of interrupted writes, as a crash at another moment would leave them.
+    for planted in (data_dir / "plugins" / "db" / "s" / "p0" / f"plugin.json{aeordb.TEMP_MARK}x1",
+                    data_dir / "cache" / f"deadbeef.cwasm{aeordb.TEMP_MARK}x2"):
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.write_bytes(b"torn")
+    with server_process(data_dir) as (process, port):
+        assert temp_files(data_dir) == []
+        listed = {meta["path"]: meta for meta in json.loads(http_request(port, "GET", "/db/_plugins")[2])}
+        for key in sorted(set(expected) | set(in_flight)):
+            allowed = {expected.get(key, None)} | ({in_flight[key]} if key in in_flight else set())
+            if key.startswith("p"):
+                if f"db/s/{key}" in listed:
+                    status, _, body = http_request(port, "POST", f"/db/s/{key}/f/_invoke", b"")
+                    assert status == 200 and body in allowed, (key, status, body, allowed)
+                else:
+                    assert None in allowed, (key, allowed)
+            else:
+                status, _, body = http_request(port, "GET", f"/db/_files/{key}")
+                assert (body if status == 200 else None) in allowed, (key, status, body[:80], allowed)
+                assert status in (200, 404)
+        # Nothing listed that was never deployed, every listed plugin answers.
+        assert set(listed) <= {f"db/s/p{k}" for k in range(8)}
+        for path in listed:
+            assert http_request(port, "POST", f"/{path}/f/_invoke", b"")[0] == 200
 
-def _hz_disk_error(code: int = 28) -> OSError:
-    """The OSError a full (ENOSPC, 28) or read-only (EROFS, 30) disk raises."""
-    return OSError(code, os.strerror(code))
-
-
-def test_hardening_disk_full_on_deploy_and_remove_is_503_without_partial_state(tmp_path, monkeypatch):
-    import errno
-    client, _ = make_app(tmp_path)
-    deploy(client, "db/s/t", answer_module(b"v1"))
-    real_write = aeordb.atomic_write
-
-    def failing_write(only: str):
-        def write(path, data, mode=0o644):
-            if only in path.name:
-                raise _hz_disk_error()
-            return real_write(path, data, mode)
-        return write
-
-    for only in ("", "plugin.json", ".wasm"):
-        monkeypatch.setattr(aeordb, "atomic_write", failing_write(only))
-        message = error_of(deploy(client, "db/s/t", answer_module(b"v2"), status=503))
-        assert "storage" in message and "No space" in message, message
-        assert invoke(client, "db/s/t/f").body == b"v1"
-        error_of(deploy(client, "db/s/new", answer_module(b"n"), status=503))
-        assert [m["path"] for m in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
-        assert client.get("/_health").status_int == 200
-    monkeypatch.setattr(aeordb, "atomic_write", real_write)
-    # A remove whose unlink the disk refuses.
-    real_unlink = Path.unlink
-
-    def failing_unlink(self, *args, **kwargs):
-        if self.name == "plugin.json":
-            raise _hz_disk_error(errno.EROFS)
-        return real_unlink(self, *args, **kwargs)
-    monkeypatch.setattr(Path, "unlink", failing_unlink)
-    assert "storage" in error_of(client.delete("/db/s/t/f/_remove", headers=AUTH, status=503))
-    monkeypatch.setattr(Path, "unlink", real_unlink)
-    assert invoke(client, "db/s/t/f").body == b"v1"
-    # A restart sees v1 alone: no half-deployed v2, no stray module or temp file.
-    reloaded, _ = make_app(tmp_path)
-    assert [m["path"] for m in reloaded.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
-    assert invoke(reloaded, "db/s/t/f").body == b"v1"
-    assert len(list((tmp_path / "plugins" / "db" / "s" / "t").glob("module-*.wasm"))) == 1
-    assert not list((tmp_path / "plugins").glob("db/s/new/*"))
-    assert _hz_temp_files(tmp_path) == []
-
-
-def test_hardening_read_only_database_is_503_and_reads_keep_working(tmp_path, monkeypatch):
-    import sqlite3
-    client, app = make_app(tmp_path)
-    files = app.config["aeordb.files"]
-    client.put("/db/_files/docs/a.json", b'{"n": 1}', headers=AUTH, status=201)
-    writer = host_call_module("aeordb_write_file", json.dumps({"path": "/docs/b.json", "data": "e30="}).encode())
-    deploy(client, "db/s/writer", writer)
-    files._conn()      # this thread's connection exists; swap it for a read-only one
-    read_only = sqlite3.connect(f"file:{files.db_file}?mode=ro", uri=True, isolation_level=None,
-                                check_same_thread=False)
-    monkeypatch.setattr(files._local, "conn", read_only)
-    for method, path, body in [("PUT", "/db/_files/docs/c.json", b"{}"), ("PUT", "/db/_files/docs/a.json", b"{}"),
-                               ("DELETE", "/db/_files/docs/a.json", b"")]:
-        answer = client.request(path, method=method, headers=AUTH, body=body, expect_errors=True)
-        assert answer.status_int == 503 and "storage" in error_of(answer), (method, path, answer.body)
-    assert "storage" in json.loads(invoke(client, "db/s/writer/f").body)["error"]
-    # Reads keep working and nothing changed.
-    assert client.get("/db/_files/docs/a.json", headers=AUTH).body == b'{"n": 1}'
-    assert [e["name"] for e in client.get("/db/_files/docs", headers=AUTH).json["entries"]] == ["a.json"]
-    assert client.post("/db/_query", b'{"path": "/docs"}', headers=AUTH).json["items"][0]["path"] == "/docs/a.json"
-    monkeypatch.undo()
-    read_only.close()
-    client.put("/db/_files/docs/c.json", b"{}", headers=AUTH, status=201)
-    assert json.loads(invoke(client, "db/s/writer/f").body)["ok"] is True
-
-
-def test_hardening_token_file_is_owner_only_and_token_never_logged(tmp_path, caplog):
-    import logging
-    import stat
-    caplog.set_level(logging.DEBUG)
-    settings = aeordb.Settings(data_dir=tmp_path, token=None, access_log=True)
-    client = webtest.TestApp(aeordb.create_app(settings))
-    token = client.app.config["aeordb.token"]
-    token_file = tmp_path / "token"
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    assert token_file.read_text().strip() == token and len(token) >= 32
-    again = aeordb.create_app(settings)
-    assert again.config["aeordb.token"] == token and not again.config["aeordb.token_created"]
-    good = {"Authorization": f"Bearer {token}"}
-    bodies = []
-    for value in (f"Bearer {token} ", f"Bearer {token}x", f"Basic {token}", token, f"Token {token}"):
-        answer = client.get("/db/_plugins", headers={"Authorization": value}, status=401)
-        bodies.append(answer.body + str(answer.headers).encode())
-    module = _hz_module("unreachable", head='(import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))',
-                        extra='(data (i32.const 3000) "debug") (data (i32.const 3010) "hello from the plugin")'
-                              '(func $start (call $log (i32.const 3000) (i32.const 5) (i32.const 3010)'
-                              ' (i32.const 21))) (start $start)')
-    client.put("/db/s/t/_deploy", module, headers=good, status=200)
-    bodies.append(client.post("/db/s/t/f/_invoke", _HZ_HOSTILE, headers=good, status=500).body)
-    bodies.append(client.post("/db/s/t/f/_invoke", b"", headers=good, status=200).body)
-    bodies.append(client.put("/db/s/u/_deploy", b"\0asm junk", headers=good, status=400).body)
-    bodies.append(client.get("/db/_files/nothing", headers=good, status=404).body)
-    assert "hello from the plugin" in caplog.text          # logging was on and captured
-    assert token not in caplog.text
-    assert all(token.encode() not in body for body in bodies)
-
-
-@pytest.mark.parametrize("options", RUNTIME_PATHS)
-def test_tables_within_the_limit_run_on_every_allocator(tmp_path, options):
-    client, _ = make_app(tmp_path, options=options)
-    module = wat('(module (memory (export "memory") 1) (table 30000 funcref) (table $b 2 funcref)'
-                 ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
-    deploy(client, "db/s/tables", module)
-    assert invoke(client, "db/s/tables/f").body == b""
-
-
-# Review fixes #################################################################
-
-@pytest.mark.parametrize("argv, environ", [
-    (["--port", "70000"], {}), (["--timeout", "nan"], {}), (["--timeout", "inf"], {}),
-    (["--log-level", "bogus"], {}), ([], {"AEORDB_PORT": "70000"}), ([], {"AEORDB_TIMEOUT": "nan"}),
-])
-def test_review_settings_out_of_range_are_refused(argv, environ, capsys):
-    with pytest.raises(SystemExit) as exited:
-        aeordb.parse_settings(argv, environ)
-    assert exited.value.code == 2 and "error" in capsys.readouterr().err
-
-
-def test_review_settings_accept_their_edges():
-    settings = aeordb.parse_settings(["--port", "65535", "--log-level", "debug"], {"AEORDB_ACCESS_LOG": "off"})
-    assert (settings.port, settings.log_level, settings.access_log) == (65535, "DEBUG", False)
-    assert aeordb.parse_settings([], {"AEORDB_ACCESS_LOG": "1"}).access_log is True
-
-
-def test_review_order_by_with_a_non_string_field_is_400(client):
-    answer = client.post("/db/_query", json.dumps({"order_by": [{"field": ["a"]}]}), headers=AUTH, status=400)
-    assert "invalid field" in answer.json["error"]
-
-
-@pytest.mark.parametrize("op", ["eq", "gt", "contains", "in"])
-def test_review_lone_surrogates_in_query_strings_are_400(client, op):
-    value = b'["\\ud800"]' if op == "in" else b'"\\ud800"'
-    body = b'{"where": {"field": "a", "op": "' + op.encode() + b'", "value": ' + value + b'}}'
-    answer = client.post("/db/_query", body, headers=AUTH, status=400)
-    assert "surrogate" in answer.json["error"]
-
-
-def test_review_a_content_type_that_cannot_be_served_is_never_stored(client):
-    for content_type in ("text/plain\u0000evil", "text/\ud800", "a\u007fb"):
-        args = json.dumps({"path": "/x", "data": "aGk=", "content_type": content_type}).encode()
-        deploy(client, "db/s/t", host_call_module("aeordb_write_file", args))
-        assert "invalid content type" in json.loads(invoke(client, "db/s/t/f").body)["error"]
-        client.get("/db/_files/x", headers=AUTH, status=404)
-    args = json.dumps({"path": "/blank", "data": "aGk=", "content_type": "   "}).encode()
-    deploy(client, "db/s/t", host_call_module("aeordb_write_file", args))
-    assert json.loads(invoke(client, "db/s/t/f").body) == {"ok": True, "size": 2}
-    served = client.get("/db/_files/blank", headers=AUTH, status=200)
-    assert served.headers["Content-Type"] == "application/octet-stream" and served.body == b"hi"
-
-
-def test_review_plugin_answers_with_lone_surrogates_are_served(client):
-    answer = b'{"status_code":201,"body":"ok","content_type":"\\ud800","headers":{"x-a":"\\ud800","x-b":"fine"}}'
-    deploy(client, "db/s/t", answer_module(answer))
-    response = invoke(client, "db/s/t/f", status=201)
-    assert response.body == b"ok" and response.headers["Content-Type"] == "application/octet-stream"
-    assert response.headers["x-b"] == "fine" and "x-a" not in response.headers
-    raw = b'{"status_code":201,"body":"\\ud800"}'      # not a text body: sent raw, as any non-envelope
-    deploy(client, "db/s/t", answer_module(raw))
-    response = invoke(client, "db/s/t/f", status=200)
-    assert response.body == raw and response.headers["Content-Type"] == "application/octet-stream"
-
-
-def test_review_deploy_refuses_the_text_format(client):
-    # wasmtime-py would compile WAT text, past the declared-size check, into a "module-*.wasm" of text.
-    answer = deploy(client, "db/s/t", ECHO_WAT.encode(), status=400)
-    assert "not a valid WebAssembly module" in answer.json["error"]
-    assert client.get("/db/_plugins", headers=AUTH).json == []
-
-
-class _ReviewCommitFails:
-    """A connection whose next COMMIT fails as a full disk makes it fail."""
-
-    def __init__(self, conn):
-        self.conn, self.failed = conn, False
-
-    def execute(self, sql, *args):
-        if sql == "COMMIT" and not self.failed:
-            self.failed = True
-            raise aeordb.sqlite3.OperationalError("database or disk is full")
-        return self.conn.execute(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.conn, name)
-
-
-def test_review_failed_commit_leaves_no_open_transaction(client):
-    files = client.app.config["aeordb.files"]
-    real = files._conn()
-    files._local.conn = _ReviewCommitFails(real)
-    try:
-        client.put("/db/_files/a.txt", b"a", headers=AUTH, status=503)
-        assert not real.in_transaction            # else this thread would hold the write lock for good
-        client.put("/db/_files/b.txt", b"b", headers=AUTH, status=201)
-    finally:
-        files._local.conn = real
-    client.get("/db/_files/a.txt", headers=AUTH, status=404)
-    assert client.get("/db/_files/b.txt", headers=AUTH).body == b"b"
-
-
-def test_review_new_plugin_folders_are_fsynced_into_their_parents(client, tmp_path, monkeypatch):
-    synced, real_fsync_dir = [], aeordb.fsync_dir
-
-    def recording(directory):
-        synced.append(Path(directory))
-        real_fsync_dir(directory)
-    monkeypatch.setattr(aeordb, "fsync_dir", recording)
-    deploy(client, "db/s/t", wat(ECHO_WAT))
-    plugins = tmp_path / "plugins"
-    for parent in (tmp_path, plugins, plugins / "db", plugins / "db" / "s", plugins / "db" / "s" / "t"):
-        assert parent in synced, parent
-
-
-def test_review_host_function_failure_is_not_blamed_on_the_arguments(client, monkeypatch):
-    def broken(self, db, path):
-        raise ValueError("a bug of the server")
-    monkeypatch.setattr(aeordb.FileStore, "metadata", broken)
-    deploy(client, "db/s/t", host_call_module("aeordb_file_metadata", b'{"path": "/x"}'))
-    error = json.loads(invoke(client, "db/s/t/f").body)["error"]
-    assert "not valid JSON" not in error and "aeordb_file_metadata failed: ValueError" in error
-
-
-def test_threads_over_the_pool_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        aeordb.parse_settings(["--threads", str(aeordb.MAX_THREADS + 1)], environ={})
-    assert "at most" in capsys.readouterr().err
-    assert aeordb.parse_settings(["--threads", str(aeordb.MAX_THREADS)], environ={}).threads == aeordb.MAX_THREADS
-
-
-def test_default_request_limit_fits_the_default_memory_limit(client):
-    """A body as large as --max-request-size allows must reach the plugin, not fail placement."""
-    module = wat(f"""
-(module
-  (memory (export "memory") 1)
-  {ALLOC_WAT}
-  (data (i32.const 16) "fits")
-  (func (export "handle") (param i32 i32) (result i64)
-    (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 4))))
-""")
-    deploy(client, "db/s/big", module)
-    body = os.urandom(aeordb.Settings().max_request_size)
-    assert invoke(client, "db/s/big/f", body).body == b"fits"
-
-
-def test_review_help_shows_no_none_default_and_the_query_limit():
-    result = subprocess.run([sys.executable, str(HERE / "aeordb.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "AEORDB_TOKEN" in result.stdout
-    assert "default: None" not in result.stdout
-    assert "invoke or query body" in " ".join(result.stdout.split())
-
-
-def test_review_large_answer_nested_past_the_recursion_limit_is_sent_raw(client):
-    # Over ByteArrayCodec.SMALL with a '"body":[' inside: the fast path's json.loads hits the
-    # recursion limit; like any answer that is no envelope, it goes out as it is (not a 500).
-    raw = b'{"status_code":201,"x":' + b"[" * 20_000 + b'"body":[104,105]}'
-    assert len(raw) > aeordb.ByteArrayCodec.SMALL
-    response = _api_answer(client, raw, status=200)
-    assert response.content_type == "application/octet-stream" and response.body == raw
-
-
-def test_json_nested_past_the_depth_limit_is_refused_everywhere(client):
-    deep = b"[" * 5000 + b"]" * 5000
-    # An HTTP query body: 400 naming the cause.
-    answer = client.post("/db/_query", b'{"path": "/", "where": ' + deep + b"}", headers=AUTH, status=400)
-    assert "nested deeper" in answer.json["error"]
-    # Host-function arguments: an error answer to the plugin, the invocation itself fine.
-    deploy(client, "db/s/deep", host_call_module("aeordb_query", b'{"where": ' + deep + b"}"))
-    assert "nested deeper" in json.loads(invoke(client, "db/s/deep/f").body)["error"]
-    # A plugin answer nested that deep is not an envelope: it goes out raw.
-    raw = b'{"status_code": 200, "body": [], "x": ' + deep + b"}"
-    deploy(client, "db/s/answer", answer_module(raw))
-    answer = invoke(client, "db/s/answer/f")
-    assert answer.body == raw and answer.content_type == "application/octet-stream"
-    # Just inside the limit, and brackets inside strings, are ordinary JSON.
-    limit = aeordb.MAX_JSON_DEPTH
-    assert aeordb.load_json(b"[" * limit + b"]" * limit) is not None
-    assert aeordb.load_json(json.dumps({"s": "[" * 5000 + '\\"' + "{" * 5000})) == \
-        {"s": "[" * 5000 + '\\"' + "{" * 5000}
-
-
-_START_LOOP_WAT = """
-(module
-  (memory (export "memory") 1)
-  (func $start (loop $forever (br $forever)))
-  (start $start)
-  (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))
-"""
-
-
-def test_start_function_runs_without_the_gil(tmp_path):
-    """A start function is guest code: while it spins, other requests are served."""
-    client, app = make_app(tmp_path, timeout=2)
-    deploy(client, "db/s/starts", wat(_START_LOOP_WAT))
-    deploy(client, "db/s/plain", wat(ECHO_WAT))
-
-    runtime, started = app.config["aeordb.runtime"], threading.Event()
-    real_invoke = runtime.invoke
-
-    def observed_invoke(plugin, request, invocation):
-        if plugin.key == "db/s/starts":
-            started.set()
-        return real_invoke(plugin, request, invocation)
-    runtime.invoke = observed_invoke
-    with server_thread(app) as port:
-        outcome = {}
-        spinner = threading.Thread(target=lambda: outcome.update(
-            result=http_request(port, "POST", "/db/s/starts/f/_invoke", b"")))
-        spinner.start()
-        assert started.wait(10)
-        status, _, body = http_request(port, "POST", "/db/s/plain/f/_invoke", b"hi", timeout=1.5)
-        assert status == 200 and json.loads(body)["arguments"] == [104, 105]
-        assert spinner.is_alive(), "the looping start function ended before the other request"
-        spinner.join(15)
-    status, _, body = outcome["result"]
-    assert status == 500 and "time limit" in json.loads(body)["error"]
-
-
-def test_only_plugins_that_can_write_run_in_a_transaction(client, monkeypatch):
-    deploy(client, "db/s/reader", host_call_module("aeordb_read_file", b'{"path": "/x"}'))
-    deploy(client, "db/s/writer", host_call_module("aeordb_delete_file", b'{"path": "/x"}'))
-    registry = client.app.config["aeordb.registry"]
-    assert registry.get("db/s/reader").shape.writes_files is False
-    assert registry.get("db/s/writer").shape.writes_files is True
-    files, batches = client.app.config["aeordb.files"], []
-    real_batch = files.batch
-    monkeypatch.setattr(files, "batch", lambda: batches.append(1) or real_batch())
-    assert "error" in json.loads(invoke(client, "db/s/reader/f").body)
-    assert batches == []
-    assert "error" in json.loads(invoke(client, "db/s/writer/f").body)
-    assert batches == [1]
-
-
-def test_plugin_log_lines_cannot_forge_other_lines(client, caplog):
-    message = b"first\r\nINFO aeordb: forged\rthird"
-    module = wat(f"""
-(module
-  (import "aeordb" "log_message" (func $log (param i32 i32 i32 i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 32768) "warn")
-  (data (i32.const 32800) "{wat_string(message)}")
-  (func (export "handle") (param i32 i32) (result i64)
-    (call $log (i32.const 32768) (i32.const 4) (i32.const 32800) (i32.const {len(message)}))
-    (i64.const 0)))
-""")
-    deploy(client, "db/s/logger", module)
-    with caplog.at_level("INFO", logger="aeordb.plugin"):
-        invoke(client, "db/s/logger/f")
-    lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
-    assert lines == ["[db/s/logger] first\\r\\nINFO aeordb: forged\\rthird"]
-    assert not any(ch in lines[0] for ch in "\r\n")
-
-
-def test_deploy_parameters_that_are_not_utf8_are_refused(client):
-    for query in ("name=%FF%FE", "plugin_type=%C3"):
-        answer = client.put(f"/db/s/t/_deploy?{query}", wat(ECHO_WAT), headers=AUTH, status=400)
-        assert "not valid UTF-8" in answer.json["error"]
-    assert client.get("/db/_plugins", headers=AUTH).json == []
