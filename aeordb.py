@@ -40,9 +40,12 @@ import json
 import logging
 import math
 import mimetypes
+import mmap
 import os
 import re
 import secrets
+import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -63,6 +66,7 @@ plugin_log = logging.getLogger("aeordb.plugin")
 
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 # json.dumps with arguments builds a new encoder per call; this one is built once.
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -113,8 +117,10 @@ class Settings:
     query_limit: int = setting(100, "items a query answers when it sets no limit")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
     access_log: bool = setting(False, "log one line per request")
-    # Tests only: the public-API fallbacks of the engine section (see Wasm).
-    pooling: bool = setting(True, "use the pooling allocator where it is available", command_line=False)
+    engine: str = setting("auto", "how the engine allocates instances: auto (the fastest that fits "
+                                  "this process's address space), pooling, bounded-pooling or on-demand",
+                          choices=("auto", "pooling", "bounded-pooling", "on-demand"))
+    # Tests only: forces the public-API fallback of the engine section (see Wasm).
     fast_calls: bool = setting(True, "call guests through wasmtime's C API where it is available",
                                command_line=False)
 
@@ -133,9 +139,10 @@ def _setting_parser(kind: Any, meta: dict) -> Callable[[str], Any]:
         return lambda text: text.strip().lower() not in _FALSE_WORDS
     if meta["choices"]:
         def choice(text: str) -> str:
-            if text.upper() not in meta["choices"]:
+            canonical = {option.lower(): option for option in meta["choices"]}.get(text.lower())
+            if canonical is None:
                 raise argparse.ArgumentTypeError(f"must be one of {', '.join(meta['choices'])}, got {text}")
-            return text.upper()
+            return canonical
         return choice
     if kind in (int, float):
         def number(text: str) -> Any:
@@ -198,6 +205,13 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class StartupError(Exception):
+    """Why the server cannot start: one line on stderr and exit status 2, never a traceback."""
+
+
+RETRY_SOON = {"Retry-After": "1"}   # on a 503 that the next second may not have
+
+
 def storage_error(action: str, exc: object) -> ApiError:
     """Disk full, read-only or locked storage: the server is fine, the disk is not."""
     return ApiError(503, f"storage unavailable while {action}: {exc}")
@@ -206,10 +220,10 @@ def storage_error(action: str, exc: object) -> ApiError:
 def is_storage_fault(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
-    if isinstance(exc, sqlite3.OperationalError):
+    if isinstance(exc, sqlite3.DatabaseError):
         text = str(exc).lower()
         return any(word in text for word in ("disk", "readonly", "read-only", "locked", "busy",
-                                             "unable to open", "i/o"))
+                                             "unable to open", "i/o", "malformed", "not a database"))
     return False
 
 
@@ -358,13 +372,21 @@ def _optional_int(args: dict, key: str, default: int) -> int:
 
 
 ###############################################################################
-# Atomic files #################################################################
+# Data directory ###############################################################
 ###############################################################################
+#
+# Everything on disk lives in the data directory, private to the server's
+# user: the directory and its folders are 0700, every file 0600. Every file
+# is written by atomic_write (temp file, fsync, rename), so a crash leaves
+# the old file or the new one.
 
 TEMP_MARK = ".tmp-"
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+SQLITE_MAGIC = b"SQLite format 3\0"
+DATABASE_NAME = "aeordb.sqlite3"
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
     make_dirs(path.parent)
     fd, temp = tempfile.mkstemp(prefix=path.name + TEMP_MARK, dir=path.parent)
@@ -373,7 +395,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, mode)
+        os.chmod(temp, PRIVATE_FILE)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -394,7 +416,7 @@ def make_dirs(directory: Path) -> None:
         directory = directory.parent
     for new in reversed(missing):
         with contextlib.suppress(FileExistsError):
-            new.mkdir()
+            new.mkdir(mode=PRIVATE_DIR)
         fsync_dir(new.parent)
 
 
@@ -419,21 +441,73 @@ def remove_temp_files(root: Path) -> int:
     return removed
 
 
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data dir, check that the server can use it, and make it private.
+
+    Files an older version left readable by others are tightened (folders
+    0700, files 0600). Raises StartupError naming what is wrong: a data dir
+    that cannot be created or written, or a database file that is not SQLite.
+    """
+    try:
+        make_dirs(data_dir)
+        probe = data_dir / f"write-check{TEMP_MARK}{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data dir {data_dir} is not usable: {exc.strerror or exc}") from None
+    database = data_dir / DATABASE_NAME
+    with contextlib.suppress(FileNotFoundError):
+        with open(database, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+        if head and head != SQLITE_MAGIC[:len(head)]:
+            raise StartupError(f"{database} is not an SQLite database: is --data-dir right?")
+    for folder, subfolders, names in os.walk(data_dir):
+        for path, mode in [(folder, PRIVATE_DIR)] + [(os.path.join(folder, n), PRIVATE_FILE) for n in names]:
+            with contextlib.suppress(OSError):
+                if not os.path.islink(path) and os.stat(path).st_mode & 0o777 != mode:
+                    os.chmod(path, mode)
+
+
 def utc_now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+MIN_TOKEN_LENGTH = 16
+_TOKEN = re.compile(r"[\x21-\x7e]{%d,4096}" % MIN_TOKEN_LENGTH)   # visible ASCII: it travels in a header
+
+
 def load_or_create_token(settings: Settings) -> tuple:
-    """(token, created): the configured token, or the one kept owner-only in the data dir."""
-    if settings.token:
-        return settings.token, False
+    """(token, created): the configured token, or the one kept owner-only in DATA_DIR/token.
+
+    A configured token is the one in force, and a token file that says
+    otherwise is removed (and the start says so): the file never disagrees
+    with the server. Raises StartupError for a token that is not one.
+    """
     token_file = settings.data_dir / "token"
-    if token_file.exists():
-        token = token_file.read_text(encoding="utf-8").strip()
-        if token:
-            return token, False
+    if settings.token:
+        if not _TOKEN.fullmatch(settings.token):
+            raise StartupError(f"the token of --token / AEORDB_TOKEN must be {MIN_TOKEN_LENGTH}-4096 "
+                               "visible ASCII characters (no spaces)")
+        with contextlib.suppress(OSError):
+            if token_file.read_bytes().strip() != settings.token.encode("ascii"):
+                token_file.unlink()
+                log.warning("removed %s: the token in force is the one configured with --token / "
+                            "AEORDB_TOKEN", token_file)
+        return settings.token, False
+    try:
+        text = token_file.read_bytes().strip()
+    except FileNotFoundError:
+        text = b""
+    except OSError as exc:
+        raise StartupError(f"cannot read the token file {token_file}: {exc.strerror or exc}") from None
+    if text:
+        token = text.decode("latin-1")
+        if not _TOKEN.fullmatch(token):
+            raise StartupError(f"{token_file} does not hold a token ({MIN_TOKEN_LENGTH}-4096 visible "
+                               "ASCII characters): fix it, or delete it to have a new one made")
+        return token, False
     token = secrets.token_urlsafe(32)
-    atomic_write(token_file, token.encode("ascii") + b"\n", mode=0o600)
+    atomic_write(token_file, token.encode("ascii") + b"\n")
     return token, True
 
 
@@ -493,68 +567,142 @@ class _ITimerSpec(ctypes.Structure):
     _fields_ = [("interval", _TimeSpec), ("first", _TimeSpec)]
 
 
-class Wasm:
-    """The process's engine for one set of limits: its configuration, its epoch ticker and its guest primitives.
+ENGINE_MODES = ("pooling", "bounded-pooling", "on-demand")   # fastest first
+POOL_SLOTS = 256                 # instances, memories and tables in a pool
+DEFAULT_POOL_SLOT = 4 * GiB      # what wasmtime reserves per pooled memory by default (64-bit hosts)
+SMALL_GUARD = 64 * KiB           # guard pages after a bounded memory: bounds checks do the rest
+# Linux's values; Python 3.11's mmap module lacks these names.
+MAP_NORESERVE, PROT_NONE = getattr(mmap, "MAP_NORESERVE", 0x4000), getattr(mmap, "PROT_NONE", 0)
 
-    ``ops`` runs guests through the C API where it is available (``fast=False``
-    forces the public API); ``public_ops`` always uses the public API.
+
+def _pooling_available() -> bool:
+    """Whether the installed wasmtime-py reaches the pooling allocator (below its public API)."""
+    try:
+        from wasmtime import _ffi as ffi
+        return all(hasattr(ffi, name) for name in (
+            "wasmtime_pooling_allocation_config_new", "wasmtime_pooling_allocation_strategy_set"))
+    except ImportError:
+        return False
+
+
+def can_reserve(size: int) -> bool:
+    """Whether this process may reserve ``size`` bytes of address space now.
+
+    Asks the kernel the way wasmtime will (an inaccessible mapping that
+    commits nothing), so RLIMIT_AS, a 39-bit address space and what the
+    process already holds all count. wasmtime aborts the whole process when
+    its own reservation fails, so this is asked first.
+    """
+    if size <= 0:
+        return True
+    try:
+        probe = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+                          prot=PROT_NONE)
+    except (OSError, OverflowError, ValueError):
+        return False
+    probe.close()
+    return True
+
+
+class Wasm:
+    """The process's engine for one set of limits: its allocation mode, its epoch ticker and its guest primitives.
+
+    ``mode`` is one of ENGINE_MODES: ``pooling`` (wasmtime's pooling allocator
+    with its default 4 GiB slot per memory: fastest, about 1 TiB of address
+    space), ``bounded-pooling`` (the pool with each memory's reservation cut
+    to the memory limit: explicit bounds checks, a few GiB), ``on-demand``
+    (each instance reserves its bounded memory when it is made). ``auto``
+    takes the first that fits this process's address space with room to
+    spare. ``ops`` runs guests through the C API where it is available
+    (``fast=False`` forces the public API); ``public_ops`` always uses the
+    public API.
     """
 
     _engines: dict = {}
     _engines_lock = threading.Lock()
     _timers: list = []   # what the epoch timers point at, kept for the life of the process
 
-    def __init__(self, engine: wasmtime.Engine, pooling: bool, fast: bool, ticker: str = "thread"):
+    def __init__(self, engine: wasmtime.Engine, mode: str, fast: bool, ticker: str = "thread"):
         self.engine = engine
-        self.pooling = pooling
+        self.mode = mode
+        self.pooling = mode != "on-demand"   # pool slots already cap memories and tables
         self.ticker = ticker   # "timer" or "thread": what advances the epoch
         self.public_ops = GuestOps()
         self.ops = FastGuestOps() if fast and FastGuestOps.available() else self.public_ops
         version = importlib.metadata.version("wasmtime")
         # Everything that makes a serialized artifact invalid goes into its key.
         self.fingerprint = hashlib.sha256(
-            f"wasmtime={version};pooling={pooling};epoch=1;python={sys.implementation.cache_tag}".encode()
+            f"wasmtime={version};engine={mode};epoch=1;python={sys.implementation.cache_tag}".encode()
         ).hexdigest()[:16]
 
     @classmethod
-    def shared(cls, memory_limit: int, table_limit: int, pooling: bool = True, fast: bool = True) -> "Wasm":
+    def shared(cls, memory_limit: int, table_limit: int, mode: str = "auto", fast: bool = True) -> "Wasm":
         """The process's engine for these settings, created (with its epoch ticker) on first use."""
-        key = (memory_limit, table_limit, pooling, fast)
+        key = (memory_limit, table_limit, mode, fast)
         with cls._engines_lock:
             wasm = cls._engines.get(key)
             if wasm is None:
-                wasm = cls._engines[key] = cls._create(memory_limit, table_limit, pooling, fast)
+                wasm = cls._engines[key] = cls._create(memory_limit, table_limit, mode, fast)
             return wasm
 
+    @staticmethod
+    def planned_reservation(mode: str, memory_limit: int) -> int:
+        """Address space an engine of ``mode`` reserves when it is made, counted generously."""
+        if mode == "pooling":
+            return POOL_SLOTS * (DEFAULT_POOL_SLOT + 32 * MiB) + POOL_SLOTS * 4 * MiB
+        if mode == "bounded-pooling":
+            return POOL_SLOTS * (memory_limit + 2 * SMALL_GUARD) + POOL_SLOTS * 12 * MiB
+        return 0
+
     @classmethod
-    def _create(cls, memory_limit: int, table_limit: int, pooling: bool, fast: bool) -> "Wasm":
-        engine, pooled = None, False
-        if pooling:
-            try:
-                engine = wasmtime.Engine(cls._config(memory_limit, table_limit, pooled=True))
-                pooled = True
-            except Exception as exc:   # older wasmtime-py or an OS that refuses the reservation
-                log.info("pooling allocator unavailable (%s); using on-demand allocation", exc)
-        if engine is None:
-            engine = wasmtime.Engine(cls._config(memory_limit, table_limit, pooled=False))
+    def choose_mode(cls, mode: str, memory_limit: int) -> str:
+        """``mode``, or for ``auto`` the fastest that leaves as much address space again to spare."""
+        if mode != "auto":
+            if not can_reserve(2 * cls.planned_reservation(mode, memory_limit)):
+                raise StartupError(f"engine mode {mode} needs about "
+                                   f"{cls.planned_reservation(mode, memory_limit) // GiB} GiB of address "
+                                   "space, more than this process may reserve (see ulimit -v); "
+                                   "use --engine auto")
+            return mode
+        if not _pooling_available():
+            return "on-demand"
+        for candidate in ENGINE_MODES:
+            if can_reserve(2 * cls.planned_reservation(candidate, memory_limit)):
+                return candidate
+        return "on-demand"
+
+    @classmethod
+    def _create(cls, memory_limit: int, table_limit: int, mode: str, fast: bool) -> "Wasm":
+        chosen = cls.choose_mode(mode, memory_limit)
+        log.info("engine: %s allocation (%s, about %d GiB of address space reserved)", chosen,
+                 "as configured" if mode == chosen else "the fastest that fits this process",
+                 cls.planned_reservation(chosen, memory_limit) // GiB)
+        mode = chosen
+        engine = wasmtime.Engine(cls._config(mode, memory_limit, table_limit))
         ticker = "timer" if fast and cls._start_epoch_timer(engine) else "thread"
         threading.Thread(target=cls._tick, args=(engine, ticker == "timer"), name="aeordb-epoch",
                          daemon=True).start()
-        return cls(engine, pooled, fast, ticker=ticker)
+        return cls(engine, mode, fast, ticker=ticker)
 
     @staticmethod
-    def _config(memory_limit: int, table_limit: int, pooled: bool) -> wasmtime.Config:
+    def _config(mode: str, memory_limit: int, table_limit: int) -> wasmtime.Config:
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
-        if pooled:
+        if mode != "pooling":
+            # Each memory reserves what it may use and no more (it never
+            # moves): compiled code checks bounds instead of relying on guards.
+            config.memory_reservation = -(-memory_limit // WASM_PAGE) * WASM_PAGE
+            config.memory_guard_size = SMALL_GUARD
+            config.memory_reservation_for_growth = 0
+        if mode != "on-demand":
             from wasmtime import _ffi as ffi
             pool = ffi.wasmtime_pooling_allocation_config_new()
             # Slots are address-space reservations, not memory: each one only
             # commits what its instance touches.
-            ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, 256)
-            ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, 256)
-            ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, 256)
+            ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, POOL_SLOTS)
+            ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, POOL_SLOTS)
+            ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, POOL_SLOTS)
             # A slot holds what one Store may use and no more: on a pooled
             # engine these are the memory and table limits (GuestLimits.in_pool).
             ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, table_limit)
@@ -660,6 +808,12 @@ class GuestLimits:
     deadline_ticks: int   # epoch ticks until the guest is interrupted
     max_answer: int       # bytes
     in_pool: bool = False   # the engine's pooling allocator already caps memories and tables at these
+
+
+def no_memory_left(error: Exception) -> bool:
+    """Whether wasmtime failed for want of memory or address space, not because of the module."""
+    text = str(error)
+    return "Cannot allocate memory" in text or "os error 12" in text or "concurrent" in text and "limit" in text
 
 
 class GuestFailure(Exception):
@@ -1223,6 +1377,9 @@ class PluginRegistry:
         try:
             module = self.wasm.compile(wasm_bytes)
         except wasmtime.WasmtimeError as exc:
+            if no_memory_left(exc):
+                raise ApiError(503, f"no memory left to compile the module right now: {_first_line(exc)}",
+                               RETRY_SOON) from None
             raise ApiError(400, f"not a valid WebAssembly module: {_first_line(exc)}") from None
         shape = inspect_module(module, self.settings, wasm_bytes)
         sha = hashlib.sha256(wasm_bytes).hexdigest()
@@ -1590,22 +1747,42 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+WAL_SIZE_LIMIT = 64 * MiB   # what the WAL file is cut back to after a checkpoint
+
+
 class FileStore:
+    """Every database's files in one SQLite database; one connection per thread.
+
+    A database SQLite cannot open leaves the store ``unavailable``: its routes
+    and host functions answer 503 naming the problem, and plugins go on.
+    """
+
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.db_file = settings.data_dir / "aeordb.sqlite3"
+        self.db_file = settings.data_dir / DATABASE_NAME
         self.busy_timeout = settings.timeout + 5.0
+        self.unavailable: Optional[str] = None
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        # SQLite gives the WAL and shared-memory files the mode of the database file.
+        os.close(os.open(self.db_file, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+        try:
+            self._conn().executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.unavailable = f"{self.db_file} is damaged ({exc}): repair or restore it"
+            self._local.conn = None
+            log.error("the file store is unavailable: %s; plugins are served, file routes answer 503",
+                      self.unavailable)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            make_dirs(self.db_file.parent)
+            if self.unavailable:
+                raise ApiError(503, f"the file store is unavailable: {self.unavailable}")
             conn = sqlite3.connect(self.db_file, timeout=self.busy_timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # SQLite's lower() folds ASCII only; 'contains' is case-insensitive for every script.
             conn.create_function("aeordb_lower", 1, _sql_lower, deterministic=True)
             self._local.conn = conn
@@ -1622,19 +1799,19 @@ class FileStore:
         block fails too: committing the writes after that would break
         all-or-nothing.
         """
-        conn = self._conn()
         state = self._local.batch = _Batch()
         try:
             yield
             if state.broken:
                 raise storage_error("writing", state.broken)
         except BaseException:
-            if conn.in_transaction:
+            if state.began and self._conn().in_transaction:
                 with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+                    self._conn().execute("ROLLBACK")
             raise
         else:
-            if conn.in_transaction:
+            conn = self._conn() if state.began else None
+            if conn is not None and conn.in_transaction:
                 try:
                     conn.execute("COMMIT")
                 except sqlite3.Error as exc:
@@ -1688,6 +1865,12 @@ class FileStore:
             if is_storage_fault(exc):
                 raise storage_error("reading", exc) from None
             raise
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database file and empty it: a copy of the file alone is then complete."""
+        if not self.unavailable:
+            with contextlib.suppress(sqlite3.Error, ApiError):
+                self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- files -----------------------------------------------------------------
 
@@ -2026,7 +2209,12 @@ class ByteArrayCodec:
     KEEP = 32 * MiB      # a thread keeps at most this much codec memory between calls
 
     def __init__(self) -> None:
-        self.engine = wasmtime.Engine()
+        config = wasmtime.Config()
+        # Reserve only what the codec's memory holds (it moves as it grows):
+        # the default 4 GiB per instance would not fit a small address space.
+        config.memory_reservation, config.memory_reservation_for_growth = 0, 1 * MiB
+        config.memory_guard_size = SMALL_GUARD
+        self.engine = wasmtime.Engine(config)
         self.module = wasmtime.Module(self.engine, wasmtime.wat2wasm(_CODEC_WAT))
         self._local = threading.local()
 
@@ -2235,6 +2423,9 @@ class WasmRuntime:
                                has_alloc=plugin.shape.has_alloc,
                                quick_instantiate=plugin.shape.quick_instantiate)
         except GuestFailure as failure:
+            if no_memory_left(failure.error):
+                raise ApiError(503, "no memory left for the plugin's instance right now: "
+                                    f"{_first_line(failure.error)}", RETRY_SOON) from None
             raise ApiError(500, "plugin invocation failed: "
                            + self._explain(failure.error, invocation, failure.memory_in_use)) from None
         except ApiError:
@@ -2410,8 +2601,14 @@ class ApiPlugin:
     api = 2
 
     def __init__(self, token: str, access_log: bool):
-        self.token = ("Bearer " + token).encode("utf-8")
+        self.token = token.encode("ascii")
         self.access_log = access_log
+
+    def is_authorized(self, header: str) -> bool:
+        """Whether an Authorization header carries the token (the scheme is case-insensitive, RFC 7235)."""
+        scheme, _, credentials = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.encode("utf-8", "surrogateescape"), self.token)
 
     def apply(self, callback: Callable, route: bottle.Route) -> Callable:
         public = route.config.get("public", False)
@@ -2419,11 +2616,9 @@ class ApiPlugin:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter() if self.access_log else 0.0
             try:
-                if not public:
-                    given = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
-                    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token):
-                        raise ApiError(401, "missing or invalid bearer token",
-                                       {"WWW-Authenticate": 'Bearer realm="aeordb"'})
+                if not public and not self.is_authorized(bottle.request.environ.get("HTTP_AUTHORIZATION", "")):
+                    raise ApiError(401, "missing or invalid bearer token",
+                                   {"WWW-Authenticate": 'Bearer realm="aeordb"'})
                 result = callback(*args, **kwargs)
                 if isinstance(result, (dict, list)):
                     result = _json_response(result)
@@ -2519,7 +2714,7 @@ class Api:
     # -- system ------------------------------------------------------------------
 
     def health(self) -> dict:
-        return {"status": "ok"}
+        return {"status": "ok", "engine": self.runtime.wasm.mode}
 
     # -- files and queries -------------------------------------------------------
 
@@ -2616,9 +2811,9 @@ class Api:
 def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     """The WSGI application for ``settings``: isolated state, nothing shared but the engine."""
     settings = settings or Settings()
-    make_dirs(settings.data_dir)
+    prepare_data_dir(settings.data_dir)
     token, token_created = load_or_create_token(settings)
-    wasm = Wasm.shared(settings.memory_limit, settings.table_limit, pooling=settings.pooling,
+    wasm = Wasm.shared(settings.memory_limit, settings.table_limit, mode=settings.engine,
                        fast=settings.fast_calls)
     files = FileStore(settings)
     runtime = WasmRuntime(settings, files, wasm)
@@ -2637,6 +2832,89 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
 
 
 ###############################################################################
+# Serving ######################################################################
+###############################################################################
+#
+# The listening socket is bound before anything else happens, so a port in
+# use is a one-line start-up error and no token is printed for a server that
+# never listened. SIGTERM and SIGINT stop the server cleanly: no new
+# connections, the requests in flight finish (within the invocation time limit
+# and a grace period), the WAL is folded into the database file, exit status 0.
+
+SHUTDOWN_GRACE = 5.0   # seconds a stop waits for requests beyond the invocation time limit
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening; StartupError when that cannot be."""
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {where}: {exc.strerror}") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        hint = {errno.EADDRINUSE: " (is another server running on that port?)",
+                errno.EADDRNOTAVAIL: " (no network interface has that address)",
+                errno.EACCES: " (ports below 1024 need privileges)"}.get(exc.errno, "")
+        raise StartupError(f"cannot listen on {where}: {exc.strerror}{hint}") from None
+    return listener
+
+
+class Server:
+    """waitress serving ``app`` on a bound socket until SIGTERM or SIGINT, then a clean stop."""
+
+    def __init__(self, app: bottle.Bottle, settings: Settings, listener: socket.socket):
+        import waitress.server
+        self.app = app
+        self.settings = settings
+        self.waitress = waitress.server.create_server(
+            app, sockets=[listener], threads=settings.threads, ident="aeordb.py",
+            max_request_body_size=settings.max_body_size)
+        self._stopping = threading.Event()
+
+    def stop(self, *_: Any) -> None:
+        """Begin a clean stop (also a signal handler): the serving loop wakes and drains."""
+        self._stopping.set()
+        self.waitress.pull_trigger()
+
+    def run(self) -> None:
+        import waitress.server
+        server = self.waitress
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self.stop)
+        loop = functools.partial(server.asyncore.loop, map=server._map,
+                                 use_poll=server.adj.asyncore_use_poll, count=1)
+        while not self._stopping.is_set():
+            loop(timeout=server.adj.asyncore_loop_timeout)
+        for dispatcher in list(server._map.values()):   # stop accepting, keep the connections
+            if isinstance(dispatcher, waitress.server.BaseWSGIServer):
+                dispatcher.del_channel()
+                dispatcher.socket.close()
+        log.info("stopping: letting requests in flight finish")
+        deadline = time.monotonic() + self.settings.timeout + SHUTDOWN_GRACE
+        loop(timeout=0.05)   # reads what connections sent before the stop: that is in flight too
+        while self._busy() and time.monotonic() < deadline:
+            loop(timeout=0.05)
+        server.task_dispatcher.shutdown(timeout=1)
+        server.asyncore.close_all(server._map)
+        self.app.config["aeordb.files"].checkpoint()
+        log.info("stopped")
+
+    def _busy(self) -> bool:
+        """Whether a request is being received, waits for or holds a worker, or has output unsent."""
+        tasks = self.waitress.task_dispatcher
+        return bool(tasks.active_count or tasks.queue or any(
+            channel.request is not None or channel.requests or channel.total_outbufs_len
+            for channel in list(self.waitress.active_channels.values())))
+
+
+###############################################################################
 # Command line #################################################################
 ###############################################################################
 
@@ -2647,17 +2925,17 @@ def configure_logging(level: str) -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-def serve(app: bottle.Bottle, settings: Settings, **waitress_options: Any) -> None:
-    import waitress
-    waitress.serve(app, host=settings.host, port=settings.port, threads=settings.threads,
-                   max_request_body_size=settings.max_body_size, ident="aeordb.py",
-                   **waitress_options)
-
-
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None) -> int:
+    """Serve until stopped; answers the exit status (2: it could not start, one line on stderr says why)."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    try:
+        listener = bind_listener(settings.host, settings.port)
+        app = create_app(settings)
+        server = Server(app, settings, listener)
+    except (StartupError, OSError) as exc:
+        print(f"aeordb.py: cannot start: {exc}", file=sys.stderr)
+        return 2
     plugins = len(app.config["aeordb.registry"].list_all())
     if app.config["aeordb.token_created"]:
         # Printed on purpose, once, on the start that created it: the operator needs it.
@@ -2668,9 +2946,11 @@ def main(argv: Optional[list] = None) -> None:
         token_line = f"token:     in {settings.data_dir / 'token'}"
     print(f"aeordb.py {__version__} listening on http://{settings.host}:{settings.port}\n"
           f"  data dir:  {settings.data_dir} ({plugins} plugin(s))\n"
+          f"  engine:    {app.config['aeordb.runtime'].wasm.mode}\n"
           f"  {token_line}", flush=True)
-    serve(app, settings)
+    server.run()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

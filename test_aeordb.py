@@ -19,6 +19,7 @@ import random
 import signal
 import socket
 import subprocess
+import sqlite3
 import sys
 import threading
 import time
@@ -216,7 +217,7 @@ def make_app(data_dir: Path, *, options: dict | None = None, **overrides):
     """A fresh, isolated app on ``data_dir``; answers (webtest.TestApp, bottle app).
 
     ``overrides`` are Settings fields (``token`` defaults to TOKEN; None generates one);
-    ``options`` are the Settings fields that choose engine paths (``pooling``, ``fast_calls``).
+    ``options`` are the Settings fields that choose engine paths (``engine``, ``fast_calls``).
     """
     settings = aeordb.Settings(**{"data_dir": Path(data_dir), "token": TOKEN, **overrides, **(options or {})})
     app = aeordb.create_app(settings)
@@ -467,13 +468,21 @@ def wait_until_healthy(port: int, timeout: float = 20.0, process=None) -> None:
 
 
 @contextlib.contextmanager
-def server_process(data_dir: Path, *extra_args: str, env: dict | None = None):
-    """``python aeordb.py`` as a real process on 127.0.0.1; yields (process, port)."""
+def server_process(data_dir: Path, *extra_args: str, env: dict | None = None, address_space: int | None = None):
+    """``python aeordb.py`` as a real process on 127.0.0.1; yields (process, port).
+
+    ``address_space`` sets the process's RLIMIT_AS (bytes), as ``ulimit -v`` would.
+    """
     port = free_port()
+
+    def limit() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     process = subprocess.Popen(
         [sys.executable, str(HERE / "aeordb.py"), "--host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data_dir), "--token", TOKEN, *extra_args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        preexec_fn=limit if address_space else None)
     try:
         wait_until_healthy(port, process=process)
         yield process, port
@@ -1169,10 +1178,12 @@ def test_memory_bomb_hits_the_memory_limit(tmp_path):
 
 
 RUNTIME_PATHS = [
-    pytest.param({"fast_calls": True, "pooling": True}, id="fast-pooled"),
-    pytest.param({"fast_calls": True, "pooling": False}, id="fast-ondemand"),
-    pytest.param({"fast_calls": False, "pooling": True}, id="public-pooled"),
-    pytest.param({"fast_calls": False, "pooling": False}, id="public-ondemand"),
+    pytest.param({"fast_calls": True, "engine": "pooling"}, id="fast-pooled"),
+    pytest.param({"fast_calls": True, "engine": "bounded-pooling"}, id="fast-bounded"),
+    pytest.param({"fast_calls": True, "engine": "on-demand"}, id="fast-ondemand"),
+    pytest.param({"fast_calls": False, "engine": "pooling"}, id="public-pooled"),
+    pytest.param({"fast_calls": False, "engine": "bounded-pooling"}, id="public-bounded"),
+    pytest.param({"fast_calls": False, "engine": "on-demand"}, id="public-ondemand"),
 ]
 
 
@@ -1209,6 +1220,7 @@ def test_runtime_paths_agree(tmp_path, options):
     client, app = make_app(tmp_path, options=options, timeout=0.5)
     expected_ops = aeordb.FastGuestOps if options["fast_calls"] else aeordb.GuestOps
     assert type(app.config["aeordb.runtime"].wasm.ops) is expected_ops
+    assert app.config["aeordb.runtime"].wasm.mode == options["engine"]
     # The time limit below is met by the epoch timer on the fast path (Linux), by a thread otherwise.
     expected_ticker = "timer" if options["fast_calls"] and sys.platform.startswith("linux") else "thread"
     assert app.config["aeordb.runtime"].wasm.ticker == expected_ticker
@@ -1243,7 +1255,7 @@ def test_fast_path_is_feature_detected(tmp_path, monkeypatch):
     # Without timer_create (say, not Linux) the epoch is ticked by a thread.
     monkeypatch.setattr(aeordb.sys, "platform", "darwin")
     # A fresh engine key, so the detection runs again for this app.
-    client, app = make_app(tmp_path, options={"fast_calls": True, "pooling": False},
+    client, app = make_app(tmp_path, options={"fast_calls": True, "engine": "on-demand"},
                            memory_limit=32 << 20, timeout=0.3)
     wasm = app.config["aeordb.runtime"].wasm
     assert type(wasm.ops) is aeordb.GuestOps and wasm.ticker == "thread"
@@ -1379,8 +1391,7 @@ GUEST_LOOPS = {
 }
 
 
-@pytest.mark.parametrize("options", [path for path in RUNTIME_PATHS if path.values[0]["fast_calls"]],
-                         ids=["fast-pooled", "fast-ondemand"])
+@pytest.mark.parametrize("options", [path for path in RUNTIME_PATHS if path.id in ("fast-pooled", "fast-ondemand")])
 @pytest.mark.parametrize("where", sorted(GUEST_LOOPS))
 def test_looping_guest_never_holds_the_gil(tmp_path, options, where):
     """While a guest spins in handle, alloc or its start function, this thread runs on.
@@ -2440,7 +2451,7 @@ def test_json_that_sqlite_refuses_is_kept_but_not_queried(client):
 # HTTP API #####################################################################
 
 def test_health_and_echo_round_trip(client):
-    assert client.get("/_health").json == {"status": "ok"}
+    assert client.get("/_health").json == {"status": "ok", "engine": "pooling"}
     deploy(client, "mydb/public/users", wat(ECHO_WAT))
     answer = invoke(client, "mydb/public/users/compute", b"hi")
     envelope = json.loads(answer.body)
@@ -2451,7 +2462,7 @@ def test_health_and_echo_round_trip(client):
 def test_health_needs_no_auth(client):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         response = client.get("/_health", headers=headers, status=200)
-        assert response.json == {"status": "ok"}
+        assert response.json == {"status": "ok", "engine": client.app.config["aeordb.runtime"].wasm.mode}
 
 
 def test_unknown_route_is_a_json_404(client):
@@ -2628,10 +2639,10 @@ OVERSIZED_DECLARATIONS = {
 }
 
 
-@pytest.mark.parametrize("pooling", [True, False], ids=["pooling", "on_demand"])
+@pytest.mark.parametrize("engine", ["pooling", "bounded-pooling", "on-demand"])
 @pytest.mark.parametrize("case", sorted(OVERSIZED_DECLARATIONS))
-def test_huge_initial_memory_or_table_is_refused_at_deploy(tmp_path, case, pooling):
-    client, _ = make_app(tmp_path, options={"pooling": pooling})
+def test_huge_initial_memory_or_table_is_refused_at_deploy(tmp_path, case, engine):
+    client, _ = make_app(tmp_path, options={"engine": engine})
     module = wat(f'(module {OVERSIZED_DECLARATIONS[case]}'
                  ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))')
     message = error_of(deploy(client, "db/s/huge", module, status=400))
@@ -2714,7 +2725,7 @@ HOSTILE_CASES = {
 }
 
 
-@pytest.mark.parametrize("options", [{"fast_calls": True}, {"fast_calls": True, "pooling": False},
+@pytest.mark.parametrize("options", [{"fast_calls": True}, {"fast_calls": True, "engine": "on-demand"},
                                      {"fast_calls": False}], ids=["fast_path", "fast_ondemand", "public_api"])
 @pytest.mark.parametrize("case", sorted(HOSTILE_CASES))
 def test_hostile_module_costs_only_its_request(tmp_path, case, options):
@@ -2771,7 +2782,7 @@ def test_host_functions_survive_wild_pointers(client):
             deploy(client, "db/s/wild", module)
             answer = invoke(client, "db/s/wild/f")
             assert "error" in json.loads(answer.body), (function, ptr, length, answer.body)
-    assert client.get("/_health").json == {"status": "ok"}
+    assert client.get("/_health").json["status"] == "ok"
 
 
 BAD_HOST_ARGUMENTS = [b"\xff\xfe{}", b'{"path": "/\xc3\x28"}', b"not json", b"[1, 2]", b"42", b"",
@@ -3003,10 +3014,10 @@ def test_disk_full_on_deploy_and_remove_is_503_without_partial_state(tmp_path, m
     real_write = aeordb.atomic_write
 
     def failing_write(only: str):
-        def write(path, data, mode=0o644):
+        def write(path, data):
             if only in path.name:
                 raise disk_error()
-            return real_write(path, data, mode)
+            return real_write(path, data)
         return write
 
     for only in ("", "plugin.json", ".wasm"):
@@ -3049,8 +3060,8 @@ def test_racing_deploys_and_removes_of_one_plugin_keep_its_files(tmp_path, monke
     real_write, real_lock = aeordb.atomic_write, registry._lock
     module_written, other_done = threading.Event(), threading.Event()
 
-    def pausing_write(path, data, mode=0o644):
-        real_write(path, data, mode)
+    def pausing_write(path, data):
+        real_write(path, data)
         if path.name.startswith("module-") and threading.current_thread().name == "hz-first":
             module_written.set()
             # Until the other operation is over, or waits for the lock we may hold.
@@ -3481,3 +3492,276 @@ def test_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path):
         for path in listed:
             assert http_request(port, "POST", f"/{path}/f/_invoke", b"")[0] == 200
 
+
+
+# -- devices: address space, start-up, shutdown, private data -----------------
+
+# Grows its memory by 16 MiB and writes to every page of it, then answers "ok".
+TOUCH_16_MIB_WAT = """
+(module
+  (memory (export "memory") 1)
+  (func (export "handle") (param i32 i32) (result i64)
+    (local $p i32)
+    (if (i32.eq (memory.grow (i32.const 256)) (i32.const -1)) (then unreachable))
+    (local.set $p (i32.const 65536))
+    (block $done (loop $touch
+      (br_if $done (i32.ge_u (local.get $p) (i32.const 16842752)))
+      (i32.store (local.get $p) (local.get $p))
+      (local.set $p (i32.add (local.get $p) (i32.const 4096)))
+      (br $touch)))
+    (i32.store16 (i32.const 0) (i32.const 0x6b6f))
+    (i64.const 2)))
+"""
+
+
+@pytest.mark.parametrize("address_space, engine", [
+    (None, "pooling"), (400 * aeordb.GiB, "bounded-pooling"),
+    (8 * aeordb.GiB, "on-demand"), (2 * aeordb.GiB, "on-demand")],
+    ids=["unlimited", "400GiB-39bit-like", "8GiB", "2GiB"])
+def test_serves_under_address_space_limits(tmp_path, address_space, engine):
+    """Under RLIMIT_AS (a service manager, a 39-bit arm64 kernel) the engine fits instead of aborting."""
+    with server_process(tmp_path, address_space=address_space) as (process, port):
+        status, _, body = http_request(port, "GET", "/_health")
+        assert status == 200 and json.loads(body)["engine"] == engine
+        for table, module in (("echo", ECHO_WAT), ("bomb", MEMORY_BOMB_WAT), ("touch", TOUCH_16_MIB_WAT)):
+            assert http_request(port, "PUT", f"/db/s/{table}/_deploy", wat(module))[0] == 200
+        status, _, body = http_request(port, "POST", "/db/s/echo/f/_invoke", b"hi")
+        assert status == 200 and json.loads(body)["arguments"] == [104, 105]
+        status, _, body = http_request(port, "POST", "/db/s/bomb/f/_invoke", b"")
+        assert status == 500 and "memory limit" in json.loads(body)["error"]
+        outcomes = []
+        threads = [threading.Thread(target=lambda: outcomes.append(
+            http_request(port, "POST", "/db/s/touch/f/_invoke", b""))) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [(status, body) for status, _, body in outcomes] == [(200, b"ok")] * 8
+        assert process.poll() is None
+
+
+def test_choose_mode_takes_the_fastest_engine_that_fits(monkeypatch):
+    fits = {"pooling": False, "bounded-pooling": True}
+    planned = {aeordb.Wasm.planned_reservation(mode, 64 << 20): mode for mode in fits}
+    monkeypatch.setattr(aeordb, "can_reserve", lambda size: fits.get(planned.get(size // 2), True))
+    assert aeordb.Wasm.choose_mode("auto", 64 << 20) == "bounded-pooling"
+    fits["bounded-pooling"] = False
+    assert aeordb.Wasm.choose_mode("auto", 64 << 20) == "on-demand"
+    with pytest.raises(aeordb.StartupError, match="pooling needs about"):
+        aeordb.Wasm.choose_mode("pooling", 64 << 20)
+    assert aeordb.Wasm.choose_mode("on-demand", 64 << 20) == "on-demand"
+
+
+def test_can_reserve_asks_the_kernel():
+    assert aeordb.can_reserve(1 << 30)
+    assert not aeordb.can_reserve(1 << 62)   # past any 64-bit address space
+
+
+def test_an_instance_without_memory_is_a_503_not_a_crash(client, monkeypatch):
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+
+    def refused(*args, **kwargs):
+        raise aeordb.GuestFailure(Exception("mmap failed: Cannot allocate memory (os error 12)"), None)
+    monkeypatch.setattr(aeordb, "run_guest", refused)
+    answer = invoke(client, "db/s/t/f", b"x", status=503)
+    assert "no memory left" in error_of(answer) and answer.headers["Retry-After"] == "1"
+
+
+def startup_failures(tmp: Path, busy_port: int) -> dict:
+    """Command-line arguments that each make ``python aeordb.py`` refuse to start."""
+    (tmp / "a-file").write_text("x")
+    (tmp / "dir-token" / "token").mkdir(parents=True)
+    (tmp / "bad-token").mkdir()
+    (tmp / "bad-token" / "token").write_bytes(b"\xff\xfe not-a-token \x00")
+    (tmp / "not-sqlite").mkdir()
+    (tmp / "not-sqlite" / "aeordb.sqlite3").write_text("these are someone's notes")
+    return {
+        "port in use": ["--port", str(busy_port)],
+        "address not available": ["--host", "192.0.2.1"],
+        "data dir not creatable": ["--data-dir", "/proc/no-such-dir/data"],
+        "data dir not writable": ["--data-dir", "/proc/1"],
+        "data dir is a file": ["--data-dir", str(tmp / "a-file")],
+        "token too short": ["--token", "short"],
+        "token file is a directory": ["--data-dir", str(tmp / "dir-token")],
+        "token file not a token": ["--data-dir", str(tmp / "bad-token")],
+        "database not sqlite": ["--data-dir", str(tmp / "not-sqlite")],
+    }
+
+
+def test_startup_errors_are_one_line_and_exit_2(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    processes = {}
+    for case, extra in startup_failures(tmp_path, busy.getsockname()[1]).items():
+        args = ["--port", str(free_port()), "--data-dir", str(tmp_path / case.replace(" ", "-"))]
+        token = [] if "token" in case else ["--token", TOKEN]
+        processes[case] = subprocess.Popen([sys.executable, str(HERE / "aeordb.py"), *args, *token, *extra],
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for case, process in processes.items():
+            out, err = process.communicate(timeout=60)
+            assert process.returncode == 2, (case, out, err)
+            assert out == "", (case, out)   # no banner, and no token printed
+            assert err.count("\n") == 1 and err.startswith("aeordb.py: cannot start: "), (case, err)
+            assert "Traceback" not in err
+    finally:
+        busy.close()
+
+
+def test_startup_error_messages_name_the_problem(tmp_path):
+    (tmp_path / "data" / "token").mkdir(parents=True)
+    with pytest.raises(aeordb.StartupError, match="cannot read the token file"):
+        make_app(tmp_path / "data", token=None)
+    (tmp_path / "data" / "token").rmdir()
+    (tmp_path / "data" / "token").write_bytes(b"\xff" * 20)
+    with pytest.raises(aeordb.StartupError, match="does not hold a token"):
+        make_app(tmp_path / "data", token=None)
+    with pytest.raises(aeordb.StartupError, match="must be 16-4096 visible ASCII"):
+        make_app(tmp_path / "other", token="fifteen-chars!!")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "aeordb.sqlite3").write_text("shopping list")
+    with pytest.raises(aeordb.StartupError, match="is not an SQLite database"):
+        make_app(tmp_path / "notes")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    with pytest.raises(aeordb.StartupError, match="Address already in use"):
+        aeordb.bind_listener("127.0.0.1", busy.getsockname()[1])
+    busy.close()
+
+
+def test_damaged_database_keeps_plugins_serving(tmp_path):
+    client, _ = make_app(tmp_path)
+    put_file(client, "db", "/a.txt", b"hello")
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    deploy(client, "db/s/reader", host_call_module("aeordb_read_file", b'{"path": "/a.txt"}'))
+    database = tmp_path / "aeordb.sqlite3"
+    client.app.config["aeordb.files"].checkpoint()
+    damaged = bytearray(database.read_bytes())
+    damaged[16:24] = b"\xff" * 8   # page size and format bytes of the header
+    database.write_bytes(bytes(damaged))
+    for name in ("aeordb.sqlite3-wal", "aeordb.sqlite3-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (tmp_path / name).unlink()
+    again, _ = make_app(tmp_path)
+    assert json.loads(invoke(again, "db/s/echo/f", b"ok").body)["arguments"] == [111, 107]
+    for method, path in (("GET", "/db/_files/a.txt"), ("PUT", "/db/_files/b.txt"), ("POST", "/db/_query")):
+        answer = again.request(path, method=method, body=b"{}", headers=AUTH, expect_errors=True)
+        assert answer.status_int == 503 and "aeordb.sqlite3 is damaged" in error_of(answer), (method, path)
+    assert "aeordb.sqlite3 is damaged" in json.loads(invoke(again, "db/s/reader/f").body)["error"]
+    assert again.get("/_health").json["status"] == "ok"
+
+
+def test_data_dir_is_private_and_old_modes_are_tightened(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "token").write_text(TOKEN)   # world-readable, as an older version or an operator left it
+    (data / "token").chmod(0o644)
+    client, _ = make_app(data, token=None)
+    put_file(client, "db", "/a.txt", b"secret")
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    invoke(client, "db/s/t/f")
+    modes = {str(p.relative_to(data)): p.stat().st_mode & 0o777 for p in [data, *data.rglob("*")]}
+    for name in ("token", "aeordb.sqlite3", "aeordb.sqlite3-wal", "aeordb.sqlite3-shm",
+                 "plugins/db/s/t/plugin.json"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
+    assert {mode for name, mode in modes.items() if (data / name).is_dir() or name == "."} == {0o700}
+    assert {mode for name, mode in modes.items() if (data / name).is_file()} == {0o600}, modes
+    assert any(name.endswith(".cwasm") for name in modes) and any(name.endswith(".wasm") for name in modes)
+    # What an older version left world-readable is tightened at the next start.
+    data.chmod(0o755)
+    (data / "aeordb.sqlite3").chmod(0o644)
+    (data / "plugins" / "db").chmod(0o755)
+    make_app(data, token=None)
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / "aeordb.sqlite3").stat().st_mode & 0o777 == 0o600
+    assert (data / "plugins" / "db").stat().st_mode & 0o777 == 0o700
+
+
+def test_configured_token_is_the_only_truth(tmp_path, caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="aeordb")
+    _, app = make_app(tmp_path, token=None)
+    stale = app.config["aeordb.token"]
+    new = "a-new-token-for-the-device-0123"
+    client, _ = make_app(tmp_path, token=new)
+    assert not (tmp_path / "token").exists()   # it would disagree with the token in force
+    assert "removed" in caplog.text and stale not in caplog.text and new not in caplog.text
+    assert client.get("/db/_plugins", headers={"Authorization": f"Bearer {new}"}).json == []
+    assert client.get("/db/_plugins", headers={"Authorization": f"Bearer {stale}"},
+                      expect_errors=True).status_int == 401
+    # The same token given again keeps an agreeing file.
+    (tmp_path / "token").write_text(new + "\n")
+    make_app(tmp_path, token=new)
+    assert (tmp_path / "token").read_text().strip() == new
+
+
+def test_bearer_scheme_is_case_insensitive(client):
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        assert client.get("/db/_plugins", headers={"Authorization": f"{scheme} {TOKEN}"}).json == []
+
+
+def test_wal_is_bounded(client):
+    files = client.app.config["aeordb.files"]
+    assert files._conn().execute("PRAGMA journal_size_limit").fetchone()[0] == aeordb.WAL_SIZE_LIMIT
+
+
+def read_all_available(process) -> str:
+    out, _ = process.communicate(timeout=30)
+    return out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_finishes_requests_in_flight_and_checkpoints(tmp_path, signum):
+    with server_process(tmp_path) as (process, port):
+        assert http_request(port, "PUT", "/db/_files/kept.txt", b"acknowledged")[0] == 201
+        assert http_request(port, "PUT", "/db/s/t/_deploy", wat(ECHO_WAT))[0] == 200
+        # A connection the server has accepted (one request answered on it), then a
+        # request in flight on it: its head is sent, its body not yet.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("GET", "/_health")
+        assert conn.getresponse().read() and conn.sock is not None
+        raw = conn.sock
+        raw.sendall(b"POST /db/s/t/f/_invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                    + b"\r\nContent-Length: 2\r\n\r\n")
+        process.send_signal(signum)
+
+        def refuses_new_connections() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return False
+            except OSError:
+                return True
+        wait_for(refuses_new_connections, what="the listener closed")
+        assert process.poll() is None, "the server exited with a request in flight"
+        raw.sendall(b"hi")
+        reply = b""
+        while not reply.endswith(b"}"):
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        conn.close()
+        assert reply.startswith(b"HTTP/1.1 200") and b'"arguments":[104,105]' in reply, reply[:300]
+        assert process.wait(timeout=30) == 0, read_all_available(process)
+    # Everything acknowledged is in the main database file: a copy of it alone is a backup.
+    assert not (tmp_path / "aeordb.sqlite3-wal").exists() or (tmp_path / "aeordb.sqlite3-wal").stat().st_size == 0
+    import shutil
+    shutil.copy(tmp_path / "aeordb.sqlite3", tmp_path / "copy.sqlite3")
+    copy = sqlite3.connect(tmp_path / "copy.sqlite3")
+    assert copy.execute("SELECT data FROM files WHERE path='/kept.txt'").fetchone()[0] == b"acknowledged"
+    copy.close()
+
+
+def test_service_unit_runs_hardened_with_real_options():
+    unit = (HERE / "examples" / "aeordb.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    for key, value in (("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"), ("PrivateTmp", "yes"),
+                       ("Restart", "on-failure"), ("RestartPreventExitStatus", "2"), ("User", "aeordb")):
+        assert settings.get(key) == value, key
+    assert "MemoryMax" in settings and "LimitAS" in settings and "ReadWritePaths" in settings
+    assert "MemoryDenyWriteExecute" not in settings   # wasmtime's JIT needs writable-then-executable code
+    command = settings["ExecStart"].split()
+    assert command[1].endswith("aeordb.py")
+    parsed = aeordb.parse_settings(command[2:], environ={})
+    assert str(parsed.data_dir) in settings["ReadWritePaths"].split()

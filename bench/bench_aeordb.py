@@ -555,16 +555,13 @@ class Bench:
         metadata = {"function_name": "run", "path": "/bench/s/min/run", "plugin_path": path,
                     "method": "POST", "query_string": "", "content_type": "application/octet-stream",
                     "request_id": "0" * 32}
-        build, parse, Invocation = aeordb.build_request_envelope, aeordb.parse_response_envelope, aeordb.Invocation
-        codec, timeout = runtime.codec, settings.timeout
+        Invocation, timeout = aeordb.Invocation, settings.timeout
 
         def aeordb_path(n: int) -> None:
             for _ in range(n):
                 plugin = registry.get(path)
-                raw = runtime.invoke(plugin, build(body, metadata),
-                                     Invocation(db="bench", plugin_path=path, metadata=metadata,
-                                                deadline=time.monotonic() + timeout))
-                parse(raw, codec)
+                runtime.invoke(plugin, body, Invocation(db="bench", plugin_key=path, metadata=metadata,
+                                                        deadline=time.monotonic() + timeout))
 
         engine = runtime.wasm.engine     # the same engine (config, allocator) as aeordb.py's
         pre = wasmtime.Linker(engine).instantiate_pre(wasmtime.Module(engine, module))
@@ -577,9 +574,9 @@ class Bench:
                 instance = pre.instantiate(store)
                 instance.exports(store)["handle"](store, 0, 5)
 
-        result = parse(runtime.invoke(registry.get(path), build(body, metadata),
-                                      Invocation(db="bench", plugin_path=path, metadata=metadata,
-                                                 deadline=time.monotonic() + timeout)), codec)
+        result, _ = runtime.invoke(registry.get(path), body,
+                                   Invocation(db="bench", plugin_key=path, metadata=metadata,
+                                              deadline=time.monotonic() + timeout))
         if result is None or result.body != body:
             raise RuntimeError(f"in-process invoke answered {result!r}")
         calls = 2000 if self.quick else 20000
@@ -600,7 +597,7 @@ class Bench:
                  ours / base <= 1.5)
         self.row("2 ... whole invoke route as WSGI call (no sockets)", f"{route:.1f} µs",
                  f"{bare + base:.1f} µs (bare bottle {bare:.1f} + floor)", route / (bare + base))
-        self.notes.append(f"invoke: wasmtime engine pooling={runtime.wasm.pooling}, "
+        self.notes.append(f"invoke: wasmtime engine {runtime.wasm.mode}, "
                           f"guest calls via {type(runtime.wasm.ops).__name__}, epoch ticked by a {runtime.wasm.ticker}")
         self._invoke_callables = (aeordb_path, floor)
 
@@ -702,10 +699,9 @@ class Bench:
         inproc = []
         for _ in range(rounds):
             started = time.perf_counter()
-            raw = runtime.invoke(plugin, aeordb.build_request_envelope(body, {"function_name": "run"}),
-                                 aeordb.Invocation(db="bench", plugin_path=plugin.path, metadata={},
-                                                   deadline=time.monotonic() + 30))
-            out = aeordb.parse_response_envelope(raw, runtime.codec)
+            out, _ = runtime.invoke(plugin, body, aeordb.Invocation(
+                db="bench", plugin_key=plugin.key, metadata={"function_name": "run"},
+                deadline=time.monotonic() + 30))
             inproc.append(time.perf_counter() - started)
         assert out is not None and out.body == body
         inproc_rate = len(body) / MiB / min(inproc)
@@ -845,17 +841,17 @@ def profile(bench: Bench) -> None:
     stages = [("bare bottle app, POST /echo", timed(bare_wsgi_app(), "POST", "/echo")),
               ("aeordb GET /_health", timed(app, "GET", "/_health"))]
     parsed = aeordb.parse_response_envelope(answer, runtime.codec)
-    saved = (runtime.invoke, aeordb.build_request_envelope, aeordb.parse_response_envelope)
+    saved = (runtime._run, aeordb.build_request_envelope, aeordb.parse_response_envelope)
     try:
-        runtime.invoke = lambda plugin, request, invocation: answer
+        runtime._run = lambda plugin, request, invocation: answer
         aeordb.build_request_envelope = lambda body, metadata: b""
         aeordb.parse_response_envelope = lambda raw, codec: parsed
         stages.append(("aeordb invoke route, WASM + envelopes stubbed out", timed(app, "POST", invoke_path)))
         aeordb.build_request_envelope, aeordb.parse_response_envelope = saved[1], saved[2]
         stages.append(("... + real envelope build/parse", timed(app, "POST", invoke_path)))
     finally:
-        runtime.invoke, aeordb.build_request_envelope, aeordb.parse_response_envelope = saved
-    stages.append(("... + real runtime.invoke (the whole route)", timed(app, "POST", invoke_path)))
+        runtime._run, aeordb.build_request_envelope, aeordb.parse_response_envelope = saved
+    stages.append(("... + real guest call (the whole route)", timed(app, "POST", invoke_path)))
     print("\nIn-process WSGI cost per request (no sockets, one thread, best of 5 x 5,000):")
     previous = None
     for label, value in stages:
