@@ -88,8 +88,8 @@ def setting(default: Any, help: str, *, maximum: float = math.inf, choices: tupl
         "help": help, "maximum": maximum, "choices": choices, "command_line": command_line})
 
 
-# Each worker thread may run one invocation; the pooling allocator has slots
-# for 256 instances and memories (see Wasm._config), two per invocation at most.
+# Each worker thread may run one invocation; a pool has at most 256 slots for
+# instances and memories (see pool_slots), two memories per invocation at most.
 MAX_THREADS = 100
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -568,11 +568,22 @@ class _ITimerSpec(ctypes.Structure):
 
 
 ENGINE_MODES = ("pooling", "bounded-pooling", "on-demand")   # fastest first
-POOL_SLOTS = 256                 # instances, memories and tables in a pool
+MAX_POOL_SLOTS = 256             # instances, memories and tables in a pool, at most
 DEFAULT_POOL_SLOT = 4 * GiB      # what wasmtime reserves per pooled memory by default (64-bit hosts)
 SMALL_GUARD = 64 * KiB           # guard pages after a bounded memory: bounds checks do the rest
 # Linux's values; Python 3.11's mmap module lacks these names.
 MAP_NORESERVE, PROT_NONE = getattr(mmap, "MAP_NORESERVE", 0x4000), getattr(mmap, "PROT_NONE", 0)
+
+
+def pool_slots(threads: int) -> int:
+    """Instances (and memories) a pool holds for a server of ``threads`` workers.
+
+    One invocation runs per worker and uses one instance and at most two
+    memories; the rest is headroom (the epoch watcher holds one instance).
+    Fewer slots reserve less address space: 32 slots of 4 GiB fit a 39-bit
+    arm64 kernel with room to spare, where 256 would not.
+    """
+    return min(MAX_POOL_SLOTS, max(32, 4 * threads))
 
 
 def _pooling_available() -> bool:
@@ -608,12 +619,13 @@ class Wasm:
     """The process's engine for one set of limits: its allocation mode, its epoch ticker and its guest primitives.
 
     ``mode`` is one of ENGINE_MODES: ``pooling`` (wasmtime's pooling allocator
-    with its default 4 GiB slot per memory: fastest, about 1 TiB of address
-    space), ``bounded-pooling`` (the pool with each memory's reservation cut
-    to the memory limit: explicit bounds checks, a few GiB), ``on-demand``
-    (each instance reserves its bounded memory when it is made). ``auto``
-    takes the first that fits this process's address space with room to
-    spare. ``ops`` runs guests through the C API where it is available
+    with its default 4 GiB slot per memory: fastest, 4 GiB of address space
+    a slot), ``bounded-pooling`` (the pool with each memory's reservation
+    cut to the memory limit: explicit bounds checks, a few GiB in all),
+    ``on-demand`` (each instance reserves its bounded memory when it is
+    made: an mmap and munmap per invocation). A pool has ``slots`` instances
+    and memories (see pool_slots). ``auto`` takes the first mode that fits
+    this process's address space with room to spare. ``ops`` runs guests through the C API where it is available
     (``fast=False`` forces the public API); ``public_ops`` always uses the
     public API.
     """
@@ -636,56 +648,58 @@ class Wasm:
         ).hexdigest()[:16]
 
     @classmethod
-    def shared(cls, memory_limit: int, table_limit: int, mode: str = "auto", fast: bool = True) -> "Wasm":
+    def shared(cls, memory_limit: int, table_limit: int, mode: str = "auto", fast: bool = True,
+               slots: int = MAX_POOL_SLOTS) -> "Wasm":
         """The process's engine for these settings, created (with its epoch ticker) on first use."""
-        key = (memory_limit, table_limit, mode, fast)
+        key = (memory_limit, table_limit, mode, fast, slots)
         with cls._engines_lock:
             wasm = cls._engines.get(key)
             if wasm is None:
-                wasm = cls._engines[key] = cls._create(memory_limit, table_limit, mode, fast)
+                wasm = cls._engines[key] = cls._create(memory_limit, table_limit, mode, fast, slots)
             return wasm
 
     @staticmethod
-    def planned_reservation(mode: str, memory_limit: int) -> int:
+    def planned_reservation(mode: str, memory_limit: int, table_limit: int, slots: int) -> int:
         """Address space an engine of ``mode`` reserves when it is made, counted generously."""
+        tables_and_instance = table_limit * 32 + 4 * MiB
         if mode == "pooling":
-            return POOL_SLOTS * (DEFAULT_POOL_SLOT + 32 * MiB) + POOL_SLOTS * 4 * MiB
+            return slots * (DEFAULT_POOL_SLOT + 32 * MiB + tables_and_instance)
         if mode == "bounded-pooling":
-            return POOL_SLOTS * (memory_limit + 2 * SMALL_GUARD) + POOL_SLOTS * 12 * MiB
+            return slots * (memory_limit + 2 * SMALL_GUARD + tables_and_instance)
         return 0
 
     @classmethod
-    def choose_mode(cls, mode: str, memory_limit: int) -> str:
+    def choose_mode(cls, mode: str, memory_limit: int, table_limit: int, slots: int) -> str:
         """``mode``, or for ``auto`` the fastest that leaves as much address space again to spare."""
         if mode != "auto":
-            if not can_reserve(2 * cls.planned_reservation(mode, memory_limit)):
-                raise StartupError(f"engine mode {mode} needs about "
-                                   f"{cls.planned_reservation(mode, memory_limit) // GiB} GiB of address "
+            planned = cls.planned_reservation(mode, memory_limit, table_limit, slots)
+            if not can_reserve(2 * planned):
+                raise StartupError(f"engine mode {mode} needs about {planned // GiB} GiB of address "
                                    "space, more than this process may reserve (see ulimit -v); "
                                    "use --engine auto")
             return mode
         if not _pooling_available():
             return "on-demand"
         for candidate in ENGINE_MODES:
-            if can_reserve(2 * cls.planned_reservation(candidate, memory_limit)):
+            if can_reserve(2 * cls.planned_reservation(candidate, memory_limit, table_limit, slots)):
                 return candidate
         return "on-demand"
 
     @classmethod
-    def _create(cls, memory_limit: int, table_limit: int, mode: str, fast: bool) -> "Wasm":
-        chosen = cls.choose_mode(mode, memory_limit)
+    def _create(cls, memory_limit: int, table_limit: int, mode: str, fast: bool, slots: int) -> "Wasm":
+        chosen = cls.choose_mode(mode, memory_limit, table_limit, slots)
         log.info("engine: %s allocation (%s, about %d GiB of address space reserved)", chosen,
                  "as configured" if mode == chosen else "the fastest that fits this process",
-                 cls.planned_reservation(chosen, memory_limit) // GiB)
+                 cls.planned_reservation(chosen, memory_limit, table_limit, slots) // GiB)
         mode = chosen
-        engine = wasmtime.Engine(cls._config(mode, memory_limit, table_limit))
+        engine = wasmtime.Engine(cls._config(mode, memory_limit, table_limit, slots))
         ticker = "timer" if fast and cls._start_epoch_timer(engine) else "thread"
         threading.Thread(target=cls._tick, args=(engine, ticker == "timer"), name="aeordb-epoch",
                          daemon=True).start()
         return cls(engine, mode, fast, ticker=ticker)
 
     @staticmethod
-    def _config(mode: str, memory_limit: int, table_limit: int) -> wasmtime.Config:
+    def _config(mode: str, memory_limit: int, table_limit: int, slots: int) -> wasmtime.Config:
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
@@ -700,9 +714,9 @@ class Wasm:
             pool = ffi.wasmtime_pooling_allocation_config_new()
             # Slots are address-space reservations, not memory: each one only
             # commits what its instance touches.
-            ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, POOL_SLOTS)
-            ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, POOL_SLOTS)
-            ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, POOL_SLOTS)
+            ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, slots)
+            ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, slots)
+            ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, slots)
             # A slot holds what one Store may use and no more: on a pooled
             # engine these are the memory and table limits (GuestLimits.in_pool).
             ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, table_limit)
@@ -2814,7 +2828,7 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     prepare_data_dir(settings.data_dir)
     token, token_created = load_or_create_token(settings)
     wasm = Wasm.shared(settings.memory_limit, settings.table_limit, mode=settings.engine,
-                       fast=settings.fast_calls)
+                       fast=settings.fast_calls, slots=pool_slots(settings.threads))
     files = FileStore(settings)
     runtime = WasmRuntime(settings, files, wasm)
     registry = PluginRegistry(settings, wasm, runtime.new_linker)

@@ -3515,8 +3515,8 @@ TOUCH_16_MIB_WAT = """
 
 
 @pytest.mark.parametrize("address_space, engine", [
-    (None, "pooling"), (400 * aeordb.GiB, "bounded-pooling"),
-    (8 * aeordb.GiB, "on-demand"), (2 * aeordb.GiB, "on-demand")],
+    (None, "pooling"), (400 * aeordb.GiB, "pooling"),
+    (8 * aeordb.GiB, "bounded-pooling"), (2 * aeordb.GiB, "on-demand")],
     ids=["unlimited", "400GiB-39bit-like", "8GiB", "2GiB"])
 def test_serves_under_address_space_limits(tmp_path, address_space, engine):
     """Under RLIMIT_AS (a service manager, a 39-bit arm64 kernel) the engine fits instead of aborting."""
@@ -3541,15 +3541,18 @@ def test_serves_under_address_space_limits(tmp_path, address_space, engine):
 
 
 def test_choose_mode_takes_the_fastest_engine_that_fits(monkeypatch):
+    limits = (64 << 20, 100_000, aeordb.pool_slots(8))
     fits = {"pooling": False, "bounded-pooling": True}
-    planned = {aeordb.Wasm.planned_reservation(mode, 64 << 20): mode for mode in fits}
+    planned = {aeordb.Wasm.planned_reservation(mode, *limits): mode for mode in fits}
     monkeypatch.setattr(aeordb, "can_reserve", lambda size: fits.get(planned.get(size // 2), True))
-    assert aeordb.Wasm.choose_mode("auto", 64 << 20) == "bounded-pooling"
+    assert aeordb.Wasm.choose_mode("auto", *limits) == "bounded-pooling"
     fits["bounded-pooling"] = False
-    assert aeordb.Wasm.choose_mode("auto", 64 << 20) == "on-demand"
+    assert aeordb.Wasm.choose_mode("auto", *limits) == "on-demand"
     with pytest.raises(aeordb.StartupError, match="pooling needs about"):
-        aeordb.Wasm.choose_mode("pooling", 64 << 20)
-    assert aeordb.Wasm.choose_mode("on-demand", 64 << 20) == "on-demand"
+        aeordb.Wasm.choose_mode("pooling", *limits)
+    assert aeordb.Wasm.choose_mode("on-demand", *limits) == "on-demand"
+    # The pool grows with the workers: one instance and two memories each, and headroom.
+    assert aeordb.pool_slots(1) == 32 and aeordb.pool_slots(20) == 80 and aeordb.pool_slots(100) == 256
 
 
 def test_can_reserve_asks_the_kernel():

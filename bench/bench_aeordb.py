@@ -540,8 +540,9 @@ class Bench:
 
     # -- 2. in-process invocation vs wasmtime floor ---------------------------------
 
-    def _inprocess_app(self, name: str):
-        settings = aeordb.Settings(data_dir=self.data_dir(name), token=TOKEN, log_level="WARNING")
+    def _inprocess_app(self, name: str, engine: str = "auto"):
+        settings = aeordb.Settings(data_dir=self.data_dir(name), token=TOKEN, log_level="WARNING",
+                                   engine=engine)
         return aeordb.create_app(settings)
 
     def part_invoke(self) -> None:
@@ -597,9 +598,40 @@ class Bench:
                  ours / base <= 1.5)
         self.row("2 ... whole invoke route as WSGI call (no sockets)", f"{route:.1f} µs",
                  f"{bare + base:.1f} µs (bare bottle {bare:.1f} + floor)", route / (bare + base))
+        self._engine_modes(module, body, metadata, calls, repeats)
         self.notes.append(f"invoke: wasmtime engine {runtime.wasm.mode}, "
                           f"guest calls via {type(runtime.wasm.ops).__name__}, epoch ticked by a {runtime.wasm.ticker}")
         self._invoke_callables = (aeordb_path, floor)
+
+    def _engine_modes(self, module: bytes, body: bytes, metadata: dict, calls: int, repeats: int) -> None:
+        """The in-process invocation on each engine mode, beside the default (pooling) measured alike.
+
+        Which mode a device gets depends on its address space (README, Run it
+        on a device); this shows what each one costs per call.
+        """
+        costs = {}
+        for mode in aeordb.ENGINE_MODES:
+            app = self._inprocess_app(f"invoke-{mode}", engine=mode)
+            registry, runtime = app.config["aeordb.registry"], app.config["aeordb.runtime"]
+            registry.deploy("bench", "s", "min", module, "min", "wasm")
+            plugin = registry.get("bench/s/min")
+
+            def run(n: int) -> None:
+                for _ in range(n):
+                    runtime.invoke(plugin, body, aeordb.Invocation(db="bench", plugin_key="bench/s/min",
+                                                                   metadata=metadata,
+                                                                   deadline=time.monotonic() + 5))
+            run(calls // 10)
+            costs[mode] = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run(calls)
+                costs[mode].append((time.perf_counter() - started) / calls * 1e6)
+        base = min(costs["pooling"])
+        for mode in aeordb.ENGINE_MODES[1:]:
+            ours = min(costs[mode])
+            self.row(f"2 ... in-process invoke, engine {mode}", f"{ours:.1f} µs",
+                     f"{base:.1f} µs (engine pooling)", ours / base)
 
     # -- 3. restart-to-ready vs compile ---------------------------------------------
 
