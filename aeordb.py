@@ -15,10 +15,10 @@ lists every setting. ``create_app(settings)`` returns the WSGI application for
 tests and embedding.
 
 The file reads top to bottom, each section leaning only on those before it:
-configuration, errors, names and paths, JSON input, atomic files, the WASM
-engine, module validation, the plugin registry, the query language, the file
-store, the envelope, the WASM runtime with its host functions, the HTTP routes
-and finally the command line.
+configuration, errors, names and paths, JSON input, the data directory, the
+WASM engine, module validation, the plugin registry, the query language, the
+file store, the envelope, the WASM runtime with its host functions, the HTTP
+routes, serving, and finally the command line.
 """
 
 from __future__ import annotations
