@@ -76,16 +76,18 @@ compact_json = json.JSONEncoder(separators=(",", ":")).encode
 ###############################################################################
 
 def setting(default: Any, help: str, *, maximum: float = math.inf, choices: tuple = (),
-            command_line: bool = True) -> Any:
+            zero: str = "", command_line: bool = True) -> Any:
     """Declare one setting: its default, its help, and what values it accepts.
 
     The type is the field's annotation. From these come the command-line
     option ``--name-with-dashes``, the environment variable ``AEORDB_NAME``
-    and the validation of both. ``command_line=False`` marks a switch that
+    and the validation of both. Numbers must be positive, or 0 where
+    ``zero`` says what 0 means. ``command_line=False`` marks a switch that
     only tests set, through ``Settings(...)``.
     """
     return dataclasses.field(default=default, metadata={
-        "help": help, "maximum": maximum, "choices": choices, "command_line": command_line})
+        "help": help + (f"; 0: {zero}" if zero else ""), "maximum": maximum, "choices": choices,
+        "zero": bool(zero), "command_line": command_line})
 
 
 # Each worker thread may run one invocation; a pool has at most 256 slots for
@@ -106,7 +108,9 @@ class Settings:
     token: Optional[str] = setting(None, "bearer token (default: generated on first start, "
                                          "kept in DATA_DIR/token)")
     threads: int = setting(8, "waitress worker threads", maximum=MAX_THREADS)
-    timeout: float = setting(5.0, "wall-clock limit of one invocation, seconds")
+    timeout: float = setting(5.0, "wall-clock limit of one invocation, host functions included, seconds")
+    query_timeout: Optional[float] = setting(None, "time limit of one POST /{db}/_query, seconds "
+                                                   "(default: --timeout)")
     memory_limit: int = setting(64 * MiB, "linear memory limit of one invocation, bytes")
     table_limit: int = setting(100_000, "table elements limit of one invocation")
     max_module_size: int = setting(64 * MiB, "largest module a deploy accepts, bytes")
@@ -114,6 +118,7 @@ class Settings:
     max_request_size: int = setting(8 * MiB, "largest invoke or query body, bytes")
     max_response_size: int = setting(16 * MiB, "largest answer a plugin may return, bytes")
     max_file_size: int = setting(16 * MiB, "largest stored file, bytes")
+    max_db_size: int = setting(1 * GiB, "largest total of one database's files, bytes", zero="no quota")
     query_limit: int = setting(100, "items a query answers when it sets no limit")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
     access_log: bool = setting(False, "log one line per request")
@@ -147,6 +152,8 @@ def _setting_parser(kind: Any, meta: dict) -> Callable[[str], Any]:
     if kind in (int, float):
         def number(text: str) -> Any:
             value = kind(text)
+            if value == 0 and meta["zero"]:
+                return value
             if not 0 < value < math.inf:   # also refuses 'nan' and 'inf'
                 raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
             if value > meta["maximum"]:
@@ -171,7 +178,8 @@ def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) 
         if not meta["command_line"]:
             continue
         kind = kinds[field.name]
-        kind = str if kind == Optional[str] else kind
+        if typing.get_origin(kind) is typing.Union:   # Optional[X]: None means "not set"
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         parse, env_name = _setting_parser(kind, meta), "AEORDB_" + field.name.upper()
         default = field.default
         if env_name in environ:
@@ -207,6 +215,10 @@ class ApiError(Exception):
 
 class StartupError(Exception):
     """Why the server cannot start: one line on stderr and exit status 2, never a traceback."""
+
+
+class TimeLimitReached(Exception):
+    """Work was stopped at its deadline (an invocation's or a query's time limit)."""
 
 
 RETRY_SOON = {"Retry-After": "1"}   # on a 503 that the next second may not have
@@ -1537,6 +1549,8 @@ class PluginRegistry:
 _FIELD = re.compile(r"[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*")
 MAX_QUERY_LIMIT = 10_000
 MAX_QUERY_CONDITIONS = 5_000   # conditions plus 'in' values: SQLite caps bound parameters at 32766
+# Each becomes SQL columns or terms; SQLite refuses past about 2,000 columns.
+MAX_ORDER_FIELDS, MAX_GROUP_FIELDS, MAX_AGGREGATE_FIELDS = 32, 32, 256
 _COMBINATORS = {"and": "AND", "or": "OR", "not": "NOT"}
 SPECIAL_ORDER_FIELDS = {"@path": "path", "@size": "size", "@created_at": "created_at",
                         "@updated_at": "updated_at"}
@@ -1681,6 +1695,8 @@ class QueryPlan:
             order_by = [order_by]
         if not isinstance(order_by, list):
             raise ApiError(400, "order_by must be a list of {field, direction}")
+        if len(order_by) > MAX_ORDER_FIELDS:
+            raise ApiError(400, f"order_by has {len(order_by)} fields; at most {MAX_ORDER_FIELDS}")
         parts, params = [], []
         for item in order_by:
             field, direction = (item, "asc") if isinstance(item, str) else \
@@ -1712,6 +1728,12 @@ class QueryPlan:
             for field in fields:
                 json_path(field)
             out[kind] = fields
+        if len(out["group_by"]) > MAX_GROUP_FIELDS:
+            raise ApiError(400, f"group_by has {len(out['group_by'])} fields; at most {MAX_GROUP_FIELDS}")
+        computed = sum(len(out[kind]) for kind in ("sum", "avg", "min", "max"))
+        if computed > MAX_AGGREGATE_FIELDS:
+            raise ApiError(400, f"the aggregate computes {computed} sum/avg/min/max fields; "
+                                f"at most {MAX_AGGREGATE_FIELDS}")
         return out
 
 
@@ -1746,7 +1768,22 @@ CREATE TABLE IF NOT EXISTS files (
     UNIQUE (db, path)
 );
 CREATE INDEX IF NOT EXISTS files_by_parent ON files (db, parent, path);
+-- Each database's stored bytes, kept by triggers: quotas and metrics read one row.
+CREATE TABLE IF NOT EXISTS db_sizes (db TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS files_added AFTER INSERT ON files BEGIN
+    INSERT INTO db_sizes (db, bytes) VALUES (new.db, new.size)
+        ON CONFLICT (db) DO UPDATE SET bytes = bytes + new.size;
+END;
+CREATE TRIGGER IF NOT EXISTS files_resized AFTER UPDATE OF size ON files BEGIN
+    UPDATE db_sizes SET bytes = bytes - old.size + new.size WHERE db = new.db;
+END;
+CREATE TRIGGER IF NOT EXISTS files_removed AFTER DELETE ON files BEGIN
+    UPDATE db_sizes SET bytes = bytes - old.size WHERE db = old.db;
+END;
 """
+# Run once on a database an older version made: db_sizes starts from what is there.
+_SIZES_FROM_FILES = "INSERT OR REPLACE INTO db_sizes SELECT db, sum(size) FROM files GROUP BY db"
+SCHEMA_VERSION = 1
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
@@ -1762,6 +1799,7 @@ def now_ms() -> int:
 
 
 WAL_SIZE_LIMIT = 64 * MiB   # what the WAL file is cut back to after a checkpoint
+PROGRESS_STEPS = 10_000     # SQLite virtual-machine steps between deadline checks
 
 
 class FileStore:
@@ -1777,10 +1815,19 @@ class FileStore:
         self.busy_timeout = settings.timeout + 5.0
         self.unavailable: Optional[str] = None
         self._local = threading.local()
+        self._write_lock, self._waiters_guard = threading.Lock(), threading.Lock()
+        self._lock_waiters = 0
+        # A quarter of the workers may wait for the write lock; the rest serve reads.
+        self.max_lock_waiters = max(1, settings.threads // 4)
         # SQLite gives the WAL and shared-memory files the mode of the database file.
         os.close(os.open(self.db_file, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
         try:
-            self._conn().executescript(_SCHEMA)
+            conn = self._conn()
+            conn.executescript(_SCHEMA)
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                with self._writing() as conn:
+                    conn.execute(_SIZES_FROM_FILES)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self.unavailable = f"{self.db_file} is damaged ({exc}): repair or restore it"
             self._local.conn = None
@@ -1799,8 +1846,31 @@ class FileStore:
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # SQLite's lower() folds ASCII only; 'contains' is case-insensitive for every script.
             conn.create_function("aeordb_lower", 1, _sql_lower, deterministic=True)
+            # Statements check this thread's deadline as they run (SQLite's
+            # progress handler), so no query outlives its time limit.
+            conn.set_progress_handler(self._past_deadline, PROGRESS_STEPS)
             self._local.conn = conn
         return conn
+
+    def set_deadline(self, at: Optional[float]) -> None:
+        """From now on this thread's statements stop at monotonic time ``at`` (None: no deadline).
+
+        A statement stopped there raises TimeLimitReached, and a transaction
+        it was part of rolls back.
+        """
+        self._local.deadline = at
+
+    def _past_deadline(self) -> bool:
+        deadline = getattr(self._local, "deadline", None)
+        return deadline is not None and time.monotonic() > deadline
+
+    def _failed(self, exc: sqlite3.Error, action: str) -> Exception:
+        """What a statement's failure becomes: its deadline, a storage fault (503), or itself."""
+        if isinstance(exc, sqlite3.OperationalError) and "interrupted" in str(exc) and self._past_deadline():
+            return TimeLimitReached()
+        if is_storage_fault(exc):
+            return storage_error(action, exc)
+        return exc
 
     # -- transactions ----------------------------------------------------------
 
@@ -1834,6 +1904,8 @@ class FileStore:
                     raise storage_error("committing", exc) from None
         finally:
             self._local.batch = None
+            if state.began:
+                self._write_lock.release()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
@@ -1847,8 +1919,8 @@ class FileStore:
                     batch.broken = "the invocation's transaction was rolled back by the database"
                     raise storage_error("writing", batch.broken)
                 if not batch.began:
-                    conn.execute("BEGIN IMMEDIATE")
-                    batch.began = True
+                    self._begin(conn)
+                    batch.began = True   # batch() releases the write lock
                 try:
                     yield conn
                 except sqlite3.Error as exc:
@@ -1856,7 +1928,7 @@ class FileStore:
                         batch.broken = str(exc)
                     raise
                 return
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -1867,18 +1939,47 @@ class FileStore:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._write_lock.release()
         except sqlite3.Error as exc:
-            if is_storage_fault(exc):
-                raise storage_error("writing", exc) from None
+            raise self._failed(exc, "writing") from None
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """Take the write lock, then begin the write transaction (BEGIN IMMEDIATE).
+
+        Writers of this process queue on a lock of our own, not in SQLite's
+        busy loop, and at most ``max_lock_waiters`` of them wait at once: the
+        others are refused at once with 503, so waiting writers never take
+        every worker thread from the requests that only read.
+        """
+        if not self._write_lock.acquire(blocking=False):
+            with self._waiters_guard:
+                if self._lock_waiters >= self.max_lock_waiters:
+                    raise ApiError(503, f"the database's write lock is held by another request and "
+                                        f"{self._lock_waiters} more writers are waiting: retry", RETRY_SOON)
+                self._lock_waiters += 1
+            try:
+                deadline = getattr(self._local, "deadline", None)
+                wait = self.busy_timeout if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._write_lock.acquire(timeout=wait):
+                    if deadline is not None:
+                        raise TimeLimitReached()
+                    raise ApiError(503, f"the database's write lock was held by another request for "
+                                        f"{wait:g} s: retry", RETRY_SOON)
+            finally:
+                with self._waiters_guard:
+                    self._lock_waiters -= 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._write_lock.release()
             raise
 
     def _read(self, sql: str, params: tuple) -> list:
         try:
             return self._conn().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            if is_storage_fault(exc):
-                raise storage_error("reading", exc) from None
-            raise
+            raise self._failed(exc, "reading") from None
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file and empty it: a copy of the file alone is then complete."""
@@ -1906,6 +2007,7 @@ class FileStore:
             ancestors.append(parent)
             parent = parent_of(parent)
         with self._writing() as conn:
+            self._check_quota(conn, db, path, len(data))
             if ancestors:
                 marks = ",".join("?" * len(ancestors))
                 clash = conn.execute(f"SELECT path FROM files WHERE db=? AND path IN ({marks}) LIMIT 1",
@@ -1926,6 +2028,21 @@ class FileStore:
                 (db, path, parent_of(path), content_type, len(data), etag, stamp, stamp,
                  doc, None if doc is not None else data))
         return self.metadata(db, path), created
+
+    def _check_quota(self, conn: sqlite3.Connection, db: str, path: str, size: int) -> None:
+        quota = self.settings.max_db_size
+        if not quota:
+            return
+        stored = conn.execute("SELECT bytes FROM db_sizes WHERE db=?", (db,)).fetchone()
+        replaced = conn.execute("SELECT size FROM files WHERE db=? AND path=?", (db, path)).fetchone()
+        total = (stored[0] if stored else 0) - (replaced[0] if replaced else 0) + size
+        if total > quota:
+            raise ApiError(507, f"database {db} would hold {total} bytes, over its quota of {quota} bytes "
+                                "(--max-db-size): delete files or raise the quota")
+
+    def stored_bytes(self) -> dict:
+        """Each database's total file size."""
+        return dict(self._read("SELECT db, bytes FROM db_sizes ORDER BY db", ()))
 
     def read(self, db: str, path: str) -> tuple:
         """(bytes, metadata) of a file; 404 when absent."""
@@ -2346,12 +2463,13 @@ class Invocation:
     metadata: dict
     deadline: float
     failure: Optional[str] = None     # set by a host function that must fail the call
+    failure_status: int = 500
     log_count: int = 0
+    log_bytes: int = 0
     memory: Optional[wasmtime.Memory] = None   # the imported env.memory, on the slow path
 
 
 _TRAP_MESSAGES = {
-    "INTERRUPT": "time limit of {timeout:g} s exceeded",
     "STACK_OVERFLOW": "stack overflow (recursion too deep)",
     "MEMORY_OUT_OF_BOUNDS": "out-of-bounds memory access",
     "HEAP_MISALIGNED": "misaligned memory access",
@@ -2364,7 +2482,8 @@ _TRAP_MESSAGES = {
     "UNREACHABLE": "unreachable instruction executed (the plugin panicked or aborted)",
 }
 MAX_HOST_ARGUMENT = 16 * MiB
-MAX_LOG_MESSAGES = 100
+MAX_LOG_MESSAGES = 100       # log lines of one invocation
+MAX_LOG_BYTES = 16 * KiB      # log bytes of one invocation, all lines together
 
 
 class WasmRuntime:
@@ -2385,6 +2504,7 @@ class WasmRuntime:
                                   max_answer=settings.max_response_size, in_pool=wasm.pooling)
         self._current = threading.local()
         self._no_batch = contextlib.nullcontext()   # reusable, unlike files.batch()
+        self.time_limit_reason = f"time limit of {settings.timeout:g} s exceeded"
         self._host = {
             "aeordb_read_file": self._read_file,
             "aeordb_write_file": self._write_file,
@@ -2432,6 +2552,7 @@ class WasmRuntime:
             ops, target = self.wasm.public_ops, functools.partial(
                 self._instantiate_importing_memory, plugin, invocation)
         self._current.invocation = invocation
+        self.files.set_deadline(invocation.deadline)   # host functions' queries stop there too
         try:
             answer = run_guest(ops, self.wasm.engine, self.limits, target, request,
                                has_alloc=plugin.shape.has_alloc,
@@ -2448,8 +2569,9 @@ class WasmRuntime:
             answer = b""
         finally:
             self._current.invocation = None
+            self.files.set_deadline(None)
         if invocation.failure:   # a host function's reason comes first
-            raise ApiError(500, f"plugin invocation failed: {invocation.failure}")
+            raise ApiError(invocation.failure_status, f"plugin invocation failed: {invocation.failure}")
         return answer
 
     def _instantiate_importing_memory(self, plugin: Plugin, invocation: Invocation,
@@ -2474,8 +2596,10 @@ class WasmRuntime:
             return (f"memory limit of {self.settings.memory_limit // MiB} MiB reached "
                     f"(the plugin aborted with {memory_in_use // MiB} MiB in use: it most likely "
                     "ran out of memory)")
+        if name == "INTERRUPT":
+            return self.time_limit_reason
         if name in _TRAP_MESSAGES:
-            return _TRAP_MESSAGES[name].format(timeout=self.settings.timeout)
+            return _TRAP_MESSAGES[name]
         text = str(error)
         if "memory" in text and ("limit" in text or "maximum" in text or "exceed" in text):
             return f"memory limit of {self.settings.memory_limit // MiB} MiB reached: {_first_line(error)}"
@@ -2500,7 +2624,11 @@ class WasmRuntime:
                         raise ApiError(400, f"{name} takes a JSON object")
                     answer = handler(invocation, args)
                 except ApiError as exc:
+                    if exc.status == 507:   # over the database's quota: nothing of this call may stay
+                        return self._fail(caller, invocation, exc.message, 507)
                     answer = {"error": exc.message}
+                except TimeLimitReached:
+                    return self._fail(caller, invocation, self.time_limit_reason)
                 except Exception as exc:   # a bug of ours must not kill the guest or the server
                     log.exception("host function %s failed", name)
                     answer = {"error": f"{name} failed: {type(exc).__name__}"}
@@ -2522,15 +2650,15 @@ class WasmRuntime:
         return entry
 
     @staticmethod
-    def _fail(caller: wasmtime.Caller, invocation: Invocation, reason: str) -> int:
+    def _fail(caller: wasmtime.Caller, invocation: Invocation, reason: str, status: int = 500) -> int:
         """Fail the invocation from inside a host function: record why, interrupt the guest.
 
         Compiled code rereads the epoch deadline on function entry only (loops
         check a cached copy), so the guest stops at its next call, or at the
-        latest at its own time limit; either way the 500 gives this reason.
+        latest at its own time limit; either way the answer gives this reason.
         """
         if invocation is not None and invocation.failure is None:
-            invocation.failure = reason
+            invocation.failure, invocation.failure_status = reason, status
         Wasm.interrupt(caller)
         return 0
 
@@ -2540,20 +2668,35 @@ class WasmRuntime:
         try:
             if invocation is None or invocation.log_count > MAX_LOG_MESSAGES:
                 return
-            invocation.log_count += 1
             memory = caller.get("memory") or invocation.memory
             level = _guest_bytes(caller, memory, level_ptr, level_len, 16).decode("utf-8", "replace")
-            message = _guest_bytes(caller, memory, msg_ptr, msg_len, 64 * KiB).decode("utf-8", "replace")
-            if invocation.log_count > MAX_LOG_MESSAGES:
-                message = f"more than {MAX_LOG_MESSAGES} log messages; the rest are dropped"
+            _guest_bytes(caller, memory, msg_ptr + msg_len, 0, 0)   # the whole message lies in memory
+            kept = min(msg_len, max(0, MAX_LOG_BYTES - invocation.log_bytes) + 1)
+            message = _guest_bytes(caller, memory, msg_ptr, kept, MAX_LOG_BYTES + 1)
             level_no = getattr(logging, level.strip().upper(), logging.INFO)
-            if not isinstance(level_no, int):
-                level_no = logging.INFO
-            # One plugin line is one log line: a plugin must not forge others.
-            message = message.replace("\r", "\\r").replace("\n", "\\n")
-            plugin_log.log(level_no, "[%s] %s", invocation.plugin_key, message)
+            self.plugin_line(invocation, level_no if isinstance(level_no, int) else logging.INFO, message)
         except Exception:
             pass
+
+    @staticmethod
+    def plugin_line(invocation: Invocation, level: int, message: bytes) -> None:
+        """One line of a plugin's log, within the invocation's caps on lines and bytes."""
+        if invocation.log_count > MAX_LOG_MESSAGES:
+            return
+        invocation.log_count += 1
+        room = MAX_LOG_BYTES - invocation.log_bytes
+        if invocation.log_count > MAX_LOG_MESSAGES or room <= 0:
+            invocation.log_count = MAX_LOG_MESSAGES + 1
+            text = (f"log limit reached ({MAX_LOG_MESSAGES} lines or {MAX_LOG_BYTES // KiB} KiB per "
+                    "invocation); the rest are dropped")
+        else:
+            text = message[:room].decode("utf-8", "replace")
+            if len(message) > room:
+                text += " [truncated]"
+            invocation.log_bytes += min(len(message), room)
+        # One plugin line is one log line: a plugin must not forge others.
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
+        plugin_log.log(level, "[%s] %s", invocation.plugin_key, text)
 
     def _read_file(self, invocation: Invocation, args: dict) -> dict:
         data, meta = self.files.read(invocation.db, _require(args, "path", str))
@@ -2764,9 +2907,17 @@ class Api:
     def query(self, db: str) -> dict:
         check_segments(db)
         spec = read_json_body(self.settings.max_request_size)
-        if isinstance(spec, dict) and "aggregate" in spec:
-            return self.files.aggregate(db, spec)
-        return self.files.query(db, spec)
+        limit = self.settings.query_timeout or self.settings.timeout
+        self.files.set_deadline(time.monotonic() + limit)
+        try:
+            if isinstance(spec, dict) and "aggregate" in spec:
+                return self.files.aggregate(db, spec)
+            return self.files.query(db, spec)
+        except TimeLimitReached:
+            raise ApiError(400, f"query stopped at its time limit of {limit:g} s: narrow it "
+                                "(fewer conditions, a smaller directory, a smaller limit)") from None
+        finally:
+            self.files.set_deadline(None)
 
     # -- plugins -----------------------------------------------------------------
 

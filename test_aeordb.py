@@ -3768,3 +3768,157 @@ def test_service_unit_runs_hardened_with_real_options():
     assert command[1].endswith("aeordb.py")
     parsed = aeordb.parse_settings(command[2:], environ={})
     assert str(parsed.data_dir) in settings["ReadWritePaths"].split()
+
+
+# -- a plugin or a client costs only itself -------------------------------------
+
+def slow_query_spec(client, db: str, documents: int = 600) -> dict:
+    """Fills /docs of ``db`` with 4 KiB JSON documents; answers a query that scans them for seconds."""
+    files = client.app.config["aeordb.files"]
+    words = " ".join(f"word{n}" for n in range(500))[:4000]
+    with files.batch():
+        for n in range(documents):
+            files.write(db, f"/docs/{n}.json", json.dumps({"n": n, "text": words}).encode(), "application/json")
+    # About 4 s of SQLite work on the development machine, in 43 KB of JSON.
+    return {"path": "/docs", "where": {"or": [{"field": "text", "op": "contains", "value": f"z{n}"}
+                                              for n in range(900)]}}
+
+
+def test_a_host_query_stops_at_the_invocations_time_limit_and_rolls_back(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.5)
+    spec = slow_query_spec(client, "slow")
+    steps = [write_step("/written-first.txt", b"rolled back"), ("aeordb_query", json_args(spec))]
+    started = time.monotonic()
+    answer = run_sequence(client, "slow", steps, status=500)
+    elapsed = time.monotonic() - started
+    assert "time limit of 0.5 s exceeded" in error_of(answer)
+    assert elapsed < 3.0, elapsed   # the query alone runs for many seconds
+    assert client.get("/slow/_files/written-first.txt", headers=AUTH, expect_errors=True).status_int == 404
+    # The thread's next statements have no deadline left over.
+    assert client.get("/slow/_files/docs/1.json", headers=AUTH).json["n"] == 1
+
+
+def test_an_http_query_stops_at_its_time_limit(tmp_path):
+    client, _ = make_app(tmp_path, query_timeout=0.3)
+    spec = slow_query_spec(client, "q")
+    started = time.monotonic()
+    answer = client.post("/q/_query", json.dumps(spec), headers=AUTH, status=400)
+    assert "time limit of 0.3 s" in error_of(answer) and time.monotonic() - started < 3.0
+    aggregate = {**spec, "aggregate": {"count": True}}
+    answer = client.post("/q/_query", json.dumps(aggregate), headers=AUTH, status=400)
+    assert "time limit of 0.3 s" in error_of(answer)
+    assert client.post("/q/_query", json.dumps({"path": "/docs", "limit": 1}), headers=AUTH).json["has_more"]
+
+
+@pytest.mark.parametrize("spec, bound", [
+    ({"order_by": [{"field": f"f{n}"} for n in range(5000)]}, "order_by has 5000 fields; at most 32"),
+    ({"aggregate": {"sum": [f"f{n}" for n in range(3000)]}}, "computes 3000 sum/avg/min/max fields; at most 256"),
+    ({"aggregate": {"count": True, "group_by": [f"f{n}" for n in range(1200)]}}, "group_by has 1200 fields; at most 32"),
+], ids=["order_by", "aggregate", "group_by"])
+def test_oversized_query_inputs_are_400_naming_the_bound(populated, spec, bound):
+    assert bound in error_of(post_query(populated, {"path": "/users", **spec}, status=400))
+
+
+def test_query_inputs_at_their_bounds_are_served(populated):
+    order = [{"field": f"f{n}"} for n in range(31)] + [{"field": "age", "direction": "desc"}]
+    assert post_query(populated, {"path": "/users", "order_by": order}).json["items"]
+    aggregate = {"sum": [f"f{n}" for n in range(255)] + ["age"], "group_by": [f"g{n}" for n in range(32)]}
+    answer = post_query(populated, {"path": "/users", "aggregate": aggregate}).json
+    assert answer["groups"] and answer["sum"]["age"] > 0
+
+
+def test_plugin_logs_are_capped_in_lines_and_bytes(client, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb.plugin")
+    line = b"x" * 6000   # three of these pass the 16 KiB budget
+    steps = [("log_message", b"info", line)] * 3 + [("log_message", b"info", b"after the budget")] * 2
+    run_sequence(client, "lg", steps + [("aeordb_context", b"{}")])
+    lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
+    assert len(lines) == 4, [text[:80] for text in lines]
+    assert lines[0] == "[lg/s/seq] " + "x" * 6000 and lines[1] == lines[0]
+    assert lines[2] == "[lg/s/seq] " + "x" * (16 * 1024 - 12000) + " [truncated]"
+    assert "log limit reached" in lines[3] and "16 KiB" in lines[3]
+    assert sum(len(text) for text in lines) < 17 * 1024
+    caplog.clear()
+    run_sequence(client, "lg", [("log_message", b"warn", b"n")] * 150 + [("aeordb_context", b"{}")], table="many")
+    lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
+    assert len(lines) == 101 and "100 lines" in lines[-1]
+
+
+def test_a_database_quota_refuses_puts_and_rolls_back_plugin_writes(tmp_path):
+    client, _ = make_app(tmp_path, max_db_size=1000)
+    put_file(client, "small", "/a.bin", b"a" * 600, status=201)
+    answer = put_file(client, "small", "/b.bin", b"b" * 500, status=507)
+    assert "quota of 1000 bytes" in error_of(answer) and "database small" in error_of(answer)
+    put_file(client, "small", "/a.bin", b"a" * 900, status=200)   # a replacement counts its own size once
+    put_file(client, "other", "/c.bin", b"c" * 900, status=201)   # each database has its own quota
+    steps = [write_step("/d.bin", b"d" * 50), write_step("/e.bin", b"e" * 100), ("aeordb_context", b"{}")]
+    answer = run_sequence(client, "small", steps, status=507)
+    assert "quota of 1000 bytes" in error_of(answer)
+    listing = client.get("/small/_files/", headers=AUTH).json["entries"]
+    assert [entry["name"] for entry in listing] == ["a.bin"]   # d.bin rolled back with the call
+    client.delete("/small/_files/a.bin", headers=AUTH)
+    put_file(client, "small", "/b.bin", b"b" * 500, status=201)   # deleting gave the room back
+    assert client.app.config["aeordb.files"].stored_bytes() == {"other": 900, "small": 500}
+
+
+def test_database_sizes_start_from_an_older_database(tmp_path):
+    client, _ = make_app(tmp_path)
+    put_file(client, "db", "/a.bin", b"a" * 300)
+    put_file(client, "db", "/b.bin", b"b" * 200)
+    files = client.app.config["aeordb.files"]
+    with files._writing() as conn:   # as an older version left it: no sizes, schema version 0
+        conn.execute("DELETE FROM db_sizes")
+        conn.execute("PRAGMA user_version = 0")
+    again, _ = make_app(tmp_path, max_db_size=600)
+    assert again.app.config["aeordb.files"].stored_bytes() == {"db": 500}
+    put_file(again, "db", "/c.bin", b"c" * 101, status=507)
+
+
+def test_zero_means_no_quota():
+    assert aeordb.parse_settings(["--max-db-size", "0"], environ={}).max_db_size == 0
+    with pytest.raises(SystemExit):
+        aeordb.parse_settings(["--max-file-size", "0"], environ={})
+
+
+def test_a_held_write_lock_never_takes_the_readers_threads(tmp_path):
+    client, app = make_app(tmp_path, timeout=2.0)
+    files = app.config["aeordb.files"]
+    deploy(client, "db/s/holder", sequence_module([write_step("/held.txt", b"x")], tail="loop"))
+    deploy(client, "db/s/reader", host_call_module("aeordb_read_file", b'{"path": "/r.txt"}'))
+    put_file(client, "db", "/r.txt", b"read me")
+    with server_thread(app, threads=8) as port:
+        outcome = {}
+        holder = threading.Thread(target=lambda: outcome.update(
+            holder=http_request(port, "POST", "/db/s/holder/f/_invoke", b"")))
+        holder.start()
+        wait_for(files._write_lock.locked, what="the plugin holding the write lock")
+        writers, written = [], []
+        for n in range(16):
+            writer = threading.Thread(target=lambda n=n: written.append(
+                http_request(port, "PUT", f"/db/_files/w{n}.txt", b"w")))
+            writer.start()
+            writers.append(writer)
+        wait_for(lambda: files._lock_waiters == files.max_lock_waiters, what="writers waiting")
+        slowest = 0.0
+        for _ in range(10):
+            for method, path, body in (("GET", "/_health", None), ("GET", "/db/_files/r.txt", None),
+                                       ("POST", "/db/s/reader/f/_invoke", b"")):
+                started = time.monotonic()
+                status, _, answer = http_request(port, method, path, body)
+                slowest = max(slowest, time.monotonic() - started)
+                assert status == 200, (path, answer)
+        assert holder.is_alive(), "the lock was not held while the readers ran"
+        assert slowest < 1.0, slowest
+        holder.join(30)
+        for writer in writers:
+            writer.join(30)
+    status, _, body = outcome["holder"]
+    assert status == 500 and "time limit" in json.loads(body)["error"]
+    statuses = sorted(status for status, _, _ in written)
+    assert set(statuses) <= {201, 503} and statuses.count(201) >= files.max_lock_waiters, statuses
+    assert 503 in statuses
+    for status, headers, body in written:
+        if status == 503:
+            assert "write lock" in json.loads(body)["error"] and headers["retry-after"] == "1"
+    assert client.get("/db/_files/held.txt", headers=AUTH, expect_errors=True).status_int == 404
