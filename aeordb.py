@@ -108,6 +108,9 @@ class Settings:
     token: Optional[str] = setting(None, "bearer token (default: generated on first start, "
                                          "kept in DATA_DIR/token)")
     threads: int = setting(8, "waitress worker threads", maximum=MAX_THREADS)
+    connection_limit: int = setting(100, "open connections at most; more wait to be accepted", maximum=10_000)
+    header_timeout: float = setting(10.0, "seconds a client has to send a whole request head")
+    idle_timeout: float = setting(30.0, "seconds an idle keep-alive connection is kept open")
     timeout: float = setting(5.0, "wall-clock limit of one invocation, host functions included, seconds")
     query_timeout: Optional[float] = setting(None, "time limit of one POST /{db}/_query, seconds "
                                                    "(default: --timeout)")
@@ -2843,6 +2846,8 @@ def refuse_invalid_utf8_path() -> None:
 class Api:
     """The HTTP API: one method per route, grouped by resource (system, files and queries, plugins)."""
 
+    PUBLIC_ROUTES = ("/_health",)   # the routes served without a token
+
     def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime):
         self.settings = settings
         self.registry = registry
@@ -2855,7 +2860,7 @@ class Api:
         routes, since '/db/_files/a/b/_deploy' is a file path."""
         files = ("/<db>/_files", "/<db>/_files/", "/<db>/_files/<path:path>")
         routes = [
-            ("GET", "/_health", self.health, {"public": True}),
+            ("GET", "/_health", self.health, {}),
             *((["GET", "HEAD"], route, self.get_file, {}) for route in files),
             ("PUT", "/<db>/_files/<path:path>", self.put_file, {}),
             ("DELETE", "/<db>/_files/<path:path>", self.delete_file, {}),
@@ -2866,7 +2871,7 @@ class Api:
             ("DELETE", "/<db>/<schema>/<table>/<function>/_remove", self.remove, {}),
         ]
         for method, route, callback, config in routes:
-            app.route(route, method, callback, **config)
+            app.route(route, method, callback, public=route in self.PUBLIC_ROUTES, **config)
 
     # -- system ------------------------------------------------------------------
 
@@ -2988,8 +2993,12 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     app.config.update({"aeordb.settings": settings, "aeordb.token": token,
                        "aeordb.token_created": token_created, "aeordb.registry": registry,
                        "aeordb.files": files, "aeordb.runtime": runtime})
+    api_plugin = ApiPlugin(token, settings.access_log)
+    # What a server may check from a request's head alone, before reading its body.
+    app.config["aeordb.authorize"] = lambda route, authorization: (
+        route in Api.PUBLIC_ROUTES or api_plugin.is_authorized(authorization))
     app.uninstall(bottle.JSONPlugin)
-    app.install(ApiPlugin(token, settings.access_log))
+    app.install(api_plugin)
     app.default_error_handler = json_error_page
     app.add_hook("before_request", refuse_invalid_utf8_path)
     Api(settings, registry, files, runtime).mount(app)
@@ -3005,8 +3014,17 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
 # never listened. SIGTERM and SIGINT stop the server cleanly: no new
 # connections, the requests in flight finish (within the invocation time limit
 # and a grace period), the WAL is folded into the database file, exit status 0.
+#
+# waitress reads a request's whole head and body before the app sees it, and
+# writes some errors itself. So the server's connections are guarded where
+# waitress parses (GuardedParser, GuardedChannel): a request head must arrive
+# within --header-timeout; a request without a valid token is answered 401 as
+# soon as its head is read, its body never read; and the errors waitress
+# writes are JSON like every other.
 
 SHUTDOWN_GRACE = 5.0   # seconds a stop waits for requests beyond the invocation time limit
+GUARD_INTERVAL = 0.5   # seconds between checks of the connections' head deadlines
+FILES_BESIDE_CONNECTIONS = 64   # descriptors the server needs besides one per connection
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -3030,16 +3048,87 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
+def fit_open_files(connections: int) -> int:
+    """The connection limit the process's open-file limit allows: raised to fit where it may, else lowered."""
+    import resource
+    needed = connections + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard) if hard != resource.RLIM_INFINITY
+                                                        else needed, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitted = max(1, soft - FILES_BESIDE_CONNECTIONS)
+        log.warning("the open-file limit (%d) allows %d connections, not %d: raise it (ulimit -n)",
+                    soft, fitted, connections)
+        return fitted
+    return connections
+
+
+def _waitress_parts() -> tuple:
+    import waitress.channel
+    import waitress.parser
+    import waitress.server
+    import waitress.task
+    import waitress.utilities
+    return waitress.channel, waitress.parser, waitress.server, waitress.task, waitress.utilities
+
+
 class Server:
-    """waitress serving ``app`` on a bound socket until SIGTERM or SIGINT, then a clean stop."""
+    """waitress serving ``app`` on a bound socket, with guarded connections, until SIGTERM or SIGINT."""
 
     def __init__(self, app: bottle.Bottle, settings: Settings, listener: socket.socket):
-        import waitress.server
+        channel, parser, server, task, utilities = _waitress_parts()
         self.app = app
         self.settings = settings
-        self.waitress = waitress.server.create_server(
+        self.connection_limit = fit_open_files(settings.connection_limit)
+        authorize = app.config["aeordb.authorize"]
+
+        class Unauthorized(utilities.Error):
+            code, reason = 401, "Unauthorized"
+
+        class GuardedParser(parser.HTTPRequestParser):
+            """waitress's parser, which refuses a request without a valid token once its head is read."""
+
+            def __init__(self, adj: Any):
+                super().__init__(adj)
+                self.started = time.monotonic()
+
+            def parse_header(self, header_plus: bytes) -> None:
+                super().parse_header(header_plus)
+                if not authorize(self.path, self.headers.get("AUTHORIZATION", "")):
+                    # Answer now; the body is never read (the connection closes after the 401).
+                    self.error = Unauthorized("missing or invalid bearer token")
+                    self.body_rcv, self.content_length, self.chunked = None, 0, False
+                    self.expect_continue = False
+                    self.completed = True
+
+        class JsonErrorTask(task.ErrorTask):
+            """The errors waitress writes itself, as ``{"error": ...}`` like every other."""
+
+            def execute(self) -> None:
+                error = self.request.error
+                body = json.dumps({"error": f"{error.reason}: {error.body}" if error.code != 401
+                                   else error.body}).encode()
+                self.status = f"{error.code} {error.reason}"
+                self.response_headers.append(("Content-Type", "application/json"))
+                if error.code == 401:
+                    self.response_headers.append(("WWW-Authenticate", 'Bearer realm="aeordb"'))
+                self.set_close_on_finish()
+                self.content_length = len(body)
+                self.write(body)
+
+        class GuardedChannel(channel.HTTPChannel):
+            parser_class = GuardedParser
+            error_task_class = JsonErrorTask
+
+        self.waitress = server.create_server(
             app, sockets=[listener], threads=settings.threads, ident="aeordb.py",
-            max_request_body_size=settings.max_body_size)
+            max_request_body_size=settings.max_body_size, connection_limit=self.connection_limit,
+            channel_timeout=max(1, int(settings.idle_timeout)),
+            cleanup_interval=max(1, int(settings.idle_timeout / 4)))
+        self.waitress.channel_class = GuardedChannel
         self._stopping = threading.Event()
 
     def stop(self, *_: Any) -> None:
@@ -3048,17 +3137,21 @@ class Server:
         self.waitress.pull_trigger()
 
     def run(self) -> None:
-        import waitress.server
         server = self.waitress
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self.stop)
         loop = functools.partial(server.asyncore.loop, map=server._map,
                                  use_poll=server.adj.asyncore_use_poll, count=1)
+        next_guard = 0.0
         while not self._stopping.is_set():
-            loop(timeout=server.adj.asyncore_loop_timeout)
+            loop(timeout=GUARD_INTERVAL)
+            now = time.monotonic()
+            if now >= next_guard:
+                next_guard = now + GUARD_INTERVAL
+                self._drop_slow_heads(now)
         for dispatcher in list(server._map.values()):   # stop accepting, keep the connections
-            if isinstance(dispatcher, waitress.server.BaseWSGIServer):
+            if isinstance(dispatcher, _waitress_parts()[2].BaseWSGIServer):
                 dispatcher.del_channel()
                 dispatcher.socket.close()
         log.info("stopping: letting requests in flight finish")
@@ -3070,6 +3163,19 @@ class Server:
         server.asyncore.close_all(server._map)
         self.app.config["aeordb.files"].checkpoint()
         log.info("stopped")
+
+    def _drop_slow_heads(self, now: float) -> None:
+        """Close connections whose request head has not arrived within --header-timeout.
+
+        waitress has no such deadline: a client sending a byte a second would
+        hold its connection for ever, and enough of them every connection.
+        """
+        for channel in list(self.waitress.active_channels.values()):
+            request = channel.request
+            if request is not None and not request.headers_finished \
+                    and now - request.started > self.settings.header_timeout:
+                channel.will_close = True
+                channel.handle_close()
 
     def _busy(self) -> bool:
         """Whether a request is being received, waits for or holds a worker, or has output unsent."""

@@ -552,6 +552,40 @@ def send_raw(port: int, head: bytes, body: bytes, timeout: float = 5.0) -> bytes
         return received
 
 
+@contextlib.contextmanager
+def guarded_server(data_dir: Path, **overrides):
+    """aeordb.py's own Server (guarded connections, clean stop) in a thread on 127.0.0.1; yields (client, port)."""
+    client, app = make_app(data_dir, **overrides)
+    server = aeordb.Server(app, app.config["aeordb.settings"], aeordb.bind_listener("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        port = server.waitress.socket.getsockname()[1]
+        wait_until_healthy(port)
+        yield client, port
+    finally:
+        server.stop()
+        thread.join(20)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def read_response(sock: socket.socket) -> tuple:
+    """(status, headers, body) of one HTTP/1.1 response read from ``sock`` (Content-Length framed)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {received!r}"
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
 @functools.cache
 def help_text() -> str:
     """What ``python aeordb.py --help`` prints (asserting that it succeeds); run once."""
@@ -3922,3 +3956,75 @@ def test_a_held_write_lock_never_takes_the_readers_threads(tmp_path):
         if status == 503:
             assert "write lock" in json.loads(body)["error"] and headers["retry-after"] == "1"
     assert client.get("/db/_files/held.txt", headers=AUTH, expect_errors=True).status_int == 404
+
+
+
+def test_a_request_without_the_token_is_refused_before_its_body(tmp_path):
+    with guarded_server(tmp_path) as (client, port):
+        for extra in (b"", b"Expect: 100-continue\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                started = time.monotonic()
+                sock.sendall(b"PUT /db/_files/big.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n"
+                             + extra + b"\r\n")   # announces 64 MiB and sends none of it
+                status, headers, body = read_response(sock)
+                assert status == 401 and time.monotonic() - started < 2.0
+                assert headers["www-authenticate"].startswith("Bearer") and headers["connection"] == "close"
+                assert json.loads(body) == {"error": "missing or invalid bearer token"}
+                assert sock.recv(10) == b""   # closed: the body is never read
+        # With the token the same route takes its body; the public route needs none.
+        assert http_request(port, "PUT", "/db/_files/big.bin", b"x" * 100_000)[0] == 201
+        assert http_request(port, "GET", "/_health", headers={"Authorization": "nope"})[0] == 200
+
+
+WAITRESS_ERRORS = {
+    "431 headers too large": (b"GET /_health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n", 431),
+    "413 over the outer cap": (b"PUT /db/_files/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                               + b"\r\nContent-Length: 999999999999\r\n\r\n", 413),
+    "400 bad request line": (b"GARBAGE\r\n\r\n", 400),
+    "400 bad content-length": (b"PUT /db/_files/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                               + b"\r\nContent-Length: ten\r\n\r\n", 400),
+    "501 unknown transfer encoding": (b"POST /db/_query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                      + TOKEN.encode() + b"\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+}
+
+
+def test_errors_waitress_writes_are_json_too(tmp_path):
+    with guarded_server(tmp_path) as (client, port):
+        for case, (raw, expected) in WAITRESS_ERRORS.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(raw)
+                status, headers, body = read_response(sock)
+            assert status == expected, (case, status, body)
+            assert headers["content-type"] == "application/json", case
+            assert json.loads(body)["error"], case
+
+
+def test_a_slow_request_head_is_dropped_at_its_deadline(tmp_path):
+    with guarded_server(tmp_path, header_timeout=1.0) as (client, port):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        started, dropped = time.monotonic(), False
+        sock.sendall(b"GET /_health HTTP/1.1\r\n")
+        try:
+            for _ in range(60):   # one header byte every 0.1 s: never a whole head
+                sock.sendall(b"X")
+                assert http_request(port, "GET", "/_health", timeout=2)[0] == 200   # others are served
+                time.sleep(0.1)   # the slow client's pace, not a wait for the server
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+        if not dropped:
+            dropped = sock.recv(10) == b""
+        sock.close()
+        elapsed = time.monotonic() - started
+        assert dropped and 1.0 <= elapsed < 4.0, (dropped, elapsed)
+
+
+def test_the_open_file_limit_is_checked_against_the_connection_limit(monkeypatch, caplog):
+    import logging
+    import resource
+    caplog.set_level(logging.WARNING, logger="aeordb")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert aeordb.fit_open_files(100) == 100
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 100 + aeordb.FILES_BESIDE_CONNECTIONS
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (164, 164))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: None)
+    assert aeordb.fit_open_files(1000) == 100 and "allows 100 connections, not 1000" in caplog.text
