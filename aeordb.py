@@ -116,12 +116,15 @@ class Settings:
                                                    "(default: --timeout)")
     memory_limit: int = setting(64 * MiB, "linear memory limit of one invocation, bytes")
     table_limit: int = setting(100_000, "table elements limit of one invocation")
-    max_module_size: int = setting(64 * MiB, "largest module a deploy accepts, bytes")
+    # AeorDB's largest real plugin (jq) is 3 MB; a Go plugin about 4 MB.
+    max_module_size: int = setting(16 * MiB, "largest module a deploy accepts, bytes")
     # An invoke's envelope takes about 4 bytes of guest memory per body byte.
     max_request_size: int = setting(8 * MiB, "largest invoke or query body, bytes")
     max_response_size: int = setting(16 * MiB, "largest answer a plugin may return, bytes")
     max_file_size: int = setting(16 * MiB, "largest stored file, bytes")
     max_db_size: int = setting(1 * GiB, "largest total of one database's files, bytes", zero="no quota")
+    memory_budget: int = setting(64 * MiB, "bytes of large (1 MiB or more) request bodies and plugin answers "
+                                           "worked on at once; more are refused with 503")
     query_limit: int = setting(100, "items a query answers when it sets no limit")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
     access_log: bool = setting(False, "log one line per request")
@@ -601,6 +604,35 @@ def pool_slots(threads: int) -> int:
     return min(MAX_POOL_SLOTS, max(32, 4 * threads))
 
 
+def _libc_function(name: str) -> Optional[Callable]:
+    """A function of the C library (glibc's malloc tuning), or None where there is none."""
+    with contextlib.suppress(OSError, AttributeError):
+        return getattr(ctypes.CDLL(None), name)
+    return None
+
+
+_malloc_trim, _mallopt = _libc_function("malloc_trim"), _libc_function("mallopt")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+
+
+def tune_malloc() -> None:
+    """Have glibc map every buffer of 1 MiB or more on its own, so freeing it returns it to the system.
+
+    By default glibc raises that threshold to the largest buffer freed so
+    far (up to 32 MiB), after which large request and answer buffers come
+    from the heap and stay resident after a request, failed or not.
+    """
+    if _mallopt is not None:
+        _mallopt(M_MMAP_THRESHOLD, 1 * MiB)
+        _mallopt(M_TRIM_THRESHOLD, 8 * MiB)
+
+
+def release_free_memory() -> None:
+    """Give memory the C heap holds but no longer uses back to the system (after a compile, say)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 def _pooling_available() -> bool:
     """Whether the installed wasmtime-py reaches the pooling allocator (below its public API)."""
     try:
@@ -813,8 +845,24 @@ class Wasm:
             log.debug("no epoch timer (%s): a ticker thread instead", exc)
             return False
 
-    def compile(self, wasm_bytes: bytes) -> wasmtime.Module:
-        return wasmtime.Module(self.engine, wasm_bytes)
+    _compile_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+    def compile(self, wasm_bytes: bytes, wait: bool = True) -> wasmtime.Module:
+        """The compiled module; at most one compile per core at a time.
+
+        Compiling a large module takes seconds and a lot of memory; with
+        ``wait=False`` (a deploy) a compile that finds every core busy is a
+        503 instead of one more in the queue. Memory the compiler freed goes
+        back to the system afterwards.
+        """
+        if not self._compile_slots.acquire(blocking=wait):
+            raise ApiError(503, f"{os.cpu_count() or 1} module(s) are being compiled, one per core: retry "
+                                "this deploy shortly", {"Retry-After": "5"})
+        try:
+            return wasmtime.Module(self.engine, wasm_bytes)
+        finally:
+            self._compile_slots.release()
+            release_free_memory()
 
     @staticmethod
     def interrupt(caller: wasmtime.Caller) -> None:
@@ -1404,7 +1452,7 @@ class PluginRegistry:
                                 "(send the binary format)")
         check_declared_sizes(wasm_bytes, self.settings)
         try:
-            module = self.wasm.compile(wasm_bytes)
+            module = self.wasm.compile(wasm_bytes, wait=False)
         except wasmtime.WasmtimeError as exc:
             if no_memory_left(exc):
                 raise ApiError(503, f"no memory left to compile the module right now: {_first_line(exc)}",
@@ -2760,9 +2808,10 @@ class ApiPlugin:
     name = "aeordb-api"
     api = 2
 
-    def __init__(self, token: str, access_log: bool):
+    def __init__(self, token: str, access_log: bool, budget: MemoryBudget):
         self.token = token.encode("ascii")
         self.access_log = access_log
+        self.budget = budget
 
     def is_authorized(self, header: str) -> bool:
         """Whether an Authorization header carries the token (the scheme is case-insensitive, RFC 7235)."""
@@ -2785,6 +2834,7 @@ class ApiPlugin:
             except ApiError as exc:
                 result = _json_response({"error": exc.message}, exc.status, exc.headers)
             except bottle.HTTPResponse:
+                self.budget.release(bottle.request.environ)
                 raise
             except Exception as exc:
                 log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
@@ -2792,6 +2842,7 @@ class ApiPlugin:
                     result = _json_response({"error": storage_error("serving", exc).message}, 503)
                 else:
                     result = _json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
+            self.budget.release(bottle.request.environ)
             if self.access_log:
                 log.info("%s %s %s %.1fms", bottle.request.method, bottle.request.path,
                          getattr(result, "status_code", bottle.response.status_code),
@@ -2800,14 +2851,54 @@ class ApiPlugin:
         return wrapper
 
 
-def read_body(limit: int, what: str) -> bytes:
-    """The request body, refused with 413 from Content-Length before anything is read."""
+LARGE_BODY = 1 * MiB   # bodies and answers from this size on count against the memory budget
+
+
+class MemoryBudget:
+    """Bytes of large request bodies and plugin answers being worked on at once.
+
+    Each such byte costs several in memory (the envelope, the guest's copy,
+    the answer), so their sum is bounded: past the budget a request is
+    refused with 503 at once, and peak memory stays predictable.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int, what: str) -> None:
+        """Count ``size`` bytes against the budget until the request ends (ApiPlugin gives them back)."""
+        if size < LARGE_BODY:
+            return
+        environ = bottle.request.environ
+        own = environ.get("aeordb.reserved", 0)
+        with self._lock:
+            if self.used > own and self.used + size > self.capacity:   # one request alone always goes through
+                raise ApiError(503, f"too many large requests at once: the {what} of {size} bytes does "
+                                    f"not fit the memory budget of {self.capacity} bytes (--memory-budget): "
+                                    "retry", RETRY_SOON)
+            self.used += size
+        environ["aeordb.reserved"] = own + size
+
+    def release(self, environ: dict) -> None:
+        reserved = environ.pop("aeordb.reserved", 0)
+        if reserved:
+            with self._lock:
+                self.used -= reserved
+            release_free_memory()
+
+
+def read_body(limit: int, what: str, budget: MemoryBudget) -> bytes:
+    """The request body, refused with 413 (or 503, over the memory budget) before anything is read."""
     request = bottle.request
     length = request.content_length
     if length > limit:
         raise ApiError(413, f"{what} of {length} bytes exceeds the limit of {limit} bytes")
+    budget.reserve(length, what)
     if length < 0:
         data = request.body.read(limit + 1)
+        budget.reserve(len(data), what)
     else:
         data = request.environ["wsgi.input"].read(length) if length else b""
     if len(data) > limit:
@@ -2815,9 +2906,9 @@ def read_body(limit: int, what: str) -> bytes:
     return data
 
 
-def read_json_body(limit: int) -> Any:
+def read_json_body(limit: int, budget: MemoryBudget) -> Any:
     try:
-        return load_json(read_body(limit, "request body") or b"null")
+        return load_json(read_body(limit, "request body", budget) or b"null")
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
@@ -2848,11 +2939,13 @@ class Api:
 
     PUBLIC_ROUTES = ("/_health",)   # the routes served without a token
 
-    def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime):
+    def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime,
+                 budget: MemoryBudget):
         self.settings = settings
         self.registry = registry
         self.files = files
         self.runtime = runtime
+        self.budget = budget
         self._request_prefix, self._request_numbers = secrets.token_hex(4), itertools.count(1)
 
     def mount(self, app: bottle.Bottle) -> None:
@@ -2899,7 +2992,7 @@ class Api:
         if path.endswith("/"):   # GET answers such a path with a listing: it names a directory
             raise ApiError(400, f"cannot store a file at a directory path ending in '/': /{path}")
         target = normalize_file_path("/" + path)
-        data = read_body(self.settings.max_file_size, "file")
+        data = read_body(self.settings.max_file_size, "file", self.budget)
         meta, created = self.files.write(db, target, data, bottle.request.get_header("Content-Type"))
         return _json_response(meta, 201 if created else 200)
 
@@ -2911,7 +3004,7 @@ class Api:
 
     def query(self, db: str) -> dict:
         check_segments(db)
-        spec = read_json_body(self.settings.max_request_size)
+        spec = read_json_body(self.settings.max_request_size, self.budget)
         limit = self.settings.query_timeout or self.settings.timeout
         self.files.set_deadline(time.monotonic() + limit)
         try:
@@ -2938,7 +3031,7 @@ class Api:
             raise ApiError(400, "name must be 1-128 printable characters")
         if plugin_type != "wasm":
             raise ApiError(400, f"unsupported plugin_type {plugin_type!r}: only 'wasm'")
-        wasm_bytes = read_body(self.settings.max_module_size, "module")
+        wasm_bytes = read_body(self.settings.max_module_size, "module", self.budget)
         if not wasm_bytes:
             raise ApiError(400, "empty body: send the module's bytes")
         return self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
@@ -2946,7 +3039,7 @@ class Api:
     def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
         check_segments(db, schema, table, function)
         plugin = self.registry.get(f"{db}/{schema}/{table}")
-        body = read_body(self.settings.max_request_size, "request body")
+        body = read_body(self.settings.max_request_size, "request body", self.budget)
         environ = bottle.request.environ
         metadata = {"function_name": function, "path": f"/{db}/{schema}/{table}/{function}",
                     "plugin_path": plugin.key, "method": environ["REQUEST_METHOD"],
@@ -2956,6 +3049,7 @@ class Api:
         invocation = Invocation(db=db, plugin_key=plugin.key, metadata=metadata,
                                 deadline=time.monotonic() + self.settings.timeout)
         answer, raw = self.runtime.invoke(plugin, body, invocation)
+        self.budget.reserve(len(raw), "plugin's answer")
         # Set on bottle's response and return the bytes: an HTTPResponse would
         # be built, then copied onto the response twice.
         response = bottle.response
@@ -2988,12 +3082,14 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     files = FileStore(settings)
     runtime = WasmRuntime(settings, files, wasm)
     registry = PluginRegistry(settings, wasm, runtime.new_linker)
+    tune_malloc()
+    budget = MemoryBudget(settings.memory_budget)
 
     app = bottle.Bottle()
     app.config.update({"aeordb.settings": settings, "aeordb.token": token,
                        "aeordb.token_created": token_created, "aeordb.registry": registry,
-                       "aeordb.files": files, "aeordb.runtime": runtime})
-    api_plugin = ApiPlugin(token, settings.access_log)
+                       "aeordb.files": files, "aeordb.runtime": runtime, "aeordb.budget": budget})
+    api_plugin = ApiPlugin(token, settings.access_log, budget)
     # What a server may check from a request's head alone, before reading its body.
     app.config["aeordb.authorize"] = lambda route, authorization: (
         route in Api.PUBLIC_ROUTES or api_plugin.is_authorized(authorization))
@@ -3001,7 +3097,7 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     app.install(api_plugin)
     app.default_error_handler = json_error_page
     app.add_hook("before_request", refuse_invalid_utf8_path)
-    Api(settings, registry, files, runtime).mount(app)
+    Api(settings, registry, files, runtime, budget).mount(app)
     return app
 
 

@@ -4028,3 +4028,43 @@ def test_the_open_file_limit_is_checked_against_the_connection_limit(monkeypatch
     monkeypatch.setattr(resource, "getrlimit", lambda which: (164, 164))
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: None)
     assert aeordb.fit_open_files(1000) == 100 and "allows 100 connections, not 1000" in caplog.text
+
+
+def test_deploys_compile_one_module_per_core_at_a_time(client):
+    slots = aeordb.Wasm._compile_slots
+    taken = 0
+    while slots.acquire(blocking=False):
+        taken += 1
+    try:
+        assert taken == (os.cpu_count() or 1)
+        answer = deploy(client, "db/s/t", wat(ECHO_WAT), status=503)
+        assert "compiled, one per core" in error_of(answer) and answer.headers["Retry-After"] == "5"
+        assert client.get("/db/_plugins", headers=AUTH).json == []
+    finally:
+        for _ in range(taken):
+            slots.release()
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    assert aeordb.Settings().max_module_size == 16 * aeordb.MiB
+
+
+def test_large_bodies_in_flight_are_bounded_by_the_memory_budget(tmp_path):
+    client, app = make_app(tmp_path, memory_budget=2 * aeordb.MiB, timeout=1.0, max_request_size=4 * aeordb.MiB)
+    budget = app.config["aeordb.budget"]
+    deploy(client, "db/s/loop", wat(LOOP_WAT))
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    big = b"x" * (1536 * 1024)
+    with server_thread(app) as port:
+        outcome = {}
+        spinning = threading.Thread(target=lambda: outcome.update(
+            first=http_request(port, "POST", "/db/s/loop/f/_invoke", big)))
+        spinning.start()
+        wait_for(lambda: budget.used == len(big), what="the first large body counted")
+        status, headers, body = http_request(port, "POST", "/db/s/echo/f/_invoke", big)
+        assert status == 503 and "memory budget of 2097152 bytes" in json.loads(body)["error"]
+        assert headers["retry-after"] == "1"
+        assert http_request(port, "POST", "/db/s/echo/f/_invoke", b"small")[0] == 200   # small ones pass
+        spinning.join(20)
+        assert outcome["first"][0] == 500 and budget.used == 0   # given back, failed or not
+        status, _, body = http_request(port, "POST", "/db/s/echo/f/_invoke", big)
+        assert status == 200 and bytes(json.loads(body)["arguments"]) == big
+    assert budget.used == 0
