@@ -47,6 +47,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import tempfile
 import threading
@@ -564,7 +565,7 @@ CLOCK_MONOTONIC, SIGEV_THREAD = 1, 2
 HOST_FUNCTION_NAMES = (
     "aeordb_read_file", "aeordb_write_file", "aeordb_delete_file", "aeordb_file_metadata",
     "aeordb_list_directory", "aeordb_extract_file", "aeordb_query", "aeordb_aggregate",
-    "aeordb_context",
+    "aeordb_context", "aeordb_set_response",
 )
 LOG_FUNCTION_NAME = "log_message"
 WRITING_HOST_FUNCTIONS = ("aeordb_write_file", "aeordb_delete_file")
@@ -847,15 +848,15 @@ class Wasm:
 
     _compile_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
 
-    def compile(self, wasm_bytes: bytes, wait: bool = True) -> wasmtime.Module:
+    def compile(self, wasm_bytes: bytes, wait: Optional[float] = None) -> wasmtime.Module:
         """The compiled module; at most one compile per core at a time.
 
-        Compiling a large module takes seconds and a lot of memory; with
-        ``wait=False`` (a deploy) a compile that finds every core busy is a
-        503 instead of one more in the queue. Memory the compiler freed goes
-        back to the system afterwards.
+        Compiling a large module takes seconds and a lot of memory. A compile
+        waits for a free core at most ``wait`` seconds (None: as long as it
+        takes), then it is a 503. Memory the compiler freed goes back to the
+        system afterwards.
         """
-        if not self._compile_slots.acquire(blocking=wait):
+        if not self._compile_slots.acquire(timeout=wait):
             raise ApiError(503, f"{os.cpu_count() or 1} module(s) are being compiled, one per core: retry "
                                 "this deploy shortly", {"Retry-After": "5"})
         try:
@@ -903,21 +904,25 @@ class GuestFailure(Exception):
 
 
 def run_guest(ops: "GuestOps", engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
-              has_alloc: bool, quick_instantiate: bool = False) -> bytes:
-    """The one sequence of an invocation's guest work: the answer bytes of handle(request).
+              has_alloc: bool, quick_instantiate: bool = False, entry: str = "handle",
+              initialize: bool = False, wasi: Optional[wasmtime.WasiConfig] = None) -> bytes:
+    """The one sequence of an invocation's guest work: the answer bytes of entry(request).
 
-    A fresh Store with the limits, instantiate, place the request (at
-    alloc(len), else at 0), call handle, bounds-check and read the answer,
-    drop the Store. ``target`` is the plugin's InstancePre, or (public API
-    only) a callable making (instance, memory) in a Store, for a module
-    importing env.memory. Raises GuestFailure when the guest traps, ApiError
-    for a bad pointer.
+    A fresh Store with the limits (and ``wasi``, for a module importing
+    WASI), instantiate, call ``_initialize`` (a WASI reactor's), place the
+    request (at alloc(len), else at 0), call the entry (``handle`` or
+    ``handle_raw``), bounds-check and read the answer, drop the Store.
+    ``target`` is the plugin's InstancePre, or (public API only) a callable
+    making (instance, memory) in a Store, for a module importing env.memory.
+    Raises GuestFailure when the guest traps, ApiError for a bad pointer.
     """
-    call = ops.begin(engine, limits)
+    call = ops.begin(engine, limits, wasi)
     try:
-        ops.instantiate(call, target, quick_instantiate)
+        ops.instantiate(call, target, quick_instantiate, entry)
+        if initialize:
+            ops.call_initialize(call)
         pointer = place_in_guest(ops, call, request, "request", has_alloc)
-        packed = ops.call_handle(call, pointer, len(request))
+        packed = ops.call_entry(call, pointer, len(request))
         start, length = answer_span(packed, ops.memory_size(call), limits.max_answer)
         return ops.read(call, start, length) if length else b""
     except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
@@ -965,16 +970,20 @@ class _PublicCall:
     memory: Optional[wasmtime.Memory] = None
     exports: Any = None
     alloc: Optional[wasmtime.Func] = None
+    entry: Optional[wasmtime.Func] = None
 
 
 class GuestOps:
     """The primitives of ``run_guest`` on wasmtime-py's public API."""
 
-    def begin(self, engine: wasmtime.Engine, limits: GuestLimits) -> _PublicCall:
+    def begin(self, engine: wasmtime.Engine, limits: GuestLimits,
+              wasi: Optional[wasmtime.WasiConfig] = None) -> _PublicCall:
         store = wasmtime.Store(engine)
         store.set_limits(memory_size=limits.memory, table_elements=limits.table_elements,
                          instances=STORE_INSTANCES, tables=STORE_TABLES, memories=STORE_MEMORIES)
         store.set_epoch_deadline(limits.deadline_ticks)
+        if wasi is not None:
+            store.set_wasi(wasi)
         return _PublicCall(store)
 
     def end(self, call: _PublicCall) -> None:
@@ -986,13 +995,17 @@ class GuestOps:
         alloc = caller.get("alloc")
         return _PublicCall(caller, memory, alloc=alloc if isinstance(alloc, wasmtime.Func) else None)
 
-    def instantiate(self, call: _PublicCall, target: Any, quick: bool) -> None:
+    def instantiate(self, call: _PublicCall, target: Any, quick: bool, entry: str) -> None:
         if isinstance(target, wasmtime.InstancePre):
             call.exports = target.instantiate(call.store).exports(call.store)
             call.memory = call.exports["memory"]
         else:
             instance, call.memory = target(call.store)
             call.exports = instance.exports(call.store)
+        call.entry = call.exports[entry]
+
+    def call_initialize(self, call: _PublicCall) -> None:
+        call.exports["_initialize"](call.store)
 
     def memory_size(self, call: _PublicCall) -> int:
         return call.memory.data_len(call.store)
@@ -1020,13 +1033,14 @@ class GuestOps:
             call.alloc = call.exports["alloc"]
         return call.alloc(call.store, size)
 
-    def call_handle(self, call: _PublicCall, pointer: int, length: int) -> int:
-        return call.exports["handle"](call.store, pointer, length)
+    def call_entry(self, call: _PublicCall, pointer: int, length: int) -> int:
+        return call.entry(call.store, pointer, length)
 
 
 # Arguments of FastGuestOps' untyped hot calls, made once: (name, length) of exports, value counts.
-_HANDLE, _MEMORY, _ALLOC = ((name, ctypes.c_size_t(len(name))) for name in (b"handle", b"memory", b"alloc"))
-_ONE, _TWO = ctypes.c_size_t(1), ctypes.c_size_t(2)
+_EXPORT_NAMES = {name: (name.encode(), ctypes.c_size_t(len(name)))
+                 for name in ("handle", "handle_raw", "memory", "alloc", "_initialize")}
+_ZERO, _ONE, _TWO = ctypes.c_size_t(0), ctypes.c_size_t(1), ctypes.c_size_t(2)
 
 
 class FastGuestOps(GuestOps):
@@ -1047,7 +1061,7 @@ class FastGuestOps(GuestOps):
               "wasmtime_memory_data", "wasmtime_memory_data_size", "wasmtime_memory_grow",
               "WASMTIME_EXTERN_FUNC", "WASMTIME_EXTERN_MEMORY", "wasmtime_store_new",
               "wasmtime_store_context", "wasmtime_store_limiter", "wasmtime_store_delete",
-              "wasmtime_context_set_epoch_deadline", "wasm_trap_t")
+              "wasmtime_context_set_epoch_deadline", "wasm_trap_t", "wasmtime_context_set_wasi")
 
     @classmethod
     def available(cls) -> bool:
@@ -1102,7 +1116,8 @@ class FastGuestOps(GuestOps):
         self._local = threading.local()
         _CallSlots(ffi)   # fails here, not on a first request, if a struct is not as expected
 
-    def begin(self, engine: wasmtime.Engine, limits: GuestLimits) -> "_CallSlots":
+    def begin(self, engine: wasmtime.Engine, limits: GuestLimits,
+              wasi: Optional[wasmtime.WasiConfig] = None) -> "_CallSlots":
         call = getattr(self._local, "slots", None)
         if call is None:
             call = self._local.slots = _CallSlots(self.ffi)
@@ -1115,20 +1130,32 @@ class FastGuestOps(GuestOps):
             self.store_limiter(call.store, limits.memory, limits.table_elements,
                                STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES)
         self.set_deadline(call.context, limits.deadline_ticks)
+        if wasi is not None:
+            error = self.ffi.wasmtime_context_set_wasi(call.context, wasi._consume())
+            if error:
+                self.store_delete(call.store)
+                call.busy = False
+                raise wasmtime.WasmtimeError._from_ptr(error)
         return call
 
     def end(self, call: "_CallSlots") -> None:
         self.store_delete(call.store)
         call.busy = False
 
-    def instantiate(self, call: "_CallSlots", target: wasmtime.InstancePre, quick: bool) -> None:
+    def instantiate(self, call: "_CallSlots", target: wasmtime.InstancePre, quick: bool, entry: str) -> None:
         instantiate = self.instantiate_holding if quick else self.instantiate_releasing
         error = instantiate(target.ptr(), call.context, call.instance_ref, call.trap_ref)
         if error or call.trap:
             self._raise(error, call)
-        self._export(call, _HANDLE, call.handle, call.handle_extern_ref, self.extern_func)
-        self._export(call, _MEMORY, call.memory, call.memory_extern_ref, self.extern_memory)
+        self._export(call, _EXPORT_NAMES[entry], call.handle, call.handle_extern_ref, self.extern_func)
+        self._export(call, _EXPORT_NAMES["memory"], call.memory, call.memory_extern_ref, self.extern_memory)
         call.has_memory = True
+
+    def call_initialize(self, call: "_CallSlots") -> None:
+        self._export(call, _EXPORT_NAMES["_initialize"], call.alloc, call.alloc_extern_ref, self.extern_func)
+        error = self.func_call(call.context, call.alloc_ref, None, _ZERO, None, _ZERO, call.trap_ref)
+        if error or call.trap:
+            self._raise(error, call)
 
     def memory_size(self, call: "_CallSlots") -> int:
         return self.memory_data_size(call.context, call.memory_ref)
@@ -1149,14 +1176,14 @@ class FastGuestOps(GuestOps):
         return ctypes.string_at(self.memory_data(call.context, call.memory_ref) + pointer, length)
 
     def call_alloc(self, call: "_CallSlots", size: int) -> int:
-        self._export(call, _ALLOC, call.alloc, call.alloc_extern_ref, self.extern_func)
+        self._export(call, _EXPORT_NAMES["alloc"], call.alloc, call.alloc_extern_ref, self.extern_func)
         call.params[0].of.i32 = size
         error = self.func_call(call.context, call.alloc_ref, call.params, _ONE, call.results, _ONE, call.trap_ref)
         if error or call.trap:
             self._raise(error, call)
         return call.results[0].of.i32
 
-    def call_handle(self, call: "_CallSlots", pointer: int, length: int) -> int:
+    def call_entry(self, call: "_CallSlots", pointer: int, length: int) -> int:
         params = call.params
         params[0].of.i32 = pointer
         params[1].of.i32 = length
@@ -1183,7 +1210,11 @@ class FastGuestOps(GuestOps):
 
 
 class _CallSlots:
-    """One thread's call state for FastGuestOps: reusable out-parameters (ctypes objects cost to create)."""
+    """One thread's call state for FastGuestOps: reusable out-parameters (ctypes objects cost to create).
+
+    ``handle`` holds the entry point (handle or handle_raw); ``alloc`` also
+    serves ``_initialize``, which runs before alloc is looked up.
+    """
 
     def __init__(self, ffi: Any):
         self._trap_type = ctypes.POINTER(ffi.wasm_trap_t)
@@ -1242,39 +1273,56 @@ class ModuleShape:
     writes_files: bool = True  # False when it imports no host function that writes
     # True when instantiating runs no guest code and copies little: see instantiates_quickly.
     quick_instantiate: bool = False
+    entry: str = "handle"      # or "handle_raw": the body's raw bytes in, raw bytes out
+    initialize: bool = False   # a WASI reactor: _initialize runs on each fresh instance first
+    wasi: bool = False         # imports wasi_snapshot_preview1
 
 
-def inspect_module(module: wasmtime.Module, settings: Settings, wasm_bytes: Optional[bytes]) -> ModuleShape:
+WASI_MODULE = "wasi_snapshot_preview1"
+ENTRY_POINTS = ("handle", "handle_raw")
+REACTOR_HOWTO = ("build it as a reactor that exports handle: Go: GOOS=wasip1 go build -buildmode=c-shared "
+                 "with //go:wasmexport handle; C: clang --target=wasm32-wasi -mexec-model=reactor; "
+                 "Rust: crate-type = [\"cdylib\"] with #[no_mangle] pub extern \"C\" fn handle")
+
+
+def inspect_module(module: wasmtime.Module, settings: Settings, wasm_bytes: Optional[bytes],
+                   provided: Callable[[str, str], Optional[tuple]]) -> ModuleShape:
     """Check a compiled module against the ABI without instantiating it.
 
-    ``wasm_bytes`` is its binary, when at hand and trusted; without it the
-    module is assumed to have a start function.
+    ``provided(module, name)`` answers the signature of what the server
+    provides under that import name, or None. ``wasm_bytes`` is the module's
+    binary, when at hand and trusted; without it the module is assumed to
+    have a start function.
     """
     exports = {export.name: export.type for export in module.exports}
-    handle = exports.get("handle")
-    if not isinstance(handle, wasmtime.FuncType):
+    entries = [name for name in ENTRY_POINTS if name in exports]
+    if not entries:
+        if "_start" in exports:
+            raise ApiError(400, "module is a WASI command (it exports _start, not handle): " + REACTOR_HOWTO)
         raise ApiError(400, "module does not export a function 'handle'")
-    if _signature(handle) != HOST_SIGNATURE:
-        raise ApiError(400, f"'handle' must be (i32, i32) -> i64, found {_describe(handle)}")
-    alloc = exports.get("alloc")
-    if alloc is not None and (not isinstance(alloc, wasmtime.FuncType)
-                              or _signature(alloc) != (("i32",), ("i32",))):
-        raise ApiError(400, "'alloc' must be a function (i32) -> i32")
+    if len(entries) > 1:
+        raise ApiError(400, "module exports both handle and handle_raw: export one (ambiguous)")
+    for name, expected in ((entries[0], HOST_SIGNATURE), ("alloc", (("i32",), ("i32",))),
+                           ("_initialize", ((), ()))):
+        kind = exports.get(name)
+        if kind is not None and (not isinstance(kind, wasmtime.FuncType) or _signature(kind) != expected):
+            raise ApiError(400, f"'{name}' must be a function {_describe_signature(expected)}, "
+                                f"found {_describe(kind)}")
 
-    unsupported, imports_memory, memory_min = [], False, 0
+    unsupported, mismatched, imports_memory, memory_min = [], [], False, 0
     for item in module.imports:
         kind = item.type
         name = f"{item.module}.{item.name}"
         if item.module == "env" and item.name == "memory" and isinstance(kind, wasmtime.MemoryType):
             imports_memory, memory_min = True, kind.limits.min
-        elif item.module == "aeordb" and item.name in HOST_FUNCTION_NAMES \
-                and isinstance(kind, wasmtime.FuncType) and _signature(kind) == HOST_SIGNATURE:
-            pass
-        elif item.module == "aeordb" and item.name == LOG_FUNCTION_NAME \
-                and isinstance(kind, wasmtime.FuncType) and _signature(kind) == LOG_SIGNATURE:
-            pass
-        else:
+            continue
+        expected = provided(item.module, item.name)
+        if expected is None:
             unsupported.append(f"{name} ({_describe(kind)})")
+        elif not isinstance(kind, wasmtime.FuncType) or _signature(kind) != expected:
+            mismatched.append(f"{name} must be {_describe_signature(expected)}, found {_describe(kind)}")
+    if mismatched:
+        raise ApiError(400, "module imports with the wrong signature: " + "; ".join(mismatched))
     if unsupported:
         raise ApiError(400, "module imports what aeordb.py does not provide: " + ", ".join(unsupported))
 
@@ -1287,14 +1335,20 @@ def inspect_module(module: wasmtime.Module, settings: Settings, wasm_bytes: Opti
         if isinstance(export, wasmtime.TableType):
             check_initial_table(export.limits.min, settings)
     writes = any(item.module == "aeordb" and item.name in WRITING_HOST_FUNCTIONS for item in module.imports)
-    return ModuleShape(has_alloc=alloc is not None, imports_memory=imports_memory, writes_files=writes,
-                       quick_instantiate=wasm_bytes is not None and instantiates_quickly(wasm_bytes))
+    return ModuleShape(has_alloc="alloc" in exports, imports_memory=imports_memory, writes_files=writes,
+                       quick_instantiate=wasm_bytes is not None and instantiates_quickly(wasm_bytes),
+                       entry=entries[0], initialize="_initialize" in exports,
+                       wasi=any(item.module == WASI_MODULE for item in module.imports))
+
+
+def _describe_signature(signature: tuple) -> str:
+    params, results = signature
+    return f"({', '.join(params)}) -> " + (results[0] if len(results) == 1 else f"({', '.join(results)})")
 
 
 def _describe(kind: Any) -> str:
     if isinstance(kind, wasmtime.FuncType):
-        params, results = _signature(kind)
-        return f"func ({', '.join(params)}) -> ({', '.join(results)})"
+        return "func " + _describe_signature(_signature(kind))
     return type(kind).__name__.replace("Type", "").lower()
 
 
@@ -1419,6 +1473,7 @@ class PluginRegistry:
     def __init__(self, settings: Settings, wasm: Wasm, linker_factory: Callable[[], wasmtime.Linker]):
         self.settings = settings
         self.wasm = wasm
+        self._signatures: dict = {}
         self.root = settings.data_dir / "plugins"
         self.cache = settings.data_dir / "cache"
         self._linker = linker_factory()
@@ -1440,6 +1495,20 @@ class PluginRegistry:
     def list_all(self) -> list:
         return [dict(plugin.meta) for _, plugin in sorted(self._plugins.items())]
 
+    def provided(self, module: str, name: str) -> Optional[tuple]:
+        """The signature of the function the server provides as import ``module.name``, or None."""
+        key = (module, name)
+        if key not in self._signatures:
+            store = wasmtime.Store(self.wasm.engine)
+            try:
+                item = self._linker.get(store, module, name)
+                self._signatures[key] = _signature(item.type(store)) if isinstance(item, wasmtime.Func) else None
+            except wasmtime.WasmtimeError:
+                self._signatures[key] = None
+            finally:
+                store.close()
+        return self._signatures[key]
+
     # -- writing ---------------------------------------------------------------
 
     def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
@@ -1452,13 +1521,13 @@ class PluginRegistry:
                                 "(send the binary format)")
         check_declared_sizes(wasm_bytes, self.settings)
         try:
-            module = self.wasm.compile(wasm_bytes, wait=False)
+            module = self.wasm.compile(wasm_bytes, wait=self.settings.timeout)
         except wasmtime.WasmtimeError as exc:
             if no_memory_left(exc):
                 raise ApiError(503, f"no memory left to compile the module right now: {_first_line(exc)}",
                                RETRY_SOON) from None
             raise ApiError(400, f"not a valid WebAssembly module: {_first_line(exc)}") from None
-        shape = inspect_module(module, self.settings, wasm_bytes)
+        shape = inspect_module(module, self.settings, wasm_bytes, self.provided)
         sha = hashlib.sha256(wasm_bytes).hexdigest()
         meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": key, "plugin_type": plugin_type,
                 "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
@@ -1517,7 +1586,7 @@ class PluginRegistry:
                 meta["path"] = "/".join(folder.relative_to(self.root).parts)
                 module_file = folder / f"module-{meta['sha256']}.wasm"
                 module, wasm_bytes = self._load_module(meta["sha256"], module_file)
-                shape = inspect_module(module, self.settings, wasm_bytes)
+                shape = inspect_module(module, self.settings, wasm_bytes, self.provided)
                 self._plugins[meta["path"]] = self._prepare(meta, module, shape)
                 self._remove_stale_modules(folder, keep=meta["sha256"])
                 if not module_file.exists():
@@ -2481,9 +2550,15 @@ def parse_response_envelope(raw: bytes, codec: ByteArrayCodec) -> Optional[Plugi
                 return None
         else:
             return None
-    status = envelope.get("status_code")
-    content_type = envelope.get("content_type")
-    headers = envelope.get("headers")
+    return plugin_answer(envelope, body)
+
+
+def plugin_answer(fields: dict, body: bytes) -> Optional[PluginAnswer]:
+    """The answer ``fields`` (``status_code``, ``content_type``?, ``headers``?) describe, or None
+    when they are not of those types. Both envelopes and aeordb_set_response go through here."""
+    status = fields.get("status_code")
+    content_type = fields.get("content_type")
+    headers = fields.get("headers")
     if type(status) is not int:
         return None
     if content_type is not None and not isinstance(content_type, str):
@@ -2518,6 +2593,8 @@ class Invocation:
     log_count: int = 0
     log_bytes: int = 0
     memory: Optional[wasmtime.Memory] = None   # the imported env.memory, on the slow path
+    response: Optional[dict] = None   # what aeordb_set_response said, for a handle_raw answer
+    output: Optional[dict] = None     # WASI stdout/stderr bytes not yet ended by a newline
 
 
 _TRAP_MESSAGES = {
@@ -2535,6 +2612,8 @@ _TRAP_MESSAGES = {
 MAX_HOST_ARGUMENT = 16 * MiB
 MAX_LOG_MESSAGES = 100       # log lines of one invocation
 MAX_LOG_BYTES = 16 * KiB      # log bytes of one invocation, all lines together
+WASI_LINE = 4 * KiB           # WASI output without a newline is logged in pieces of this size
+WASI_EBADF, WASI_EINTR, WASI_EINVAL = 8, 27, 28   # WASI preview 1 errno values
 
 
 class WasmRuntime:
@@ -2568,12 +2647,19 @@ class WasmRuntime:
             "aeordb_query": lambda inv, args: self.files.query(inv.db, args),
             "aeordb_aggregate": lambda inv, args: self.files.aggregate(inv.db, args),
             "aeordb_context": self._context,
+            "aeordb_set_response": self._set_response,
         }
 
     # -- linking ---------------------------------------------------------------
 
     def new_linker(self) -> wasmtime.Linker:
-        """A linker with every host function of the ABI (import module "aeordb")."""
+        """A linker with everything a plugin may import.
+
+        The ABI's host functions (import module "aeordb"); wasmtime's own WASI
+        preview 1, whose poll_oneoff is replaced by one that keeps the
+        invocation's deadline (wasmtime's sleeps through it); and
+        AssemblyScript's env.abort.
+        """
         linker = wasmtime.Linker(self.wasm.engine)
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         for name, handler in self._host.items():
@@ -2581,7 +2667,14 @@ class WasmRuntime:
                                self._host_entry(name, handler), access_caller=True)
         linker.define_func("aeordb", LOG_FUNCTION_NAME, wasmtime.FuncType([i32] * 4, []),
                            self._log_message, access_caller=True)
+        linker.define_wasi()
+        linker.allow_shadowing = True
+        linker.define_func(WASI_MODULE, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]),
+                           self._poll_oneoff, access_caller=True)
+        linker.allow_shadowing = False
+        linker.define_func("env", "abort", wasmtime.FuncType([i32] * 4, []), self._abort, access_caller=True)
         return linker
+
 
     # -- invoking --------------------------------------------------------------
 
@@ -2593,6 +2686,9 @@ class WasmRuntime:
         ApiError(500) names the cause of any failure.
         """
         with self.files.batch() if plugin.shape.writes_files else self._no_batch:
+            if plugin.shape.entry == "handle_raw":   # the body as it is, the answer as it is
+                raw = self._run(plugin, body, invocation)
+                return plugin_answer(invocation.response or {"status_code": 200}, raw), raw
             raw = self._run(plugin, build_request_envelope(body, invocation.metadata), invocation)
             return parse_response_envelope(raw, self.codec), raw
 
@@ -2602,12 +2698,14 @@ class WasmRuntime:
         else:
             ops, target = self.wasm.public_ops, functools.partial(
                 self._instantiate_importing_memory, plugin, invocation)
+        shape = plugin.shape
         self._current.invocation = invocation
         self.files.set_deadline(invocation.deadline)   # host functions' queries stop there too
         try:
             answer = run_guest(ops, self.wasm.engine, self.limits, target, request,
-                               has_alloc=plugin.shape.has_alloc,
-                               quick_instantiate=plugin.shape.quick_instantiate)
+                               has_alloc=shape.has_alloc, quick_instantiate=shape.quick_instantiate,
+                               entry=shape.entry, initialize=shape.initialize,
+                               wasi=self._sealed_wasi(invocation) if shape.wasi else None)
         except GuestFailure as failure:
             if no_memory_left(failure.error):
                 raise ApiError(503, "no memory left for the plugin's instance right now: "
@@ -2621,6 +2719,9 @@ class WasmRuntime:
         finally:
             self._current.invocation = None
             self.files.set_deadline(None)
+            if invocation.output:
+                for stream in invocation.output:
+                    self._wasi_output(invocation, stream, b"", flush=True)
         if invocation.failure:   # a host function's reason comes first
             raise ApiError(invocation.failure_status, f"plugin invocation failed: {invocation.failure}")
         return answer
@@ -2652,6 +2753,9 @@ class WasmRuntime:
         if name in _TRAP_MESSAGES:
             return _TRAP_MESSAGES[name]
         text = str(error)
+        exited = re.search(r"[Ee]xited with i32 exit status (-?\d+)", text)
+        if exited:
+            return f"the plugin exited with code {exited.group(1)} (WASI proc_exit)"
         if "memory" in text and ("limit" in text or "maximum" in text or "exceed" in text):
             return f"memory limit of {self.settings.memory_limit // MiB} MiB reached: {_first_line(error)}"
         cause = text.split("Caused by:", 1)[-1].strip()
@@ -2748,6 +2852,98 @@ class WasmRuntime:
         # One plugin line is one log line: a plugin must not forge others.
         text = text.replace("\r", "\\r").replace("\n", "\\n")
         plugin_log.log(level, "[%s] %s", invocation.plugin_key, text)
+
+    # -- WASI and AssemblyScript -----------------------------------------------
+
+    def _sealed_wasi(self, invocation: Invocation) -> wasmtime.WasiConfig:
+        """wasmtime's WASI with nothing of the host: no directories, environment or arguments,
+        an empty stdin; stdout and stderr go to the plugin's log. Clocks and random work."""
+        config = wasmtime.WasiConfig()
+        invocation.output = {"stdout": bytearray(), "stderr": bytearray()}
+        config.stdout_custom = lambda data: self._wasi_output(invocation, "stdout", data)
+        config.stderr_custom = lambda data: self._wasi_output(invocation, "stderr", data)
+        return config
+
+    def _wasi_output(self, invocation: Invocation, stream: str, data: bytes, flush: bool = False) -> None:
+        """What a plugin wrote to stdout or stderr: its log, one line per line written."""
+        pending = invocation.output[stream]
+        pending += data
+        while True:
+            end = pending.find(b"\n")
+            if end < 0 and (len(pending) >= WASI_LINE or flush and pending):
+                end = min(len(pending), WASI_LINE)
+            if end < 0 or not pending:
+                break
+            line = bytes(pending[:end])
+            del pending[:end + 1 if pending[end:end + 1] == b"\n" else end]
+            self.plugin_line(invocation, logging.INFO, stream.encode() + b": " + line)
+
+    def _poll_oneoff(self, caller: wasmtime.Caller, subscriptions: int, events: int, count: int,
+                     written: int) -> int:
+        """WASI's poll_oneoff within the invocation's deadline.
+
+        The sandbox has stdin (empty: ready at once), stdout and stderr
+        (always writable) and clocks. A sleep that would pass the deadline
+        sleeps to the deadline and fails the invocation there.
+        """
+        invocation = self._current.invocation
+        try:
+            memory = caller.get("memory")
+            raw = _guest_bytes(caller, memory, subscriptions, count * 48, 48 * 4096)
+            _guest_bytes(caller, memory, events, count * 32, 32 * 4096)
+            _guest_bytes(caller, memory, written, 4, 4)
+        except ApiError:
+            return WASI_EINVAL
+        ready, wake, now = [], math.inf, time.monotonic()
+        for index in range(count):
+            userdata, tag = struct.unpack_from("<QB", raw, index * 48)
+            if tag == 0:   # clock: id, timeout (ns), precision, flags (1: absolute)
+                clock_id, timeout, _, flags = struct.unpack_from("<IxxxxQQH", raw, index * 48 + 16)
+                delay = timeout / 1e9
+                if flags & 1:
+                    delay -= (time.time() if clock_id == 0 else time.monotonic() if clock_id == 1 else 0)
+                wake = min(wake, now + max(0.0, delay))
+                ready.append((userdata, tag, 0, now + max(0.0, delay)))
+            else:          # fd_read / fd_write
+                (fd,) = struct.unpack_from("<I", raw, index * 48 + 16)
+                ready.append((userdata, tag, 0 if fd in (0, 1, 2) else WASI_EBADF, now))
+        if not any(at <= now for *_, at in ready):
+            deadline = invocation.deadline if invocation is not None else math.inf
+            time.sleep(max(0.0, min(wake, deadline) - now))
+            if wake > deadline:
+                self._fail(caller, invocation, self.time_limit_reason)
+                return WASI_EINTR
+            now = time.monotonic()
+        out = b"".join(struct.pack("<QHBxxxxxQHxxxxxx", userdata, error, tag, 0, 1 if tag == 1 else 0)
+                       for userdata, tag, error, at in ready if at <= now + 1e-6)
+        memory.write(caller, out, events)
+        memory.write(caller, struct.pack("<I", len(out) // 32), written)
+        return 0
+
+    def _abort(self, caller: wasmtime.Caller, message: int, file: int, line: int, column: int) -> None:
+        """AssemblyScript's env.abort: the invocation fails with the message and where it was raised."""
+        invocation = self._current.invocation
+        memory = caller.get("memory")
+
+        def utf16(pointer: int) -> str:   # AssemblyScript strings: UTF-16LE, byte length at pointer - 4
+            try:
+                (size,) = struct.unpack("<I", _guest_bytes(caller, memory, pointer - 4, 4, 4))
+                return _guest_bytes(caller, memory, pointer, min(size, 2048), 2048).decode("utf-16-le", "replace")
+            except (ApiError, struct.error):
+                return "?"
+        where = f"{utf16(file) if file else '?'}:{line & 0xFFFFFFFF}:{column & 0xFFFFFFFF}"
+        self._fail(caller, invocation, f"the plugin aborted: {utf16(message) if message else 'abort'} at {where}")
+
+    def _set_response(self, invocation: Invocation, args: dict) -> dict:
+        """aeordb_set_response: the status, content type and headers of a handle_raw answer."""
+        fields = {**args}
+        if plugin_answer(fields, b"") is None:   # the same checks as an envelope's
+            raise ApiError(400, "aeordb_set_response takes {\"status_code\": int, \"content_type\"?: str, "
+                                "\"headers\"?: {str: str}}")
+        invocation.response = fields
+        return {"ok": True}
+
+    # -- files -------------------------------------------------------------------
 
     def _read_file(self, invocation: Invocation, args: dict) -> dict:
         data, meta = self.files.read(invocation.db, _require(args, "path", str))
