@@ -2851,7 +2851,8 @@ class WasmRuntime:
             invocation.log_bytes += min(len(message), room)
         # One plugin line is one log line: a plugin must not forge others.
         text = text.replace("\r", "\\r").replace("\n", "\\n")
-        plugin_log.log(level, "[%s] %s", invocation.plugin_key, text)
+        plugin_log.log(level, "[%s request=%s] %s", invocation.plugin_key,
+                       invocation.metadata.get("request_id", "-"), text)
 
     # -- WASI and AssemblyScript -----------------------------------------------
 
@@ -3315,6 +3316,7 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
 # writes are JSON like every other.
 
 SHUTDOWN_GRACE = 5.0   # seconds a stop waits for requests beyond the invocation time limit
+SHUTDOWN_SETTLE = 0.2  # seconds a stop reads from its connections before it judges them idle
 GUARD_INTERVAL = 0.5   # seconds between checks of the connections' head deadlines
 FILES_BESIDE_CONNECTIONS = 64   # descriptors the server needs besides one per connection
 
@@ -3417,6 +3419,7 @@ class Server:
 
         self.waitress = server.create_server(
             app, sockets=[listener], threads=settings.threads, ident="aeordb.py",
+            asyncore_use_poll=True,   # select() cannot watch descriptors past 1023
             max_request_body_size=settings.max_body_size, connection_limit=self.connection_limit,
             channel_timeout=max(1, int(settings.idle_timeout)),
             cleanup_interval=max(1, int(settings.idle_timeout / 4)))
@@ -3447,9 +3450,10 @@ class Server:
                 dispatcher.del_channel()
                 dispatcher.socket.close()
         log.info("stopping: letting requests in flight finish")
-        deadline = time.monotonic() + self.settings.timeout + SHUTDOWN_GRACE
-        loop(timeout=0.05)   # reads what connections sent before the stop: that is in flight too
-        while self._busy() and time.monotonic() < deadline:
+        now = time.monotonic()
+        deadline, settled = now + self.settings.timeout + SHUTDOWN_GRACE, now + SHUTDOWN_SETTLE
+        # What connections sent before the stop is in flight too: read for a moment before judging.
+        while (time.monotonic() < settled or self._busy()) and time.monotonic() < deadline:
             loop(timeout=0.05)
         server.task_dispatcher.shutdown(timeout=1)
         server.asyncore.close_all(server._map)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
+import dataclasses
 import functools
 import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -497,23 +498,21 @@ def server_process(data_dir: Path, *extra_args: str, env: dict | None = None, ad
 
 
 @contextlib.contextmanager
-def server_thread(app, threads: int = 4, **options):
-    """A real waitress server for ``app`` in this process, on a free 127.0.0.1 port; yields the port."""
-    import waitress.server
-    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=threads, **options)
+def server_thread(app, threads: int = 4):
+    """aeordb.py's own Server for ``app`` (guarded connections, clean stop) in a thread on a free
+    127.0.0.1 port, with ``threads`` workers; yields the port."""
+    settings = dataclasses.replace(app.config["aeordb.settings"], threads=threads)
+    server = aeordb.Server(app, settings, aeordb.bind_listener("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        port = server.effective_port
+        port = server.waitress.socket.getsockname()[1]
         wait_until_healthy(port)
         yield port
     finally:
-        # Close from inside the server's own loop (via its trigger), so that
-        # select() never sees a descriptor closed under it by this thread.
-        server.task_dispatcher.shutdown()
-        server.trigger.pull_trigger(lambda: [channel.close() for channel in list(server._map.values())])
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "waitress did not stop"
+        server.stop()
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture
@@ -554,19 +553,10 @@ def send_raw(port: int, head: bytes, body: bytes, timeout: float = 5.0) -> bytes
 
 @contextlib.contextmanager
 def guarded_server(data_dir: Path, **overrides):
-    """aeordb.py's own Server (guarded connections, clean stop) in a thread on 127.0.0.1; yields (client, port)."""
+    """A fresh app on ``data_dir`` served by server_thread; yields (webtest client, port)."""
     client, app = make_app(data_dir, **overrides)
-    server = aeordb.Server(app, app.config["aeordb.settings"], aeordb.bind_listener("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        port = server.waitress.socket.getsockname()[1]
-        wait_until_healthy(port)
+    with server_thread(app, threads=app.config["aeordb.settings"].threads) as port:
         yield client, port
-    finally:
-        server.stop()
-        thread.join(20)
-        assert not thread.is_alive(), "the server did not stop"
 
 
 def read_response(sock: socket.socket) -> tuple:
@@ -1854,7 +1844,7 @@ def test_log_message(client, caplog):
                                          ("aeordb_context", b"{}")], table="logger")
     assert json.loads(answer.body)["plugin_path"] == "lg/s/logger"
     records = [r for r in caplog.records if r.name == "aeordb.plugin"]
-    assert any("[lg/s/logger]" in r.getMessage() and "hello from wasm ✓" in r.getMessage()
+    assert any("[lg/s/logger request=" in r.getMessage() and "hello from wasm ✓" in r.getMessage()
                and r.levelno == logging.WARNING for r in records), [r.getMessage() for r in records]
 
 
@@ -1874,7 +1864,8 @@ def test_plugin_log_lines_cannot_forge_other_lines(client, caplog):
     with caplog.at_level("INFO", logger="aeordb.plugin"):
         invoke(client, "db/s/logger/f")
     lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
-    assert lines == ["[db/s/logger] first\\r\\nINFO aeordb: forged\\rthird"]
+    assert len(lines) == 1 and re.fullmatch(r"\[db/s/logger request=\S+\] first\\r\\nINFO aeordb: forged\\rthird",
+                                            lines[0]), lines
     assert not any(ch in lines[0] for ch in "\r\n")
 
 
@@ -1886,7 +1877,8 @@ def test_example_plugin_matches_its_source_and_runs(client, caplog):
         answer = invoke(client, "mydb/public/users/greet", b'{"input": "hello"}')
     assert answer.json == {"hello": "world"}
     assert answer.headers["x-plugin"] == "hello"
-    assert any("[mydb/public/users] hello plugin invoked" in r.getMessage() for r in caplog.records)
+    assert any(re.fullmatch(r"\[mydb/public/users request=\S+\] hello plugin invoked", r.getMessage())
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("args", [
@@ -3219,11 +3211,10 @@ def test_unsafe_plugin_headers_are_dropped(real_server):
 
 
 def test_oversized_bodies_on_a_real_server(tmp_path):
-    """waitress's global cap (the one serve() sets) refuses a huge Content-Length before any body."""
+    """waitress's global cap (the one Server sets) refuses a huge Content-Length before any body."""
     client, app = make_app(tmp_path, max_module_size=1000, max_request_size=1000, max_file_size=1000)
-    settings = app.config["aeordb.settings"]
     deploy(client, "db/s/t", wat(ECHO_WAT))
-    with server_thread(app, max_request_body_size=settings.max_body_size) as port:
+    with server_thread(app) as port:
         for method, path in [("PUT", "/db/s/u/_deploy"), ("POST", "/db/s/t/f/_invoke"),
                              ("PUT", "/db/_files/big")]:
             head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
@@ -3319,7 +3310,7 @@ def test_concurrent_invocations_do_not_see_uncommitted_writes(real_server):
     class Marks(logging.Handler):
         def emit(self, record):   # runs in P's thread, inside its log_message call
             message = record.getMessage()
-            if "[c/s/p]" in message:
+            if "[c/s/p request=" in message:
                 if message.endswith("written"):
                     written.set()
                     reads_done.wait(10)
@@ -3869,8 +3860,10 @@ def test_plugin_logs_are_capped_in_lines_and_bytes(client, caplog):
     run_sequence(client, "lg", steps + [("aeordb_context", b"{}")])
     lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
     assert len(lines) == 4, [text[:80] for text in lines]
-    assert lines[0] == "[lg/s/seq] " + "x" * 6000 and lines[1] == lines[0]
-    assert lines[2] == "[lg/s/seq] " + "x" * (16 * 1024 - 12000) + " [truncated]"
+    prefix = lines[0].split("] ", 1)[0] + "] "
+    assert re.fullmatch(r"\[lg/s/seq request=\S+\] ", prefix), prefix
+    assert lines[0] == prefix + "x" * 6000 and lines[1] == lines[0]
+    assert lines[2] == prefix + "x" * (16 * 1024 - 12000) + " [truncated]"
     assert "log limit reached" in lines[3] and "16 KiB" in lines[3]
     assert sum(len(text) for text in lines) < 17 * 1024
     caplog.clear()
@@ -4069,3 +4062,673 @@ def test_large_bodies_in_flight_are_bounded_by_the_memory_budget(tmp_path):
         status, _, body = http_request(port, "POST", "/db/s/echo/f/_invoke", big)
         assert status == 200 and bytes(json.loads(body)["arguments"]) == big
     assert budget.used == 0
+
+
+# -- WASI, reactors, AssemblyScript and the raw entry point ----------------------
+
+WASI = "wasi_snapshot_preview1"
+
+
+def wasi_module(body: str, imports: str = "", data: str = "", extra: str = "") -> bytes:
+    """A module importing ``imports`` whose handle runs ``body`` (ending with an i64 answer).
+
+    Memory layout: data segments from 1024, scratch at 4096, answers built at 8192.
+    """
+    return wat(f"""
+(module
+  {imports}
+  (memory (export "memory") 2)
+  {data}
+  {extra}
+  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+    {body}))
+""")
+
+
+FD_WRITE = f'(import "{WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))'
+
+
+def test_wasi_output_goes_to_the_plugin_log_not_the_answer(client, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb.plugin")
+    module = wasi_module(imports=FD_WRITE, data='''
+      (data (i32.const 1024) "hello from stdout\\nsecond")
+      (data (i32.const 1100) "oops on stderr\\n")
+      (data (i32.const 2048) "\\00\\04\\00\\00\\18\\00\\00\\00")   ;; iovec: 1024, 24
+      (data (i32.const 2056) "\\4c\\04\\00\\00\\0f\\00\\00\\00")   ;; iovec: 1100, 15''', body='''
+      (drop (call $fd_write (i32.const 1) (i32.const 2048) (i32.const 1) (i32.const 3000)))
+      (drop (call $fd_write (i32.const 2) (i32.const 2056) (i32.const 1) (i32.const 3000)))
+      (i32.store (i32.const 8192) (i32.load (i32.const 3000)))   ;; bytes written, as the answer
+      (i64.or (i64.shl (i64.const 8192) (i64.const 32)) (i64.const 4))''')
+    deploy(client, "db/s/w", module)
+    answer = invoke(client, "db/s/w/f")
+    assert answer.body == (15).to_bytes(4, "little")   # its own answer, nothing of the output
+    lines = [r.getMessage() for r in caplog.records if r.name == "aeordb.plugin"]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("[db/s/w") and lines[0].endswith("stdout: hello from stdout")
+    assert lines[1].endswith("stderr: oops on stderr")
+    assert lines[2].endswith("stdout: second")   # what had no newline, at the end of the call
+    assert all("request=" in line for line in lines)
+
+
+def test_wasi_reaches_nothing_of_the_host(client):
+    imports = "\n".join([
+        f'(import "{WASI}" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))',
+        f'(import "{WASI}" "environ_sizes_get" (func $environ_sizes (param i32 i32) (result i32)))',
+        f'(import "{WASI}" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))',
+        f'(import "{WASI}" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))',
+        f'(import "{WASI}" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))',
+        f'(import "{WASI}" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))',
+        f'(import "{WASI}" "random_get" (func $random (param i32 i32) (result i32)))'])
+    module = wasi_module(imports=imports, data='(data (i32.const 1024) "/etc/passwd")'
+                         ' (data (i32.const 2048) "\\00\\0c\\00\\00\\10\\00\\00\\00")', body='''
+      ;; answer 8 little-endian u32: path_open errno, environ count, environ bytes, args count,
+      ;; args bytes, stdin bytes read, preopen errno, clock errno; then 8 bytes of time, 16 random
+      (i32.store (i32.const 8192) (call $path_open (i32.const 3) (i32.const 0) (i32.const 1024) (i32.const 11)
+                                                   (i32.const 0) (i64.const 2) (i64.const 2) (i32.const 0) (i32.const 4000)))
+      (drop (call $environ_sizes (i32.const 8196) (i32.const 8200)))
+      (drop (call $args_sizes (i32.const 8204) (i32.const 8208)))
+      (drop (call $fd_read (i32.const 0) (i32.const 2048) (i32.const 1) (i32.const 8212)))
+      (i32.store (i32.const 8216) (call $prestat (i32.const 3) (i32.const 4000)))
+      (i32.store (i32.const 8220) (call $clock (i32.const 0) (i64.const 1) (i32.const 8224)))
+      (drop (call $random (i32.const 8232) (i32.const 16)))
+      (i64.or (i64.shl (i64.const 8192) (i64.const 32)) (i64.const 56))''')
+    deploy(client, "db/s/sealed", module)
+    answer = invoke(client, "db/s/sealed/f").body
+    path_open, env_count, env_bytes, args_count, args_bytes, stdin_read, prestat, clock = \
+        [int.from_bytes(answer[i:i + 4], "little") for i in range(0, 32, 4)]
+    assert path_open != 0 and prestat != 0   # no directory to open anything in
+    assert (env_count, env_bytes, args_count, args_bytes, stdin_read) == (0, 0, 0, 0, 0)
+    now_ns = int.from_bytes(answer[32:40], "little")
+    assert clock == 0 and abs(now_ns / 1e9 - time.time()) < 60
+    assert answer[40:56] != bytes(16)   # random_get works
+    first = answer[40:56]
+    assert invoke(client, "db/s/sealed/f").body[40:56] != first
+
+
+def test_wasi_proc_exit_fails_the_call_naming_the_code(client):
+    module = wasi_module(imports=f'(import "{WASI}" "proc_exit" (func $exit (param i32)))',
+                         body="(call $exit (i32.const 3)) (i64.const 0)")
+    deploy(client, "db/s/exit", module)
+    assert "exited with code 3" in error_of(invoke(client, "db/s/exit/f", status=500))
+
+
+POLL_ONEOFF = f'(import "{WASI}" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))'
+
+
+def sleeping_module(nanoseconds: int) -> bytes:
+    """Sleeps ``nanoseconds`` with one relative clock subscription of poll_oneoff; answers 'woke'."""
+    subscription = (b"\x2a" + bytes(7) + bytes(8) + (1).to_bytes(4, "little") + bytes(4)
+                    + nanoseconds.to_bytes(8, "little") + bytes(8) + bytes(8))
+    return wasi_module(imports=POLL_ONEOFF, data=f'(data (i32.const 1024) "{wat_string(subscription)}")'
+                       ' (data (i32.const 8192) "woke")', body='''
+      (drop (call $poll (i32.const 1024) (i32.const 2048) (i32.const 1) (i32.const 3000)))
+      (if (i32.ne (i32.load (i32.const 3000)) (i32.const 1)) (then unreachable))   ;; one event
+      (if (i64.ne (i64.load (i32.const 2048)) (i64.const 42)) (then unreachable))   ;; its userdata
+      (i64.or (i64.shl (i64.const 8192) (i64.const 32)) (i64.const 4))''')
+
+
+def test_wasi_sleep_works_and_stops_at_the_time_limit(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.5)
+    deploy(client, "db/s/nap", sleeping_module(20_000_000))   # 20 ms
+    started = time.monotonic()
+    assert invoke(client, "db/s/nap/f").body == b"woke" and time.monotonic() - started >= 0.02
+    deploy(client, "db/s/coma", sleeping_module(60 * 10**9))   # a minute
+    started = time.monotonic()
+    assert "time limit of 0.5 s exceeded" in error_of(invoke(client, "db/s/coma/f", status=500))
+    assert 0.45 <= time.monotonic() - started < 2.0
+
+
+def test_wasi_reactors_are_initialized_before_alloc_and_handle(client):
+    module = wat("""
+(module
+  (memory (export "memory") 2)
+  (global $ready (mut i32) (i32.const 0))
+  (global $heap (mut i32) (i32.const 65536))
+  (func (export "_initialize") (global.set $ready (i32.const 1)))
+  (func (export "alloc") (param $n i32) (result i32) (local $p i32)
+    (if (i32.eqz (global.get $ready)) (then unreachable))
+    (local.set $p (global.get $heap)) (global.set $heap (i32.add (local.get $p) (local.get $n))) (local.get $p))
+  (func (export "handle") (param i32 i32) (result i64)
+    (if (i32.eqz (global.get $ready)) (then unreachable))
+    (i32.store8 (i32.const 0) (i32.add (i32.const 48) (global.get $ready)))
+    (global.set $ready (i32.add (global.get $ready) (i32.const 1)))
+    (i64.const 1)))
+""")
+    deploy(client, "db/s/reactor", module)
+    for _ in range(3):   # a fresh instance, initialized once, every call
+        assert invoke(client, "db/s/reactor/f", b"x").body == b"1"
+
+
+def test_a_wasi_command_is_refused_saying_how_to_build_a_reactor(client):
+    module = wat('(module (memory (export "memory") 1) (func (export "_start")))')
+    message = error_of(deploy(client, "db/s/cmd", module, status=400))
+    assert "WASI command" in message and "-buildmode=c-shared" in message
+    assert "-mexec-model=reactor" in message and "cdylib" in message
+
+
+def test_assemblyscript_abort_fails_the_call_with_its_message(client):
+    def as_string(text: str) -> bytes:
+        encoded = text.encode("utf-16-le")
+        return len(encoded).to_bytes(4, "little") + encoded
+    module = wasi_module(imports='(import "env" "abort" (func $abort (param i32 i32 i32 i32)))',
+                         data=f'(data (i32.const 1020) "{wat_string(as_string("Index out of range ✓"))}")'
+                              f' (data (i32.const 2044) "{wat_string(as_string("~lib/array.ts"))}")',
+                         body="(call $abort (i32.const 1024) (i32.const 2048) (i32.const 106) (i32.const 42))"
+                              " unreachable")
+    deploy(client, "db/s/as", module)
+    message = error_of(invoke(client, "db/s/as/f", status=500))
+    assert "aborted: Index out of range ✓ at ~lib/array.ts:106:42" in message
+    wild = wasi_module(imports='(import "env" "abort" (func $abort (param i32 i32 i32 i32)))',
+                       body="(call $abort (i32.const -8) (i32.const 2147483647) (i32.const 1) (i32.const 2))"
+                            " unreachable")
+    deploy(client, "db/s/wild", wild)
+    assert "aborted: ? at ?:1:2" in error_of(invoke(client, "db/s/wild/f", status=500))
+
+
+@pytest.mark.parametrize("imports, expected, found", [
+    (f'(import "{WASI}" "fd_write" (func (param i32) (result i32)))',
+     "wasi_snapshot_preview1.fd_write must be (i32, i32, i32, i32) -> i32", "found func (i32) -> i32"),
+    ('(import "aeordb" "aeordb_query" (func (param i32 i32) (result i32)))',
+     "aeordb.aeordb_query must be (i32, i32) -> i64", "found func (i32, i32) -> i32"),
+    ('(import "env" "abort" (func (param i32 i32)))',
+     "env.abort must be (i32, i32, i32, i32) -> ()", "found func (i32, i32) -> ()"),
+], ids=["wasi", "aeordb", "abort"])
+def test_a_known_import_with_the_wrong_signature_is_named(client, imports, expected, found):
+    message = error_of(deploy(client, "db/s/sig", wasi_module(imports=imports, body="(i64.const 0)"), status=400))
+    assert "wrong signature" in message and expected in message and found in message
+
+
+RAW_ECHO_WAT = f"""
+(module
+  (import "aeordb" "aeordb_set_response" (func $set_response (param i32 i32) (result i64)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (data (i32.const 1024) "{{\\"status_code\\": 201, \\"content_type\\": \\"text/plain\\", \\"headers\\": {{\\"x-raw\\": \\"yes\\", \\"set-cookie\\": \\"no\\"}}}}")
+  (func (export "handle_raw") (param $ptr i32) (param $len i32) (result i64)
+    ;; a body starting with 's' sets the response first
+    (if (i32.and (i32.gt_u (local.get $len) (i32.const 0)) (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 115)))
+      (then (drop (call $set_response (i32.const 1024) (i32.const 99)))))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
+"""
+
+
+def test_handle_raw_takes_and_answers_raw_bytes(client):
+    deploy(client, "db/s/raw", wat(RAW_ECHO_WAT))
+    body = bytes(range(256)) * 4096   # 1 MiB, every byte value
+    answer = invoke(client, "db/s/raw/f", body)
+    assert answer.body == body and answer.status_int == 200 and answer.content_type == "application/octet-stream"
+    answer = invoke(client, "db/s/raw/f", b"set it", status=201)
+    assert answer.body == b"set it" and answer.content_type == "text/plain"
+    assert answer.headers["x-raw"] == "yes" and "set-cookie" not in answer.headers
+    assert invoke(client, "db/s/raw/f", b"").body == b""
+
+
+def test_handle_raw_keeps_every_limit_and_rollback(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.5, max_response_size=1000)
+    write = write_step("/raw.txt", b"rolled back")
+    module = wat(f"""
+(module
+  (import "aeordb" "aeordb_write_file" (func $write (param i32 i32) (result i64)))
+  (memory (export "memory") 2)
+  {ALLOC_WAT}
+  (data (i32.const 1024) "{wat_string(write[1])}")
+  (func (export "handle_raw") (param $ptr i32) (param $len i32) (result i64)
+    (drop (call $write (i32.const 1024) (i32.const {len(write[1])})))
+    (if (i32.eq (local.get $len) (i32.const 4)) (then (loop $forever (br $forever))))
+    (if (i32.eq (local.get $len) (i32.const 5)) (then unreachable))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
+""")
+    deploy(client, "db/s/raw", module)
+    assert "time limit" in error_of(invoke(client, "db/s/raw/f", b"loop", status=500))
+    assert "unreachable" in error_of(invoke(client, "db/s/raw/f", b"traps", status=500))
+    assert "response limit" in error_of(invoke(client, "db/s/raw/f", b"x" * 2000, status=500))
+    assert client.get("/db/_files/raw.txt", headers=AUTH, expect_errors=True).status_int == 404
+    assert invoke(client, "db/s/raw/f", b"kept!!").body == b"kept!!"
+    assert client.get("/db/_files/raw.txt", headers=AUTH).body == b"rolled back"
+
+
+def test_set_response_is_checked_like_an_envelope(client):
+    for args, fragment in ((b'{"status_code": 700}', "outside 200-599"), (b'{"status_code": "ok"}', "takes"),
+                           (b'{"status_code": 200, "headers": {"x-a": 5}}', "takes")):
+        answer = json.loads(invoke(client, deploy(client, "db/s/set",
+                                                  host_call_module("aeordb_set_response", args)) and "db/s/set/f").body)
+        assert fragment in answer["error"], answer
+
+
+def test_a_module_exporting_both_entry_points_is_refused(client):
+    module = wat('(module (memory (export "memory") 1)'
+                 ' (func $h (param i32 i32) (result i64) (i64.const 0))'
+                 ' (export "handle" (func $h)) (export "handle_raw" (func $h)))')
+    assert "ambiguous" in error_of(deploy(client, "db/s/both", module, status=400))
+
+
+# Behaviours that hold and must keep holding ###################################
+
+# -- HTTP parsing on aeordb's own Server ---------------------------------------
+
+def read_responses(sock: socket.socket, count: int) -> list:
+    """``count`` HTTP/1.1 responses read in order from ``sock`` (Content-Length framed): [(status, headers, body)]."""
+    received, answers = b"", []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(answers)} response(s) and {received!r}"
+            received += chunk
+        head, received = received.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(received) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside a body"
+            received += chunk
+        answers.append((int(lines[0].split()[1]), headers, received[:length]))
+        received = received[length:]
+    return answers
+
+
+def raw_exchange(port: int, raw: bytes, count: int = 1) -> list:
+    """Send ``raw`` on one new connection; answer the first ``count`` responses."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        return read_responses(sock, count)
+
+
+def assert_json_error(answer: tuple, status: int) -> str:
+    got, headers, body = answer
+    assert got == status, (got, body[:300])
+    assert headers["content-type"] == "application/json", headers
+    error = json.loads(body)["error"]
+    assert isinstance(error, str) and error
+    return error
+
+
+def test_many_and_huge_headers_are_served_or_a_json_431(tmp_path):
+    auth = f"Authorization: {AUTH['Authorization']}\r\n".encode()
+    with guarded_server(tmp_path) as (client, port):
+        # 1,000 small headers, the token last among them: parsed whole, the request served.
+        many = b"".join(b"X-H%d: v%d\r\n" % (i, i) for i in range(1000))
+        [answer] = raw_exchange(port, b"PUT /db/_files/many HTTP/1.1\r\nHost: x\r\n" + many + auth
+                                + b"Content-Length: 4\r\n\r\nmany")
+        assert answer[0] == 201, answer
+        # 10,000 headers (about 170 KB, under waitress's 256 KiB head cap): served too.
+        lots = b"".join(b"X-Header-%05d: v\r\n" % i for i in range(10_000))
+        [answer] = raw_exchange(port, b"GET /db/_files/many HTTP/1.1\r\nHost: x\r\n" + lots + auth + b"\r\n")
+        assert answer[0] == 200 and answer[2] == b"many", answer[:1]
+        # Over the head cap, by many headers or by one huge one: a JSON 431, and the body is never stored.
+        for head in (b"".join(b"X-Header-%05d: %s\r\n" % (i, b"v" * 20) for i in range(20_000)),
+                     b"X-Huge: " + b"h" * 400_000 + b"\r\n"):
+            [answer] = raw_exchange(port, b"PUT /db/_files/big HTTP/1.1\r\nHost: x\r\n" + auth + head
+                                    + b"Content-Length: 3\r\n\r\nbig")
+            assert_json_error(answer, 431)
+        assert http_request(port, "GET", "/db/_files/big")[0] == 404
+        assert http_request(port, "GET", "/_health")[0] == 200
+
+
+def test_chunked_bodies_are_capped_with_json_413s(tmp_path):
+    limits = {"max_module_size": 1000, "max_request_size": 1000, "max_file_size": 1000}
+    with guarded_server(tmp_path, **limits) as (client, port):
+        cap = client.app.config["aeordb.settings"].max_body_size          # 1000 + 64 KiB
+        head = (b"PUT /db/_files/%s HTTP/1.1\r\nHost: x\r\nAuthorization: " + AUTH["Authorization"].encode()
+                + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        def chunked(total: int, size: int = 8192) -> bytes:
+            sizes = [size] * (total // size) + ([total % size] if total % size else [])
+            return b"".join(b"%x\r\n%s\r\n" % (n, b"c" * n) for n in sizes) + b"0\r\n\r\n"
+        # Past the outer cap: waitress stops reading and answers a JSON 413 itself.
+        [answer] = raw_exchange(port, head % b"outer" + chunked(cap + 8192))
+        assert str(cap) in assert_json_error(answer, 413)
+        # Under the outer cap, over the route's limit: the app's JSON 413 names the limit.
+        [answer] = raw_exchange(port, head % b"route" + chunked(1001, 100))
+        assert "1000" in assert_json_error(answer, 413)
+        # One chunk announcing far more than the cap: refused once the cap is passed.
+        [answer] = raw_exchange(port, head % b"liar" + b"%x\r\n" % (10 ** 12) + b"l" * (cap + 1))
+        assert_json_error(answer, 413)
+        # A chunk size that is no number: a JSON 400.
+        [answer] = raw_exchange(port, head % b"bad" + b"zz\r\nabc\r\n0\r\n\r\n")
+        assert_json_error(answer, 400)
+        # At the route's limit, chunked: stored whole.
+        [answer] = raw_exchange(port, head % b"fits" + chunked(1000, 300))
+        assert answer[0] == 201, answer
+        status, _, body = http_request(port, "GET", "/db/_files/")
+        assert status == 200 and json.loads(body)["entries"] == [{"name": "fits", "type": "file", "size": 1000}]
+
+
+def test_conflicting_content_lengths_are_a_json_400(tmp_path):
+    auth = f"Authorization: {AUTH['Authorization']}\r\n".encode()
+    with guarded_server(tmp_path) as (client, port):
+        for lengths in (b"Content-Length: 5\r\nContent-Length: 6\r\n", b"Content-Length: 5\r\nContent-Length: 5\r\n",
+                        b"Content-Length: 5, 6\r\n", b"Content-Length: -5\r\n", b"Content-Length: +5\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                # A smuggled second request rides behind the body: it must never run.
+                sock.sendall(b"PUT /db/_files/cl HTTP/1.1\r\nHost: x\r\n" + auth + lengths + b"\r\n"
+                             + b"hello!" + b"DELETE /db/_files/kept HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+                [answer] = read_responses(sock, 1)
+                assert "Content-Length" in assert_json_error(answer, 400), lengths
+                assert answer[1]["connection"] == "close"
+                assert sock.recv(10) == b""
+        assert http_request(port, "GET", "/db/_files/cl")[0] == 404
+        # Transfer-Encoding: chunked beside a Content-Length: the chunked framing wins, nothing is smuggled.
+        assert http_request(port, "PUT", "/db/_files/kept", b"kept")[0] == 201
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"PUT /db/_files/te HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 40\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                         b"GET /db/_files/te HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+            (put_status, _, _), (get_status, _, body) = read_responses(sock, 2)
+        assert put_status == 201 and get_status == 200 and body == b"abc"
+        assert http_request(port, "GET", "/db/_files/kept")[2] == b"kept"
+
+
+def test_pipelined_requests_are_answered_in_order(tmp_path):
+    auth = f"Authorization: {AUTH['Authorization']}\r\n".encode()
+    with guarded_server(tmp_path) as (client, port):
+        deploy(client, "db/s/echo", wat(ECHO_WAT))
+        requests = [b"GET /_health HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"PUT /db/_files/p HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 5\r\n\r\nfirst",
+                    b"GET /db/_files/p HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
+                    b"PUT /db/_files/p HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 6\r\n\r\nsecond",
+                    b"POST /db/s/echo/f/_invoke HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 2\r\n\r\nok",
+                    b"GET /db/_files/p HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
+                    b"GET /nowhere HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"".join(requests))          # all in one send
+            answers = read_responses(sock, len(requests))
+            assert [status for status, _, _ in answers] == [200, 201, 200, 200, 200, 200, 404]
+            assert answers[2][2] == b"first" and answers[5][2] == b"second"
+            assert json.loads(answers[4][2])["arguments"] == [111, 107]
+            assert_json_error(answers[6], 404)
+            # The connection stays open for more.
+            sock.sendall(requests[0])
+            assert read_responses(sock, 1)[0][0] == 200
+        # A request without the token in a pipeline ends the connection: what follows it never runs.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(requests[0] + b"PUT /db/_files/q HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nq"
+                         + b"PUT /db/_files/p HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 5\r\n\r\nthird")
+            first, refused = read_responses(sock, 2)
+            assert first[0] == 200 and refused[0] == 401 and refused[1]["connection"] == "close"
+            assert sock.recv(10) == b""
+        assert http_request(port, "GET", "/db/_files/p")[2] == b"second"
+        assert http_request(port, "GET", "/db/_files/q")[0] == 404
+
+
+def test_two_thousand_concurrent_connections_are_all_served(tmp_path):
+    """2,000 connections opened at once against the default --connection-limit (100): all are
+    served in turn (the rest wait in the listen backlog or retry their SYN), none is refused."""
+    import errno
+    import resource
+    import selectors
+    connections = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 200
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"the open-file limit ({hard}) is under {wanted}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    request = b"GET /_health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    selector = selectors.DefaultSelector()
+    answers: dict = {}
+    try:
+        with server_process(tmp_path / "data") as (process, port):
+            for number in range(connections):
+                sock = socket.socket()
+                sock.setblocking(False)
+                assert sock.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+                selector.register(sock, selectors.EVENT_WRITE, [number, b""])
+            deadline = time.monotonic() + 60
+            while len(answers) < connections:
+                assert time.monotonic() < deadline, f"only {len(answers)} of {connections} answered"
+                assert process.poll() is None, process.stdout.read()[-2000:]
+                for key, events in selector.select(timeout=1):
+                    sock, (number, _) = key.fileobj, key.data
+                    if events & selectors.EVENT_WRITE:
+                        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        assert error == 0, (number, os.strerror(error))
+                        sock.sendall(request)          # a few bytes: the socket's buffer takes them
+                        selector.modify(sock, selectors.EVENT_READ, key.data)
+                        continue
+                    chunk = sock.recv(65536)
+                    key.data[1] += chunk
+                    if not chunk:                          # Connection: close: the whole answer is in
+                        selector.unregister(sock)
+                        sock.close()
+                        answers[number] = key.data[1]
+            assert all(answer.startswith(b"HTTP/1.1 200 ") and b'"status": "ok"' in answer
+                       for answer in answers.values()), [a for a in answers.values() if b" 200 " not in a][:3]
+            assert http_request(port, "GET", "/_health")[0] == 200   # and it still serves
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_connection_limit_past_1024_descriptors_keeps_serving(tmp_path):
+    """--connection-limit allows 10,000: past 1,023 descriptors the serving loop must poll(), not select()."""
+    with server_process(tmp_path / "data", "--connection-limit", "1500") as (process, port):
+        held = []
+        try:
+            for _ in range(1100):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                held[-1].sendall(b"GET /_health HTTP/1.1\r\nHost: x\r\n\r\n")
+            for sock in held:
+                assert read_response(sock)[0] == 200
+        finally:
+            for sock in held:
+                sock.close()
+        assert process.poll() is None and http_request(port, "GET", "/_health")[0] == 200
+
+
+# -- plugins at scale and on damaged disks --------------------------------------
+
+def test_memory_bombs_from_32_clients_each_hit_the_memory_limit(tmp_path):
+    with guarded_server(tmp_path, memory_limit=16 * aeordb.MiB) as (client, port):
+        deploy(client, "db/s/bomb", wat(MEMORY_BOMB_WAT))
+        deploy(client, "db/s/echo", wat(ECHO_WAT))
+        bombs: list = []
+        echoes: list = []
+        done = threading.Event()
+
+        def bomb() -> None:
+            bombs.append(http_request(port, "POST", "/db/s/bomb/f/_invoke", b"boom", timeout=60))
+
+        def echo() -> None:
+            while not done.is_set() or not echoes:
+                status, _, body = http_request(port, "POST", "/db/s/echo/f/_invoke", b"ok", timeout=60)
+                echoes.append((status, body))
+        echoing = threading.Thread(target=echo)
+        echoing.start()
+        clients = [threading.Thread(target=bomb) for _ in range(32)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(60)
+        done.set()
+        echoing.join(60)
+        assert len(bombs) == 32 and not echoing.is_alive()
+        for status, headers, body in bombs:
+            assert status == 500 and "memory limit" in json.loads(body)["error"], (status, body[:300])
+        assert echoes and all(status == 200 and json.loads(body)["arguments"] == [111, 107]
+                              for status, body in echoes), echoes[:3]
+        status, _, body = http_request(port, "POST", "/db/s/echo/f/_invoke", b"ok")
+        assert status == 200 and json.loads(body)["arguments"] == [111, 107]
+
+
+def test_three_thousand_plugins_load_and_serve(tmp_path):
+    """3,000 plugins (one deployed, the rest copied as an operator would copy folders) load on a
+    restart, list, serve, and a deploy and a remove among them still work."""
+    count = 3000
+    client, _ = make_app(tmp_path)
+    deploy(client, "db/s0/t0", wat(ECHO_WAT), name="p0")
+    source = tmp_path / "plugins" / "db" / "s0" / "t0"
+    meta = json.loads((source / "plugin.json").read_text())
+    module_name = f"module-{meta['sha256']}.wasm"
+    module = (source / module_name).read_bytes()
+    for number in range(1, count):
+        folder = tmp_path / "plugins" / "db" / f"s{number // 100}" / f"t{number}"
+        folder.mkdir(parents=True)
+        (folder / module_name).write_bytes(module)
+        (folder / "plugin.json").write_text(json.dumps({**meta, "name": f"p{number}", "plugin_id": f"id{number}"}))
+    started = time.monotonic()
+    again, _ = make_app(tmp_path)
+    loaded = time.monotonic() - started
+    listed = again.get("/db/_plugins", headers=AUTH).json
+    assert len(listed) == count and loaded < 20, (len(listed), loaded)
+    assert {(m["path"], m["name"]) for m in listed} == {
+        (f"db/s{n // 100}/t{n}", f"p{n}") for n in range(count)}
+    for number in random.Random(3).sample(range(count), 25) + [0, count - 1]:
+        path = f"db/s{number // 100}/t{number}"
+        assert json.loads(invoke(again, f"{path}/f", b"ok").body)["metadata"]["plugin_path"] == path
+    deploy(again, "db/s7/t777", answer_module(b"replaced"))
+    assert invoke(again, "db/s7/t777/f").body == b"replaced"
+    again.delete("/db/s29/t2999/f/_remove", headers=AUTH, status=200)
+    invoke(again, "db/s29/t2999/f", status=404)
+    assert len(again.get("/db/_plugins", headers=AUTH).json) == count - 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "not-an-object", "no-sha256",
+                                    "wrong-sha256", "not-utf8"])
+def test_a_corrupt_plugin_json_costs_only_its_plugin(tmp_path, caplog, damage):
+    import logging
+    client, _ = make_app(tmp_path)
+    deploy(client, "db/s/bad", answer_module(b"bad"))
+    kept = [deploy(client, f"db/s/ok{n}", answer_module(b"ok%d" % n)).json for n in range(3)]
+    meta_file = tmp_path / "plugins" / "db" / "s" / "bad" / "plugin.json"
+    text = meta_file.read_text()
+    meta = json.loads(text)
+    meta_file.write_bytes({"garbage": os.urandom(300),
+                           "truncated": text[:len(text) // 2].encode(),
+                           "empty": b"",
+                           "not-an-object": b"[1, 2, 3]",
+                           "no-sha256": json.dumps({k: v for k, v in meta.items() if k != "sha256"}).encode(),
+                           "wrong-sha256": json.dumps({**meta, "sha256": "0" * 64}).encode(),
+                           "not-utf8": b'{"name": "\xff\xfe"}'}[damage])
+    caplog.set_level(logging.ERROR, logger="aeordb")
+    again, _ = make_app(tmp_path)
+    assert "cannot load plugin in" in caplog.text and str(meta_file.parent) in caplog.text
+    assert again.get("/_health").json["status"] == "ok"
+    assert again.get("/db/_plugins", headers=AUTH).json == kept
+    assert "no plugin deployed at db/s/bad" in error_of(invoke(again, "db/s/bad/f", status=404))
+    for n in range(3):
+        assert invoke(again, f"db/s/ok{n}/f").body == b"ok%d" % n
+    # A deploy to its path repairs it.
+    deploy(again, "db/s/bad", answer_module(b"repaired"))
+    assert invoke(make_app(tmp_path)[0], "db/s/bad/f").body == b"repaired"
+
+
+def test_a_garbage_module_file_runs_from_its_verified_artifact_or_not_at_all(tmp_path):
+    client, _ = make_app(tmp_path)
+    module = answer_module(b"original")
+    deploy(client, "db/s/t", module)
+    deploy(client, "db/s/u", answer_module(b"other"))
+    sha = sha256_hex(module)
+    (tmp_path / "plugins" / "db" / "s" / "t" / f"module-{sha}.wasm").write_bytes(os.urandom(len(module)))
+    again, _ = make_app(tmp_path)            # its artifact is intact and verified: it still runs
+    assert invoke(again, "db/s/t/f").body == b"original"
+    for artifact in (tmp_path / "cache").glob(f"{sha}-*.cwasm"):
+        artifact.write_bytes(b"garbage")
+    third, _ = make_app(tmp_path)            # nothing trustworthy left: not loaded, the others serve
+    invoke(third, "db/s/t/f", status=404)
+    assert invoke(third, "db/s/u/f").body == b"other"
+
+
+# -- crashes under load --------------------------------------------------------
+
+def test_sigkill_under_mixed_load_loses_no_acknowledged_write(tmp_path):
+    """Three cycles of SIGKILL while 4 writers PUT and DELETE, a reader reads and queries and a plugin
+    writes: after each, every acknowledged write is there and PRAGMA integrity_check is ok.
+    (The issue's figure is 25 cycles: a soak, scaled down to 3 for CI.)"""
+    data_dir = tmp_path / "data"
+    acknowledged: dict = {}     # key -> content (None: deleted), as last answered
+    in_flight: dict = {}        # key -> content sent and not answered (one per client thread)
+    plugin_write = b"written by the plugin"
+    acks: list = []             # one item per acknowledged write, for the kill's trigger
+
+    def writer(port: int, index: int, cycle: int, stop: threading.Event, problems: list) -> None:
+        rng = random.Random(f"{cycle}-{index}")
+        for number in range(100_000):
+            if stop.is_set():
+                return
+            key = f"w{index}-{rng.randrange(6)}"
+            value = None if rng.random() < 0.15 else f"{key}|{cycle}|{number}|".encode() * rng.randrange(1, 3000)
+            in_flight[key] = value
+            try:
+                status, _, body = http_request(port, "PUT" if value else "DELETE", f"/db/_files/{key}", value,
+                                               timeout=10)
+            except (OSError, http.client.HTTPException):
+                return                        # the server is gone: this write is unacknowledged
+            if status == 201 or (value is None and status in (200, 404)):
+                acknowledged[key] = value
+                acks.append(key)
+            elif status == 200 and value is not None:
+                acknowledged[key] = value       # replaced
+                acks.append(key)
+            elif status != 503:                 # 503: the write lock was busy, nothing was written
+                problems.append((key, status, body[:200]))
+            del in_flight[key]
+
+    def other_load(port: int, stop: threading.Event, problems: list) -> None:
+        for number in range(100_000):
+            if stop.is_set():
+                return
+            try:
+                if number % 3 == 0:
+                    in_flight["from-plugin"] = plugin_write
+                    status, _, body = http_request(port, "POST", "/db/s/writer/f/_invoke", b"", timeout=10)
+                    if status == 200:
+                        acknowledged["from-plugin"] = plugin_write
+                    del in_flight["from-plugin"]
+                    status = 200 if status == 503 else status   # the write lock was busy: nothing written
+                elif number % 3 == 1:
+                    status, _, body = http_request(port, "GET", f"/db/_files/w0-{number % 6}", timeout=10)
+                    status = 200 if status == 404 else status
+                else:
+                    status, _, body = http_request(port, "POST", "/db/_query", b"{}", timeout=10)
+            except (OSError, http.client.HTTPException):
+                return
+            if status != 200:
+                problems.append(("other", number, status, body[:200]))
+
+    def check_survivors(port: int) -> None:
+        for key in sorted(set(acknowledged) | set(in_flight)):
+            allowed = {acknowledged.get(key)} | ({in_flight[key]} if key in in_flight else set())
+            status, _, body = http_request(port, "GET", f"/db/_files/{key}")
+            assert status in (200, 404) and (body if status == 200 else None) in allowed, \
+                (key, status, body[:60], [a[:60] if a else a for a in allowed])
+
+    for cycle in range(3):
+        stop, problems = threading.Event(), []
+        with server_process(data_dir) as (process, port):
+            check_survivors(port)
+            in_flight.clear()
+            if cycle == 0:
+                status, _, _ = http_request(port, "PUT", "/db/s/writer/_deploy", host_call_module(
+                    "aeordb_write_file", json_args({"path": "/from-plugin",
+                                                     "data": base64.b64encode(plugin_write).decode()})))
+                assert status == 200
+            before = len(acks)
+            threads = [threading.Thread(target=writer, args=(port, i, cycle, stop, problems), daemon=True)
+                       for i in range(4)]
+            threads.append(threading.Thread(target=other_load, args=(port, stop, problems), daemon=True))
+            for thread in threads:
+                thread.start()
+            wait_for(lambda: len(acks) - before >= 40 or not all(t.is_alive() for t in threads), timeout=30,
+                     what="40 acknowledged writes")
+            assert all(t.is_alive() for t in threads) and not problems, problems[:5]
+            process.send_signal(signal.SIGKILL)
+            assert process.wait(timeout=10) == -signal.SIGKILL
+            stop.set()
+            for thread in threads:
+                thread.join(15)
+            assert not any(t.is_alive() for t in threads) and not problems, problems[:5]
+        with contextlib.closing(sqlite3.connect(data_dir / "aeordb.sqlite3")) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    with server_process(data_dir) as (process, port):
+        check_survivors(port)
+        assert acknowledged.get("from-plugin") == plugin_write   # the plugin's write was acknowledged at least once
+        assert http_request(port, "POST", "/db/s/writer/f/_invoke", b"")[0] == 200
+    with contextlib.closing(sqlite3.connect(data_dir / "aeordb.sqlite3")) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+# Not in the suite: the issue's 5-minute mixed soak with no RSS trend (a soak, not a CI test).
