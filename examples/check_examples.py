@@ -10,8 +10,9 @@ checks the behaviour of ../examples/KIT_SPEC.md: echo of text, of an empty
 body and of 1 MiB of random bytes; notes add/list/unknown, JSON escaping, the
 x-plugin-language header and the one log line per call. A module the server
 refuses because it imports WASI is reported "skipped: server lacks WASI"
-(aeordb.py gains WASI later; the check then runs by itself). Exit status 1
-when any check fails.
+(aeordb.py gains WASI later; the check then runs by itself), and likewise a
+module importing anything else the server does not provide yet (env.abort,
+aeordb_set_response). Exit status 1 when any check fails.
 """
 import http.client
 import json
@@ -91,8 +92,11 @@ class Checker:
     def deploy(self, name, wasm):
         with open(wasm, "rb") as f:
             status, _, body = self.server.request("PUT", f"/{self.lang}db/public/{name}/_deploy", f.read())
-        if status != 200 and b"wasi_snapshot_preview1" in body:
-            return "skipped: server lacks WASI"
+        if status == 400 and b"does not provide" in body:
+            if b"wasi_snapshot_preview1" in body:
+                return "skipped: server lacks WASI"
+            missing = body.decode("utf-8", "replace").split("does not provide:", 1)[1].strip(' "}')
+            return "skipped: server lacks " + missing
         self.expect(f"deploy {name}", status == 200, f"{status} {body[:300]!r}")
         return None if status == 200 else "deploy failed"
 

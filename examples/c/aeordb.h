@@ -17,9 +17,10 @@
  *     clang --target=wasm32 -nostdlib -Wl,--no-entry -Oz -s -o plugin.wasm plugin.c
  * A WASI build (stdio) needs a server that provides WASI (aeordb.py does; AeorDB not).
  *
- * The kit exports `alloc` (a bump allocator: a fresh instance serves every
- * call, so nothing is freed) and `handle` (the AeorDB envelope, spoken by
- * AeorDB and aeordb.py alike), which decodes the request and calls your
+ * The kit exports `alloc` (malloc with wasi-libc, else a bump allocator;
+ * a fresh instance serves every call, so nothing is freed) and `handle`
+ * (the AeorDB envelope, spoken by AeorDB and aeordb.py alike), which decodes
+ * the request and calls your
  * aeordb_handle().
  *
  * Opt-in raw entry point, ONLY aeordb.py has it (AeorDB does not):
@@ -81,7 +82,7 @@ void aeordb_header(aeordb_response *res, const char *name, const char *value);
 aeordb_response aeordb_handle(const aeordb_request *req);
 
 /* ---- memory and a growable buffer (always NUL-terminated) ---- */
-void *aeordb_alloc(size_t size);   /* zeroed, 8-aligned, never freed */
+void *aeordb_alloc(size_t size);   /* 8-aligned, NUL after the block, never freed */
 char *aeordb_strdup(const char *s);
 int aeordb_streq(const char *a, const char *b);   /* 1 when equal (no libc needed) */
 
@@ -175,8 +176,21 @@ __attribute__((weak)) void *memset(void *d, int c, size_t n) {
 #include <string.h>
 #endif
 
-/* ---- memory: a bump allocator over memory.grow (fresh pages are zeroed;
- * wasi-libc's malloc also takes pages with memory.grow, so both coexist) ---- */
+/* ---- memory ----
+ * Without libc: a bump allocator over memory.grow (fresh pages are zeroed).
+ * With wasi-libc: malloc, because wasi-libc's malloc claims all memory above
+ * __heap_base when first used and would collide with a separate bump
+ * allocator. Either way nothing is freed (a fresh instance serves each call)
+ * and every block is followed by a NUL. */
+#ifdef __wasi__
+#include <stdlib.h>
+void *aeordb_alloc(size_t size) {
+    char *p = (char *)malloc(size + 1);
+    if (!p) __builtin_trap();
+    p[size] = 0;
+    return p;
+}
+#else
 static uintptr_t aeordb__next, aeordb__end;
 
 void *aeordb_alloc(size_t size) {
@@ -192,6 +206,7 @@ void *aeordb_alloc(size_t size) {
     aeordb__next += n;
     return p;
 }
+#endif
 
 __attribute__((export_name("alloc"))) void *aeordb__alloc_export(size_t size) { return aeordb_alloc(size); }
 
