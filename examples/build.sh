@@ -5,7 +5,7 @@
 #   examples/build.sh [--check] [language ...]      (default: every language present)
 #
 # Toolchains (Debian bookworm; each <lang>/build.sh says more in its first lines):
-#   zig:            pip install ziglang
+#   zig:            pip install ziglang==0.17.1
 #   c:              apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32
 #   rust:           apt-get install rustc libstd-rust-dev-wasm32 lld
 #   go:             see examples/go/build.sh (the Go kit)

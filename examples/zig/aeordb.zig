@@ -7,7 +7,8 @@
 //!         return aeordb.Response.text(200, "hello");
 //!     }
 //!
-//! Build: python -m ziglang build-exe plugin.zig -target wasm32-freestanding
+//! Build (pip install ziglang==0.17.1):
+//!        python -m ziglang build-exe plugin.zig -target wasm32-freestanding
 //!        -O ReleaseSmall -fno-entry -rdynamic -fstrip
 //!
 //! The kit exports `memory`, `alloc` (a bump allocator: a fresh instance
