@@ -14,8 +14,9 @@
 //!   rustc --edition 2021 --crate-type cdylib --target wasm32-wasi -C opt-level=s \
 //!         -C strip=symbols -C linker=wasm-ld-14 plugin.rs -o plugin.wasm
 //! A WASI build needs a server that provides WASI (aeordb.py does; AeorDB not).
-//! The kit itself needs no WASI: a `#![no_std]`-free wasm32-unknown-unknown
-//! build that avoids printing runs on AeorDB and every aeordb.py.
+//! The kit itself needs no WASI: built with `--target wasm32-unknown-unknown`
+//! (same command; Debian's libstd-rust-dev-wasm32 has that std too) a plugin
+//! imports only "aeordb" and runs on AeorDB as well; eprintln! then prints nothing.
 //!
 //! `serve!` exports `alloc` (std's allocator, never freed: a fresh instance
 //! serves every call) and `handle` (the AeorDB envelope, spoken by

@@ -6,6 +6,8 @@
 #    wasm32-wasip1; lld brings wasm-ld-14, the linker; binaryen is optional.)
 # rustup instead:  rustup target add wasm32-wasip1
 #   RUSTC=rustc TARGET=wasm32-wasip1 LINK= ./build.sh    (uses rustup's rust-lld)
+# Without WASI (runs on AeorDB too; eprintln! prints nothing):
+#   TARGET=wasm32-unknown-unknown ./build.sh
 # Takes about 30 s (LTO over std).
 set -eu
 cd "$(dirname "$0")"
