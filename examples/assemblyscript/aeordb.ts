@@ -27,17 +27,12 @@
 // Memory: the server places the request and every host answer at alloc(n).
 
 export function alloc(size: i32): i32 {
-  return <i32>heap.alloc(size > 0 ? <usize>size : <usize>1);
+  // An ArrayBuffer, so that serveRaw can wrap the body in place, without a copy.
+  return <i32>changetype<usize>(new ArrayBuffer(size > 0 ? size : 0));
 }
 
 function pack(ptr: usize, len: i32): i64 {
   return <i64>((<u64>(<u32>ptr) << 32) | <u64>(<u32>len));
-}
-
-function bytesAt(ptr: usize, len: i32): Uint8Array {
-  const out = new Uint8Array(len);
-  memory.copy(out.dataStart, ptr, <usize>len);
-  return out;
 }
 
 /** s encoded as UTF-8. */
@@ -145,7 +140,8 @@ export function serveRaw(ptr: i32, len: i32, handler: (req: Request) => Response
   const meta = new Map<string, string>();
   const ctx = context();
   if (ctx != null) readStringMap(ctx, meta);
-  const resp = handler(new Request(bytesAt(<usize>ptr, len), meta));
+  const body = Uint8Array.wrap(changetype<ArrayBuffer>(<usize>ptr), 0, len); // placed by alloc
+  const resp = handler(new Request(body, meta));
   const head = utf8('{"status_code":' + resp.status.toString() + ',"content_type":' +
     jsonString(resp.contentType) + ',"headers":' + resp.headersJson() + "}");
   hostSetResponse(<i32>head.dataStart, head.length);
@@ -440,7 +436,9 @@ function b64value(c: i32): i32 {
 }
 
 function base64DecodeRange(s: string, start: i32, end: i32): Uint8Array {
-  const out = new Uint8Array(((end - start) / 4) * 3);
+  let sextets = 0;
+  for (let i = start; i < end; i++) if (b64value(s.charCodeAt(i)) >= 0) sextets++;
+  const out = new Uint8Array((sextets * 6) >> 3);
   let acc: u32 = 0, bits = 0, k = 0;
   for (let i = start; i < end; i++) {
     const v = b64value(s.charCodeAt(i));
@@ -449,10 +447,10 @@ function base64DecodeRange(s: string, start: i32, end: i32): Uint8Array {
     bits += 6;
     if (bits >= 8) {
       bits -= 8;
-      out[k++] = <u8>(acc >> bits);
+      unchecked(out[k++] = <u8>(acc >> bits));
     }
   }
-  return out.subarray(0, k);
+  return out;
 }
 
 /** Decodes standard base64. */

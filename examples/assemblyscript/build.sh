@@ -8,7 +8,10 @@
 # serves each call, so nothing ever needs freeing: it is the smallest and
 # fastest fit (incremental would add a GC, ~8 KB, and collections mid-call).
 # Default flags otherwise, so the module imports env.abort (aeordb.py provides
-# it). -O3z: asc optimizes for speed and size with binaryen itself; wasm-opt -Oz
+# it). Adding --use abort= drops that import (a failed bounds check then traps
+# without a message): such a module imports only aeordb.* and also runs on
+# servers without env.abort (AeorDB; aeordb.py before it provided env.abort).
+# -O3z: asc optimizes for speed and size with binaryen itself; wasm-opt -Oz
 # on top gains well under 1%, so it is not used.
 set -eu
 cd "$(dirname "$0")"

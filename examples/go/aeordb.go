@@ -73,7 +73,7 @@ func guest(ptr, size int32) []byte {
 	if size <= 0 {
 		return nil
 	}
-	return unsafe.Slice((*byte)(unsafe.Pointer(uintptr(ptr))), int(size))
+	return unsafe.Slice((*byte)(unsafe.Add(unsafe.Pointer(nil), uintptr(uint32(ptr)))), int(size))
 }
 
 func unpack(answer int64) []byte {
