@@ -612,8 +612,10 @@ type File struct {
 // ReadFile reads the file at an absolute path (/notes/1.json).
 func ReadFile(path string) (*File, error) {
 	var f File
-	err := call("aeordb_read_file", hostReadFile, map[string]string{"path": path}, &f)
-	return &f, err
+	if err := call("aeordb_read_file", hostReadFile, map[string]string{"path": path}, &f); err != nil {
+		return nil, err
+	}
+	return &f, nil
 }
 
 // WriteFile creates or replaces a file; contentType may be "".
@@ -643,8 +645,10 @@ type FileInfo struct {
 // FileMetadata describes a file.
 func FileMetadata(path string) (*FileInfo, error) {
 	var m FileInfo
-	err := call("aeordb_file_metadata", hostFileMetadata, map[string]string{"path": path}, &m)
-	return &m, err
+	if err := call("aeordb_file_metadata", hostFileMetadata, map[string]string{"path": path}, &m); err != nil {
+		return nil, err
+	}
+	return &m, nil
 }
 
 // Entry is one entry of a directory; Type is "file" or "directory".
@@ -688,8 +692,10 @@ type Extraction struct {
 // ExtractFile answers part of a file as text.
 func ExtractFile(e Extract) (*Extraction, error) {
 	var x Extraction
-	err := call("aeordb_extract_file", hostExtractFile, e, &x)
-	return &x, err
+	if err := call("aeordb_extract_file", hostExtractFile, e, &x); err != nil {
+		return nil, err
+	}
+	return &x, nil
 }
 
 // Q is shorthand for building queries: Q{"path": "/notes", "where": Q{...}}.
@@ -716,8 +722,10 @@ type QueryResult struct {
 // Query runs a query: {"path", "where", "order_by", "limit", "offset", "include_total"}.
 func Query(query any) (*QueryResult, error) {
 	var r QueryResult
-	err := call("aeordb_query", hostQuery, query, &r)
-	return &r, err
+	if err := call("aeordb_query", hostQuery, query, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
 }
 
 // AggregateGroup is one group of an aggregate with group_by.
@@ -746,8 +754,10 @@ type AggregateResult struct {
 // Aggregate runs a query with "aggregate": {"count", "sum", "avg", "min", "max", "group_by"}.
 func Aggregate(query any) (*AggregateResult, error) {
 	var r AggregateResult
-	err := call("aeordb_aggregate", hostAggregate, query, &r)
-	return &r, err
+	if err := call("aeordb_aggregate", hostAggregate, query, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
 }
 
 // Context answers the invocation's metadata plus "db" and "remaining_ms"
