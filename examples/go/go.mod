@@ -1,0 +1,3 @@
+module aeordb
+
+go 1.24
