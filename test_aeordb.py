@@ -4732,3 +4732,84 @@ def test_sigkill_under_mixed_load_loses_no_acknowledged_write(tmp_path):
 
 
 # Not in the suite: the issue's 5-minute mixed soak with no RSS trend (a soak, not a CI test).
+
+
+# Examples ######################################################################
+#
+# Every committed example plugin (examples/<language>/echo.wasm and notes.wasm,
+# built by real toolchains from the sources beside them) behaves the same; the
+# Zig ones are also rebuilt from source here, with the pip-installed toolchain.
+
+EXAMPLE_LANGUAGES = ["zig", "c", "rust", "go", "assemblyscript"]
+WASI_EXAMPLES = {"c", "rust", "go"}   # their echo prints a line to stderr with the language's own printing
+
+
+def plugin_lines(caplog, key: str) -> list:
+    pattern = re.compile(rf"\[{re.escape(key)} request=\S+\] (.*)")
+    return [match.group(1) for match in (pattern.fullmatch(r.getMessage()) for r in caplog.records
+                                         if r.name == "aeordb.plugin") if match]
+
+
+def check_example_echo(client, language: str, module: bytes, caplog) -> None:
+    deploy(client, f"{language}/public/echo", module)
+    answer = invoke(client, f"{language}/public/echo/any", b"hello", headers={"Content-Type": "text/plain"})
+    assert answer.body == b"hello" and answer.content_type == "text/plain"
+    assert answer.headers["x-plugin-language"] == language
+    answer = invoke(client, f"{language}/public/echo/any", b"")
+    assert answer.body == b"" and answer.content_type == "application/octet-stream"
+    blob = random.Random(language).randbytes(1 << 20)
+    answer = invoke(client, f"{language}/public/echo/any", blob, headers={"Content-Type": "application/x-blob"})
+    assert answer.body == blob and answer.content_type == "application/x-blob"
+    if language in WASI_EXAMPLES:
+        assert "stderr: echo: 1048576 bytes" in plugin_lines(caplog, f"{language}/public/echo")
+
+
+def check_example_notes(client, language: str, module: bytes, caplog) -> None:
+    key = f"{language}/public/notes"
+    deploy(client, key, module)
+    compact = lambda value: json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    assert invoke(client, f"{key}/list").json == {"notes": []}
+    texts = ["hi", 'quote " backslash \\ tab \t nl \n ctl \x01 é ✓ 😀']
+    for seq, text in enumerate(texts, 1):
+        answer = invoke(client, f"{key}/add", json.dumps({"text": text}).encode(), status=201)
+        assert answer.body == compact({"seq": seq, "text": text}) and answer.content_type == "application/json"
+        stored = client.get(f"/{language}/_files/notes/{seq:08d}.json", headers=AUTH)
+        assert json.loads(stored.body) == {"seq": seq, "text": text}
+    for bad in [b'{"txt":"x"}', b'{"text":3}', b"[1]", b"not json", b""]:
+        answer = invoke(client, f"{key}/add", bad, status=400)
+        assert answer.json == {"error": "body must be a JSON object with a string 'text'"}, bad
+    answer = invoke(client, f"{key}/list")
+    assert answer.json == {"notes": [{"seq": 2, "text": texts[1]}, {"seq": 1, "text": texts[0]}]}
+    assert answer.headers["x-plugin-language"] == language
+    assert invoke(client, f"{key}/nope", status=404).json == {"error": "unknown function 'nope'"}
+    lines = plugin_lines(caplog, key)
+    assert len(lines) == 10, lines   # one line per call
+    for want in ("notes: add seq=1", "notes: add seq=2", "notes: list 2", "notes: unknown nope"):
+        assert want in lines, (want, lines)
+
+
+@pytest.mark.parametrize("language", EXAMPLE_LANGUAGES)
+def test_example_plugins_behave_alike_in_every_language(tmp_path, language, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb.plugin")
+    client, _ = make_app(tmp_path)
+    folder = HERE / "examples" / language
+    check_example_echo(client, language, (folder / "echo.wasm").read_bytes(), caplog)
+    check_example_notes(client, language, (folder / "notes.wasm").read_bytes(), caplog)
+
+
+def test_zig_examples_rebuild_from_source_and_behave_alike(tmp_path, caplog):
+    """The Zig kit's source, proven on every run: rebuilt with the pip-installed toolchain (ziglang)."""
+    import logging
+    import shutil
+    caplog.set_level(logging.INFO, logger="aeordb.plugin")
+    for name in ("aeordb.zig", "echo.zig", "notes.zig", "build.sh"):
+        shutil.copy(HERE / "examples" / "zig" / name, tmp_path / name)
+    built = subprocess.run(["sh", str(tmp_path / "build.sh")], env={**os.environ, "PYTHON": sys.executable},
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    client, _ = make_app(tmp_path / "data")
+    for name, check in (("echo", check_example_echo), ("notes", check_example_notes)):
+        fresh = (tmp_path / f"{name}.wasm").read_bytes()
+        assert fresh == (HERE / "examples" / "zig" / f"{name}.wasm").read_bytes(), f"{name}.wasm is not its source's build"
+        check(client, "zig", fresh, caplog)

@@ -155,7 +155,7 @@ class Checker:
         self.expect("notes unknown content type", headers.get("content-type") == "application/json",
                     headers.get("content-type"))
         time.sleep(0.2)
-        lines = re.findall(rf"\[{self.lang}db/public/notes\] (.*)", self.server.log_text())
+        lines = re.findall(rf"\[{self.lang}db/public/notes(?: request=\S+)?\] (.*)", self.server.log_text())
         self.expect("notes logs one line per call (9 calls)", len(lines) == 9, repr(lines))
         for want in ["notes: add seq=1", "notes: add seq=2", "notes: list 2", "notes: unknown nope"]:
             self.expect(f"notes log {want!r}", want in lines, repr(lines))
