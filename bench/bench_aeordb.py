@@ -57,7 +57,7 @@ import aeordb  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PARTS = ("http", "invoke", "restart", "echo", "memory", "query")
+PARTS = ("http", "invoke", "restart", "echo", "raw", "memory", "query")
 MiB = 1024 * 1024
 
 
@@ -97,6 +97,25 @@ ENVELOPE_HEAD = b'{"status_code":200,"body":'
 # '[' of the envelope, which aeordb.py writes as {"arguments":[...],...}, up to
 # the next ']') and answers {"status_code":200,"body":<that text>}, copied with
 # memory.copy into memory from its own bump allocator.
+# The raw-body entry point's echo: handle_raw answers the body it was given, as it is.
+RAW_ECHO_WAT = """
+(module
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "alloc") (param $size i32) (result i32)
+    (local $p i32) (local $over i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
+    (local.set $over (i32.sub (global.get $heap) (i32.mul (memory.size) (i32.const 65536))))
+    (if (i32.gt_s (local.get $over) (i32.const 0))
+      (then (if (i32.lt_s (memory.grow (i32.add (i32.shr_u (local.get $over) (i32.const 16))
+                                                (i32.const 1))) (i32.const 0))
+              (then unreachable))))
+    (local.get $p))
+  (func (export "handle_raw") (param $ptr i32) (param $len i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
+"""
+
 ECHO_WAT = f"""
 (module
   (memory (export "memory") 1)
@@ -774,6 +793,63 @@ class Bench:
 
     # -- issue 3: queries ------------------------------------------------------------
 
+    # -- R. the raw-body entry point vs the envelope -----------------------------------
+
+    def part_raw(self) -> None:
+        """Echo through handle_raw (raw bytes in and out) beside the same echo through the envelope.
+
+        In-process (no HTTP): MiB/s at 1 and 8 MiB (with a 256 MiB memory limit,
+        so the envelope fits), and the largest body each path can echo at all
+        under the default 64 MiB memory limit.
+        """
+        apps = {}
+        for name, memory_limit in (("raw-256", 256 * MiB), ("raw-default", aeordb.Settings().memory_limit)):
+            settings = aeordb.Settings(data_dir=self.data_dir(name), token=TOKEN, log_level="WARNING",
+                                       memory_limit=memory_limit, max_response_size=128 * MiB)
+            app = apps[name] = aeordb.create_app(settings)
+            app.config["aeordb.registry"].deploy("bench", "s", "envelope", wasmtime.wat2wasm(ECHO_WAT),
+                                                 "envelope", "wasm")
+            app.config["aeordb.registry"].deploy("bench", "s", "raw", wasmtime.wat2wasm(RAW_ECHO_WAT), "raw", "wasm")
+
+        def echo(table: str, body: bytes, app_name: str = "raw-256") -> bool:
+            registry = apps[app_name].config["aeordb.registry"]
+            runtime = apps[app_name].config["aeordb.runtime"]
+            plugin = registry.get(f"bench/s/{table}")
+            try:
+                answer, _ = runtime.invoke(plugin, body, aeordb.Invocation(
+                    db="bench", plugin_key=plugin.key, metadata={"function_name": "run"},
+                    deadline=time.monotonic() + 60))
+            except aeordb.ApiError:
+                return False
+            return answer is not None and answer.body == body
+
+        rounds = 2 if self.quick else 5
+        for size in (1, 8):
+            body = random.Random(size).randbytes(size * MiB)
+            rates = {}
+            for table in ("envelope", "raw"):
+                times = []
+                for _ in range(rounds):
+                    started = time.perf_counter()
+                    if not echo(table, body):
+                        raise RuntimeError(f"{table} echo of {size} MiB failed")
+                    times.append(time.perf_counter() - started)
+                rates[table] = size / min(times)
+            self.row(f"R echo {size} MiB in-process, handle_raw", f"{rates['raw']:.0f} MiB/s",
+                     f"{rates['envelope']:.0f} MiB/s (envelope)", rates["raw"] / rates["envelope"])
+        largest = {}
+        for table in ("envelope", "raw"):
+            low, high = 0, 64   # MiB: the largest that echoes, and the smallest known not to
+            while high - low > 1:
+                middle = (low + high) // 2
+                if echo(table, bytes(middle * MiB), "raw-default"):
+                    low = middle
+                else:
+                    high = middle
+            largest[table] = low
+        self.row("R largest body echoed under a 64 MiB memory limit", f"{largest['raw']} MiB (handle_raw)",
+                 f"{largest['envelope']} MiB (envelope)", largest["raw"] / max(largest["envelope"], 1))
+
     def part_query(self) -> None:
         app = self._inprocess_app("query")
         files = app.config["aeordb.files"]
@@ -847,7 +923,7 @@ class Bench:
         widths = [max(len(str(r[i])) for r in [header] + self.rows) for i in range(6)]
         line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
         out = [line, "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |", line]
-        order = "12345Q"   # issue 5 items 1-5, then issue 3's queries (Q); run order differs
+        order = "12345RQ"   # issue 5 items 1-5, the raw entry point (R), issue 3's queries (Q)
         for r in sorted(self.rows, key=lambda r: order.index(r[0][0]) if r[0][0] in order else 9):
             out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
         out.append(line)
@@ -935,7 +1011,7 @@ def main() -> None:
                 % os.getloadavg()]
         print("\n".join(info), flush=True)
         # In-process parts first, then those that start servers; never two at once.
-        order = ["invoke", "query", "echo", "http", "memory", "restart"]
+        order = ["invoke", "raw", "query", "echo", "http", "memory", "restart"]
         for name in order:
             if name in only:
                 bench.log(f"part {name}")
