@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -2577,6 +2579,212 @@ def plugin_answer(fields: dict, body: bytes) -> Optional[PluginAnswer]:
 
 
 ###############################################################################
+# Observability ################################################################
+###############################################################################
+#
+# What an operator sees of plugins besides the log: per plugin a bounded ring
+# of its recent log lines and failures (GET .../_logs) and its statistics
+# (GET .../_stats), and for the whole server the counters of GET /_metrics
+# (Prometheus text format). Everything is bounded by the deployed plugins: a
+# removed plugin's lines, statistics and series go with it.
+
+RING_LINES, RING_BYTES = 200, 64 * KiB      # per plugin
+DURATION_SAMPLES = 1000                     # recent durations kept per plugin for p50/p99
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+OUTCOMES = ("ok", "plugin_error", "time_limit", "memory_limit", "bad_answer")
+
+
+def outcome_of(status: int, message: str) -> str:
+    """How an invocation ended, for statistics and metrics, from its answer."""
+    if status < 400:
+        return "ok"
+    if "time limit" in message:
+        return "time_limit"
+    if "memory limit" in message:
+        return "memory_limit"
+    if any(mark in message for mark in ("bad pointer", "response limit", "status_code", "outside its")):
+        return "bad_answer"
+    return "plugin_error"
+
+
+def prometheus_labels(**labels: str) -> str:
+    """``{name="value",...}`` with values escaped as the text exposition format says."""
+    escaped = (f'{name}="' + str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+               for name, value in labels.items())
+    return "{" + ",".join(escaped) + "}"
+
+
+@dataclasses.dataclass
+class _PluginActivity:
+    lines: collections.deque = dataclasses.field(default_factory=collections.deque)
+    line_bytes: int = 0
+    outcomes: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    durations: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=DURATION_SAMPLES))
+    buckets: list = dataclasses.field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    duration_sum: float = 0.0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    host_calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    last_error: Optional[dict] = None
+
+
+class Activity:
+    """Recent lines, statistics and counters of every plugin, and the server's own counters."""
+
+    def __init__(self) -> None:
+        self._plugins: dict = {}
+        self._lock = threading.Lock()
+        self.http_requests: collections.Counter = collections.Counter()   # (route, status class)
+        self.deploys = 0
+        self.compile_seconds = 0.0
+        self.busy_workers = 0
+        self.started = time.time()
+
+    def _plugin(self, key: str) -> _PluginActivity:
+        activity = self._plugins.get(key)
+        if activity is None:
+            activity = self._plugins[key] = _PluginActivity()
+        return activity
+
+    def line(self, key: str, level: str, request_id: str, message: str) -> None:
+        """One line of the plugin's ring: its log lines and its failures, newest last."""
+        entry = {"time": utc_now_iso(), "level": level, "request_id": request_id, "message": message}
+        size = len(message) + 64
+        with self._lock:
+            activity = self._plugin(key)
+            activity.lines.append((entry, size))
+            activity.line_bytes += size
+            while len(activity.lines) > RING_LINES or activity.line_bytes > RING_BYTES:
+                activity.line_bytes -= activity.lines.popleft()[1]
+
+    def invocation(self, key: str, outcome: str, seconds: float, request_bytes: int, response_bytes: int,
+                   error: Optional[str]) -> None:
+        with self._lock:
+            activity = self._plugin(key)
+            activity.outcomes[outcome] += 1
+            activity.durations.append(seconds)
+            activity.duration_sum += seconds
+            activity.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+            activity.request_bytes += request_bytes
+            activity.response_bytes += response_bytes
+            if error is not None:
+                activity.last_error = {"time": utc_now_iso(), "outcome": outcome, "message": error}
+
+    def host_call(self, key: str, function: str) -> None:
+        with self._lock:
+            self._plugin(key).host_calls[function] += 1
+
+    def deployed(self, compile_seconds: float) -> None:
+        with self._lock:
+            self.deploys += 1
+            self.compile_seconds += compile_seconds
+
+    def working(self, delta: int) -> None:
+        with self._lock:
+            self.busy_workers += delta
+
+    def removed(self, key: str) -> None:
+        with self._lock:
+            self._plugins.pop(key, None)
+
+    def http(self, route: str, status: int) -> None:
+        with self._lock:
+            self.http_requests[(route, f"{status // 100}xx")] += 1
+
+    def logs(self, key: str, limit: int) -> list:
+        with self._lock:
+            lines = [entry for entry, _ in self._plugin(key).lines] if key in self._plugins else []
+        return lines[-limit:] if limit else []
+
+    def stats(self, key: str) -> dict:
+        with self._lock:
+            activity = self._plugins.get(key) or _PluginActivity()
+            durations = sorted(activity.durations)
+            outcomes, last_error = dict(activity.outcomes), activity.last_error
+
+        def percentile(share: float) -> Optional[float]:
+            if not durations:
+                return None
+            return round(durations[min(len(durations) - 1, int(share * len(durations)))] * 1000, 3)
+        return {"invocations": sum(outcomes.values()), "outcomes": outcomes,
+                "duration_ms": {"p50": percentile(0.5), "p99": percentile(0.99), "samples": len(durations)},
+                "last_error": last_error}
+
+    def prometheus(self, gauges: dict, plugin_keys: list) -> str:
+        """The metrics in Prometheus' text exposition format (version 0.0.4)."""
+        out = []
+
+        def family(name: str, kind: str, text: str) -> None:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+        with self._lock:
+            plugins = {key: self._plugins.get(key) or _PluginActivity() for key in plugin_keys}
+            family("aeordb_invocations_total", "counter", "Plugin invocations by outcome.")
+            for key, activity in plugins.items():
+                db, schema, table = key.split("/")
+                for outcome, count in activity.outcomes.items():
+                    labels = prometheus_labels(db=db, schema=schema, table=table, outcome=outcome)
+                    out.append(f"aeordb_invocations_total{labels} {count}")
+            family("aeordb_invocation_duration_seconds", "histogram", "Plugin invocation durations.")
+            for key, activity in plugins.items():
+                db, schema, table = key.split("/")
+                running = 0
+                for bound, count in zip(list(DURATION_BUCKETS) + ["+Inf"], activity.buckets):
+                    running += count
+                    labels = prometheus_labels(db=db, schema=schema, table=table, le=bound)
+                    out.append(f"aeordb_invocation_duration_seconds_bucket{labels} {running}")
+                labels = prometheus_labels(db=db, schema=schema, table=table)
+                out.append(f"aeordb_invocation_duration_seconds_sum{labels} {activity.duration_sum}")
+                out.append(f"aeordb_invocation_duration_seconds_count{labels} {running}")
+            for name, field, text in (("aeordb_request_bytes_total", "request_bytes", "Request body bytes."),
+                                      ("aeordb_response_bytes_total", "response_bytes", "Answer bytes.")):
+                family(name, "counter", f"{text[:-1]} of plugin invocations.")
+                for key, activity in plugins.items():
+                    db, schema, table = key.split("/")
+                    out.append(f"{name}{prometheus_labels(db=db, schema=schema, table=table)} "
+                               f"{getattr(activity, field)}")
+            family("aeordb_host_calls_total", "counter", "Host-function calls by plugins.")
+            for key, activity in plugins.items():
+                db, schema, table = key.split("/")
+                for function, count in sorted(activity.host_calls.items()):
+                    labels = prometheus_labels(db=db, schema=schema, table=table, function=function)
+                    out.append(f"aeordb_host_calls_total{labels} {count}")
+            family("aeordb_deploys_total", "counter", "Successful deploys.")
+            out.append(f"aeordb_deploys_total {self.deploys}")
+            family("aeordb_compile_seconds_total", "counter", "Seconds spent compiling deployed modules.")
+            out.append(f"aeordb_compile_seconds_total {self.compile_seconds}")
+            family("aeordb_http_requests_total", "counter", "HTTP requests by route template and status class.")
+            for (route, status_class), count in sorted(self.http_requests.items()):
+                out.append(f"aeordb_http_requests_total{prometheus_labels(route=route, status=status_class)} {count}")
+            family("aeordb_worker_threads_busy", "gauge", "Worker threads serving a request now.")
+            out.append(f"aeordb_worker_threads_busy {self.busy_workers}")
+        family("process_resident_memory_bytes", "gauge", "Resident memory of the server process.")
+        out.append(f"process_resident_memory_bytes {gauges['resident_bytes']}")
+        family("process_open_fds", "gauge", "Open file descriptors of the server process.")
+        out.append(f"process_open_fds {gauges['open_fds']}")
+        family("aeordb_uptime_seconds", "gauge", "Seconds since the server started.")
+        out.append(f"aeordb_uptime_seconds {time.time() - self.started:.3f}")
+        family("aeordb_engine_mode", "gauge", "The engine's allocation mode (1 for the one in use).")
+        for mode in ENGINE_MODES:
+            out.append(f"aeordb_engine_mode{prometheus_labels(mode=mode)} {int(mode == gauges['engine'])}")
+        family("aeordb_database_bytes", "gauge", "Bytes of files stored per database.")
+        for db, stored in sorted(gauges["databases"].items()):
+            out.append(f"aeordb_database_bytes{prometheus_labels(db=db)} {stored}")
+        return "\n".join(out) + "\n"
+
+
+def process_gauges() -> dict:
+    """Resident memory and open descriptors of this process (Linux /proc; zeros elsewhere)."""
+    resident = open_fds = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError):
+        open_fds = len(os.listdir("/proc/self/fd"))
+    return {"resident_bytes": resident, "open_fds": open_fds}
+
+
+###############################################################################
 # WASM runtime and host functions ##############################################
 ###############################################################################
 
@@ -2624,10 +2832,11 @@ class WasmRuntime:
     failure fails the invocation with its reason.
     """
 
-    def __init__(self, settings: Settings, files: FileStore, wasm: Wasm):
+    def __init__(self, settings: Settings, files: FileStore, wasm: Wasm, activity: Activity):
         self.settings = settings
         self.files = files
         self.wasm = wasm
+        self.activity = activity
         self.codec = ByteArrayCodec()
         self.limits = GuestLimits(memory=settings.memory_limit, table_elements=settings.table_limit,
                                   deadline_ticks=max(1, math.ceil(settings.timeout / EPOCH_TICK)),
@@ -2683,14 +2892,33 @@ class WasmRuntime:
 
         Every write of the invocation commits when this returns and rolls back
         when it raises; only a plugin that can write needs that transaction.
-        ApiError(500) names the cause of any failure.
+        ApiError(500) names the cause of any failure. Its outcome goes to the
+        plugin's statistics, and a failure to the log and the plugin's ring.
         """
-        with self.files.batch() if plugin.shape.writes_files else self._no_batch:
-            if plugin.shape.entry == "handle_raw":   # the body as it is, the answer as it is
-                raw = self._run(plugin, body, invocation)
-                return plugin_answer(invocation.response or {"status_code": 200}, raw), raw
-            raw = self._run(plugin, build_request_envelope(body, invocation.metadata), invocation)
-            return parse_response_envelope(raw, self.codec), raw
+        started = time.perf_counter()
+        try:
+            with self.files.batch() if plugin.shape.writes_files else self._no_batch:
+                if plugin.shape.entry == "handle_raw":   # the body as it is, the answer as it is
+                    raw = self._run(plugin, body, invocation)
+                    answer = plugin_answer(invocation.response or {"status_code": 200}, raw)
+                else:
+                    raw = self._run(plugin, build_request_envelope(body, invocation.metadata), invocation)
+                    answer = parse_response_envelope(raw, self.codec)
+        except ApiError as exc:
+            self._failed(plugin, invocation, exc, time.perf_counter() - started, len(body))
+            raise
+        self.activity.invocation(plugin.key, "ok", time.perf_counter() - started, len(body), len(raw), None)
+        return answer, raw
+
+    def _failed(self, plugin: Plugin, invocation: Invocation, error: ApiError, seconds: float,
+                request_bytes: int) -> None:
+        outcome = outcome_of(error.status, error.message)
+        request_id = invocation.metadata.get("request_id", "-")
+        self.activity.invocation(plugin.key, outcome, seconds, request_bytes, 0, error.message)
+        self.activity.line(plugin.key, "ERROR", request_id, f"failed ({error.status}): {error.message}")
+        log.warning("invocation failed: plugin=%s function=%s status=%d outcome=%s duration=%.1fms "
+                    "request=%s cause=%s", plugin.key, invocation.metadata.get("function_name", "-"),
+                    error.status, outcome, seconds * 1000, request_id, error.message)
 
     def _run(self, plugin: Plugin, request: bytes, invocation: Invocation) -> bytes:
         if plugin.pre is not None:
@@ -2769,6 +2997,7 @@ class WasmRuntime:
             # and re-raise it in whichever thread traps next.
             invocation = self._current.invocation
             try:
+                self.activity.host_call(invocation.plugin_key, name)
                 memory = caller.get("memory") or invocation.memory
                 try:
                     try:
@@ -2833,9 +3062,9 @@ class WasmRuntime:
         except Exception:
             pass
 
-    @staticmethod
-    def plugin_line(invocation: Invocation, level: int, message: bytes) -> None:
-        """One line of a plugin's log, within the invocation's caps on lines and bytes."""
+    def plugin_line(self, invocation: Invocation, level: int, message: bytes) -> None:
+        """One line of a plugin's log (the server log and the plugin's ring), within the
+        invocation's caps on lines and bytes."""
         if invocation.log_count > MAX_LOG_MESSAGES:
             return
         invocation.log_count += 1
@@ -2851,8 +3080,9 @@ class WasmRuntime:
             invocation.log_bytes += min(len(message), room)
         # One plugin line is one log line: a plugin must not forge others.
         text = text.replace("\r", "\\r").replace("\n", "\\n")
-        plugin_log.log(level, "[%s request=%s] %s", invocation.plugin_key,
-                       invocation.metadata.get("request_id", "-"), text)
+        request_id = invocation.metadata.get("request_id", "-")
+        plugin_log.log(level, "[%s request=%s] %s", invocation.plugin_key, request_id, text)
+        self.activity.line(invocation.plugin_key, logging.getLevelName(level), request_id, text)
 
     # -- WASI and AssemblyScript -----------------------------------------------
 
@@ -2983,6 +3213,150 @@ def _guest_bytes(caller: Any, memory: Any, ptr: int, length: int, cap: int) -> b
 
 
 ###############################################################################
+# API keys #####################################################################
+###############################################################################
+#
+# The token is the admin credential. With it, API keys are made for least
+# privilege: each has scopes (what it may do) and databases (where). A key's
+# secret is shown once; DATA_DIR/keys.json keeps only its SHA-256, which is
+# enough for a secret of 256 random bits (nobody can search that space, so no
+# salt or slow hash is needed), and a look-up hashes the presented secret and
+# finds it by its digest: timing can tell nothing about a stored secret.
+
+KEY_PREFIX = "aeo_"
+SCOPES = ("invoke", "deploy", "read", "write", "metrics")
+_KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: the token (everything) or an API key (its scopes, in its databases)."""
+
+    name: str                          # for the audit log: "token" or the key's name and id
+    scopes: frozenset
+    databases: Optional[frozenset]     # None: every database
+    admin: bool = False
+
+    def refusal(self, scope: Optional[str], db: Optional[str]) -> Optional[str]:
+        """Why this principal may not do ``scope`` in ``db`` (None: it may)."""
+        if self.admin:
+            return None
+        if scope == "admin":
+            return "this route needs the admin token, not an API key"
+        if scope not in self.scopes:
+            return f"this API key lacks the scope {scope!r} (it has: {', '.join(sorted(self.scopes))})"
+        if db is not None and self.databases is not None and db not in self.databases:
+            return f"this API key may not use database {db!r}"
+        return None
+
+
+ADMIN = Principal("token", frozenset(SCOPES), None, admin=True)
+
+
+class KeyStore:
+    """API keys, kept hashed in DATA_DIR/keys.json (owner-only, written atomically).
+
+    The file is read again when it changes, so keys made or revoked by
+    another process serving the same data dir count at once.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.file = data_dir / "keys.json"
+        self._lock = threading.Lock()
+        self._keys: list = []
+        self._by_digest: dict = {}
+        self._seen: Optional[tuple] = None
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            stat = self.file.stat()
+            seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except FileNotFoundError:
+            seen = None
+        if seen == self._seen:
+            return
+        keys = []
+        if seen is not None:
+            try:
+                keys = load_json(self.file.read_bytes())["keys"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("cannot read %s (%s): no API key is accepted until it is fixed", self.file, exc)
+        self._keys, self._by_digest, self._seen = keys, {key["sha256"]: key for key in keys}, seen
+
+    def _save(self, keys: list) -> None:
+        atomic_write(self.file, json.dumps({"keys": keys}, indent=2).encode())
+        self._seen = None
+        self._reload()
+
+    def create(self, name: Any, scopes: Any, databases: Any, expires_at: Any) -> dict:
+        """A new key: its record, with the secret (shown this once)."""
+        if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+            raise ApiError(400, "'name' must be 1-128 printable characters")
+        if not isinstance(scopes, list) or not scopes or not set(scopes) <= set(SCOPES) \
+                or not all(isinstance(scope, str) for scope in scopes):
+            raise ApiError(400, f"'scopes' must be a non-empty list of: {', '.join(SCOPES)}")
+        if databases != ["*"]:
+            if not isinstance(databases, list) or not databases or not all(isinstance(db, str) for db in databases):
+                raise ApiError(400, "'databases' must be a non-empty list of database names, or [\"*\"]")
+            for db in databases:
+                check_segments(db)
+        if expires_at is not None:
+            if not isinstance(expires_at, str) or _parse_time(expires_at) is None:
+                raise ApiError(400, "'expires_at' must be an RFC 3339 time such as 2027-01-31T00:00:00Z, or null")
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        record = {"id": "key_" + secrets.token_hex(6), "name": name, "scopes": sorted(set(scopes)),
+                  "databases": sorted(set(databases)), "created_at": utc_now_iso(), "expires_at": expires_at,
+                  "sha256": hashlib.sha256(secret.encode()).hexdigest()}
+        with self._lock:
+            self._reload()
+            self._save(self._keys + [record])
+        return {**self.public(record), "key": secret}
+
+    def list(self) -> list:
+        with self._lock:
+            self._reload()
+            return [self.public(key) for key in self._keys]
+
+    def revoke(self, key_id: str) -> dict:
+        with self._lock:
+            self._reload()
+            kept = [key for key in self._keys if key["id"] != key_id]
+            if len(kept) == len(self._keys):
+                raise ApiError(404, f"no API key {key_id!r}")
+            revoked = next(key for key in self._keys if key["id"] == key_id)
+            self._save(kept)
+        return self.public(revoked)
+
+    def find(self, secret: str) -> Optional[Principal]:
+        """The principal of a presented key secret; None when unknown, revoked or expired."""
+        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+        with self._lock:
+            self._reload()
+            key = self._by_digest.get(digest)
+        if key is None:
+            return None
+        expires = _parse_time(key["expires_at"]) if key.get("expires_at") else None
+        if expires is not None and expires <= time.time():
+            return None
+        databases = None if key["databases"] == ["*"] else frozenset(key["databases"])
+        return Principal(f"key {key['name']!r} ({key['id']})", frozenset(key["scopes"]), databases)
+
+    @staticmethod
+    def public(key: dict) -> dict:
+        return {name: key[name] for name in ("id", "name", "scopes", "databases", "created_at", "expires_at")}
+
+
+def _parse_time(text: str) -> Optional[float]:
+    """Seconds since the epoch of an RFC 3339 time with a zone, or None."""
+    with contextlib.suppress(ValueError):
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        if moment.tzinfo is not None:
+            return moment.timestamp()
+    return None
+
+
+###############################################################################
 # HTTP routes ##################################################################
 ###############################################################################
 #
@@ -2996,54 +3370,103 @@ def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = No
                                headers={"Content-Type": "application/json", **(headers or {})})
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")   # a client's X-Request-Id we keep
+_request_prefix, _request_numbers = secrets.token_hex(3), itertools.count(1)
+
+
+def make_request_id(environ: dict) -> str:
+    """The request's id: the client's X-Request-Id when it is sane, else a new one
+    (unique across the processes that serve one data dir: the pid is in it)."""
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_request_prefix}{os.getpid():x}-{next(_request_numbers)}"
+
+
 class ApiPlugin:
-    """Bottle plugin around every route: bearer-token check, ApiError and dict/list results -> JSON.
+    """Bottle plugin around every route: credentials and scopes, request ids, ApiError and dict/list
+    results to JSON, the memory budget given back, and the request counted.
 
     It replaces bottle's JSONPlugin: one wrapper per request instead of two.
+    A route's ``scope`` config says what a credential needs (None: public).
     """
 
     name = "aeordb-api"
     api = 2
 
-    def __init__(self, token: str, access_log: bool, budget: MemoryBudget):
+    def __init__(self, token: str, keys: KeyStore, access_log: bool, budget: MemoryBudget, activity: Activity):
         self.token = token.encode("ascii")
+        self.keys = keys
         self.access_log = access_log
         self.budget = budget
+        self.activity = activity
+        self._refused, self._refused_logged = 0, 0.0
 
-    def is_authorized(self, header: str) -> bool:
-        """Whether an Authorization header carries the token (the scheme is case-insensitive, RFC 7235)."""
+    def authenticate(self, header: str) -> Optional[Principal]:
+        """Who an Authorization header speaks for (the scheme is case-insensitive, RFC 7235), or None."""
         scheme, _, credentials = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.encode("utf-8", "surrogateescape"), self.token)
+        if scheme.lower() != "bearer":
+            return None
+        if hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), self.token):
+            return ADMIN
+        if credentials.startswith(KEY_PREFIX):
+            return self.keys.find(credentials)
+        return None
+
+    def refused(self, environ: dict) -> None:
+        """Log refused credentials at INFO, at most one line a second (a flood cannot fill the disk)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:
+            log.info("refused %d request(s) without a valid credential (last: %s %s from %s)", self._refused,
+                     environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), environ.get("REMOTE_ADDR", "?"))
+            self._refused, self._refused_logged = 0, now
 
     def apply(self, callback: Callable, route: bottle.Route) -> Callable:
-        public = route.config.get("public", False)
+        scope = route.config.get("scope")
+        rule = route.rule
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter() if self.access_log else 0.0
+            started = time.perf_counter()
+            environ = bottle.request.environ
+            request_id = environ["aeordb.request_id"] = make_request_id(environ)
+            self.activity.working(+1)
             try:
-                if not public and not self.is_authorized(bottle.request.environ.get("HTTP_AUTHORIZATION", "")):
-                    raise ApiError(401, "missing or invalid bearer token",
-                                   {"WWW-Authenticate": 'Bearer realm="aeordb"'})
+                if scope is not None:
+                    principal = self.authenticate(environ.get("HTTP_AUTHORIZATION", ""))
+                    if principal is None:
+                        self.refused(environ)
+                        raise ApiError(401, "missing or invalid bearer token",
+                                       {"WWW-Authenticate": 'Bearer realm="aeordb"'})
+                    refusal = principal.refusal(scope, kwargs.get("db"))
+                    if refusal:
+                        raise ApiError(403, refusal)
+                    environ["aeordb.principal"] = principal
                 result = callback(*args, **kwargs)
                 if isinstance(result, (dict, list)):
                     result = _json_response(result)
             except ApiError as exc:
                 result = _json_response({"error": exc.message}, exc.status, exc.headers)
             except bottle.HTTPResponse:
-                self.budget.release(bottle.request.environ)
+                self.budget.release(environ)
+                self.activity.working(-1)
                 raise
             except Exception as exc:
-                log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
+                log.exception("unexpected error on %s %s (request=%s)", bottle.request.method,
+                              bottle.request.path, request_id)
                 if is_storage_fault(exc):
                     result = _json_response({"error": storage_error("serving", exc).message}, 503)
                 else:
                     result = _json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
-            self.budget.release(bottle.request.environ)
+            self.budget.release(environ)
+            self.activity.working(-1)
+            status = getattr(result, "status_code", None) or bottle.response.status_code
+            (result if isinstance(result, bottle.HTTPResponse) else bottle.response).set_header(
+                "X-Request-Id", request_id)
+            self.activity.http(rule, status)
             if self.access_log:
-                log.info("%s %s %s %.1fms", bottle.request.method, bottle.request.path,
-                         getattr(result, "status_code", bottle.response.status_code),
-                         (time.perf_counter() - started) * 1000)
+                log.info("%s %s %s %.1fms request=%s", bottle.request.method, bottle.request.path, status,
+                         (time.perf_counter() - started) * 1000, request_id)
             return result
         return wrapper
 
@@ -3113,6 +3536,7 @@ def read_json_body(limit: int, budget: MemoryBudget) -> Any:
 def json_error_page(error: bottle.HTTPError) -> str:
     """Bottle's own errors (no route, wrong method) as JSON, like every other error."""
     bottle.response.content_type = "application/json"
+    bottle.response.set_header("X-Request-Id", make_request_id(bottle.request.environ))
     message = {404: "no such route", 405: f"method {bottle.request.method} not allowed"}.get(
         error.status_code, error.body if isinstance(error.body, str) else error.status_line)
     return json.dumps({"error": message})
@@ -3134,34 +3558,92 @@ def refuse_invalid_utf8_path() -> None:
 class Api:
     """The HTTP API: one method per route, grouped by resource (system, files and queries, plugins)."""
 
-    PUBLIC_ROUTES = ("/_health",)   # the routes served without a token
+    PUBLIC_ROUTES = ("/_health",)   # the routes served without a credential
 
     def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime,
-                 budget: MemoryBudget):
+                 budget: MemoryBudget, keys: KeyStore, activity: Activity):
         self.settings = settings
         self.registry = registry
         self.files = files
         self.runtime = runtime
         self.budget = budget
-        self._request_prefix, self._request_numbers = secrets.token_hex(4), itertools.count(1)
+        self.keys = keys
+        self.activity = activity
 
     def mount(self, app: bottle.Bottle) -> None:
-        """Every route, in matching order: the file routes come before the plugin
-        routes, since '/db/_files/a/b/_deploy' is a file path."""
+        """Every route with the scope a credential needs for it, in matching order: the file
+        routes come before the plugin routes, since '/db/_files/a/b/_deploy' is a file path."""
         files = ("/<db>/_files", "/<db>/_files/", "/<db>/_files/<path:path>")
         routes = [
-            ("GET", "/_health", self.health, {}),
-            *((["GET", "HEAD"], route, self.get_file, {}) for route in files),
-            ("PUT", "/<db>/_files/<path:path>", self.put_file, {}),
-            ("DELETE", "/<db>/_files/<path:path>", self.delete_file, {}),
-            ("POST", "/<db>/_query", self.query, {}),
-            ("PUT", "/<db>/<schema>/<table>/_deploy", self.deploy, {}),
-            ("POST", "/<db>/<schema>/<table>/<function>/_invoke", self.invoke, {}),
-            ("GET", "/<db>/_plugins", self.list_plugins, {}),
-            ("DELETE", "/<db>/<schema>/<table>/<function>/_remove", self.remove, {}),
+            ("GET", "/_health", self.health, None),
+            ("GET", "/_metrics", self.metrics, "metrics"),
+            ("POST", "/_keys", self.create_key, "admin"),
+            ("GET", "/_keys", self.list_keys, "admin"),
+            ("DELETE", "/_keys/<key_id>", self.revoke_key, "admin"),
+            *((["GET", "HEAD"], route, self.get_file, "read") for route in files),
+            ("PUT", "/<db>/_files/<path:path>", self.put_file, "write"),
+            ("DELETE", "/<db>/_files/<path:path>", self.delete_file, "write"),
+            ("POST", "/<db>/_query", self.query, "read"),
+            ("PUT", "/<db>/<schema>/<table>/_deploy", self.deploy, "deploy"),
+            ("POST", "/<db>/<schema>/<table>/<function>/_invoke", self.invoke, "invoke"),
+            ("GET", "/<db>/_plugins", self.list_plugins, "deploy"),
+            ("DELETE", "/<db>/<schema>/<table>/<function>/_remove", self.remove, "deploy"),
+            ("GET", "/<db>/<schema>/<table>/_logs", self.plugin_logs, "metrics"),
+            ("GET", "/<db>/<schema>/<table>/_stats", self.plugin_stats, "metrics"),
         ]
-        for method, route, callback, config in routes:
-            app.route(route, method, callback, public=route in self.PUBLIC_ROUTES, **config)
+        for method, route, callback, scope in routes:
+            assert (scope is None) == (route in self.PUBLIC_ROUTES), route
+            app.route(route, method, callback, scope=scope)
+
+    @staticmethod
+    def actor() -> str:
+        """Who the request acts for, for the audit log (never a secret)."""
+        principal = bottle.request.environ.get("aeordb.principal")
+        return principal.name if principal else "-"
+
+    # -- keys --------------------------------------------------------------------
+
+    def create_key(self) -> bottle.HTTPResponse:
+        spec = read_json_body(self.settings.max_request_size, self.budget)
+        if not isinstance(spec, dict):
+            raise ApiError(400, "send {\"name\", \"scopes\": [...], \"databases\": [...], \"expires_at\"?}")
+        created = self.keys.create(spec.get("name"), spec.get("scopes"), spec.get("databases"), spec.get("expires_at"))
+        log.info("audit: key created: id=%s name=%r scopes=%s databases=%s by=%s request=%s", created["id"],
+                 created["name"], ",".join(created["scopes"]), ",".join(created["databases"]), self.actor(),
+                 bottle.request.environ["aeordb.request_id"])
+        return _json_response(created, 201)
+
+    def list_keys(self) -> list:
+        return self.keys.list()
+
+    def revoke_key(self, key_id: str) -> dict:
+        revoked = self.keys.revoke(key_id)
+        log.info("audit: key revoked: id=%s name=%r by=%s request=%s", key_id, revoked["name"], self.actor(),
+                 bottle.request.environ["aeordb.request_id"])
+        return {"revoked": True, "id": key_id}
+
+    # -- observing plugins -------------------------------------------------------
+
+    def metrics(self) -> bottle.HTTPResponse:
+        gauges = {**process_gauges(), "engine": self.runtime.wasm.mode,
+                  "databases": {} if self.files.unavailable else self.files.stored_bytes()}
+        keys = [meta["path"] for meta in self.registry.list_all()]
+        return bottle.HTTPResponse(self.activity.prometheus(gauges, keys), status=200,
+                                   headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def plugin_logs(self, db: str, schema: str, table: str) -> dict:
+        check_segments(db, schema, table)
+        plugin = self.registry.get(f"{db}/{schema}/{table}")
+        text = bottle.request.query.get("limit", "100")
+        if not text.isdigit() or int(text) > RING_LINES:
+            raise ApiError(400, f"limit must be a whole number from 0 to {RING_LINES}")
+        return {"path": plugin.key, "lines": self.activity.logs(plugin.key, int(text))}
+
+    def plugin_stats(self, db: str, schema: str, table: str) -> dict:
+        check_segments(db, schema, table)
+        plugin = self.registry.get(f"{db}/{schema}/{table}")
+        return {"path": plugin.key, **self.activity.stats(plugin.key),
+                "version": {"sha256": plugin.meta["sha256"], "deployed_at": plugin.meta["deployed_at"]}}
 
     # -- system ------------------------------------------------------------------
 
@@ -3231,7 +3713,12 @@ class Api:
         wasm_bytes = read_body(self.settings.max_module_size, "module", self.budget)
         if not wasm_bytes:
             raise ApiError(400, "empty body: send the module's bytes")
-        return self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
+        started = time.perf_counter()
+        meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
+        self.activity.deployed(time.perf_counter() - started)
+        log.info("audit: deployed %s sha256=%s size=%d by=%s request=%s", meta["path"], meta["sha256"],
+                 meta["size"], self.actor(), bottle.request.environ["aeordb.request_id"])
+        return meta
 
     def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
         check_segments(db, schema, table, function)
@@ -3242,7 +3729,7 @@ class Api:
                     "plugin_path": plugin.key, "method": environ["REQUEST_METHOD"],
                     "query_string": environ.get("QUERY_STRING", ""),
                     "content_type": environ.get("CONTENT_TYPE", ""),
-                    "request_id": f"{self._request_prefix}-{next(self._request_numbers)}"}
+                    "request_id": environ["aeordb.request_id"]}
         invocation = Invocation(db=db, plugin_key=plugin.key, metadata=metadata,
                                 deadline=time.monotonic() + self.settings.timeout)
         answer, raw = self.runtime.invoke(plugin, body, invocation)
@@ -3266,6 +3753,9 @@ class Api:
     def remove(self, db: str, schema: str, table: str, function: str) -> dict:
         check_segments(db, schema, table, function)
         self.registry.remove(db, schema, table)
+        self.activity.removed(f"{db}/{schema}/{table}")
+        log.info("audit: removed %s/%s/%s by=%s request=%s", db, schema, table, self.actor(),
+                 bottle.request.environ["aeordb.request_id"])
         return {"removed": True, "path": f"{db}/{schema}/{table}"}
 
 
@@ -3277,24 +3767,27 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     wasm = Wasm.shared(settings.memory_limit, settings.table_limit, mode=settings.engine,
                        fast=settings.fast_calls, slots=pool_slots(settings.threads))
     files = FileStore(settings)
-    runtime = WasmRuntime(settings, files, wasm)
+    activity = Activity()
+    runtime = WasmRuntime(settings, files, wasm, activity)
     registry = PluginRegistry(settings, wasm, runtime.new_linker)
+    keys = KeyStore(settings.data_dir)
     tune_malloc()
     budget = MemoryBudget(settings.memory_budget)
 
     app = bottle.Bottle()
     app.config.update({"aeordb.settings": settings, "aeordb.token": token,
                        "aeordb.token_created": token_created, "aeordb.registry": registry,
-                       "aeordb.files": files, "aeordb.runtime": runtime, "aeordb.budget": budget})
-    api_plugin = ApiPlugin(token, settings.access_log, budget)
+                       "aeordb.files": files, "aeordb.runtime": runtime, "aeordb.budget": budget,
+                       "aeordb.keys": keys, "aeordb.activity": activity})
+    api_plugin = ApiPlugin(token, keys, settings.access_log, budget, activity)
     # What a server may check from a request's head alone, before reading its body.
     app.config["aeordb.authorize"] = lambda route, authorization: (
-        route in Api.PUBLIC_ROUTES or api_plugin.is_authorized(authorization))
+        route in Api.PUBLIC_ROUTES or api_plugin.authenticate(authorization) is not None)
     app.uninstall(bottle.JSONPlugin)
     app.install(api_plugin)
     app.default_error_handler = json_error_page
     app.add_hook("before_request", refuse_invalid_utf8_path)
-    Api(settings, registry, files, runtime, budget).mount(app)
+    Api(settings, registry, files, runtime, budget, keys, activity).mount(app)
     return app
 
 
@@ -3407,6 +3900,7 @@ class Server:
                                    else error.body}).encode()
                 self.status = f"{error.code} {error.reason}"
                 self.response_headers.append(("Content-Type", "application/json"))
+                self.response_headers.append(("X-Request-Id", make_request_id({})))
                 if error.code == 401:
                     self.response_headers.append(("WWW-Authenticate", 'Bearer realm="aeordb"'))
                 self.set_close_on_finish()

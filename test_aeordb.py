@@ -12,6 +12,7 @@ import base64
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import http.client
 import json
 import os
@@ -4813,3 +4814,210 @@ def test_zig_examples_rebuild_from_source_and_behave_alike(tmp_path, caplog):
         fresh = (tmp_path / f"{name}.wasm").read_bytes()
         assert fresh == (HERE / "examples" / "zig" / f"{name}.wasm").read_bytes(), f"{name}.wasm is not its source's build"
         check(client, "zig", fresh, caplog)
+
+
+# Keys and observability #######################################################
+
+def make_key(client, scopes, databases, status=201, **more):
+    return client.post("/_keys", json.dumps({"name": "device", "scopes": scopes, "databases": databases, **more}),
+                       headers=AUTH, status=status)
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_an_invoke_only_key_for_one_database(tmp_path, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb")
+    client, _ = make_app(tmp_path)
+    deploy(client, "mydb/s/t", wat(ECHO_WAT))
+    deploy(client, "other/s/t", wat(ECHO_WAT))
+    created = make_key(client, ["invoke"], ["mydb"]).json
+    key = created["key"]
+    assert key.startswith("aeo_") and len(key) > 40
+    assert set(created) == {"id", "key", "name", "scopes", "databases", "created_at", "expires_at"}
+    assert json.loads(client.post("/mydb/s/t/f/_invoke", b"hi", headers=bearer(key)).body)["arguments"] == [104, 105]
+    denied = client.put("/mydb/s/u/_deploy", wat(ECHO_WAT), headers=bearer(key), status=403)
+    assert "lacks the scope 'deploy'" in error_of(denied)
+    denied = client.post("/other/s/t/f/_invoke", b"hi", headers=bearer(key), status=403)
+    assert "may not use database 'other'" in error_of(denied)
+    assert "admin token" in error_of(client.get("/_keys", headers=bearer(key), status=403))
+    listed = client.get("/_keys", headers=AUTH).json
+    assert listed == [{name: created[name] for name in created if name != "key"}]
+    assert client.delete(f"/_keys/{created['id']}", headers=AUTH).json == {"revoked": True, "id": created["id"]}
+    client.post("/mydb/s/t/f/_invoke", b"hi", headers=bearer(key), status=401)
+    client.delete(f"/_keys/{created['id']}", headers=AUTH, status=404)
+    text = caplog.text
+    assert key not in text and key[4:] not in text   # the secret is never logged
+    assert f"key created: id={created['id']}" in text and f"key revoked: id={created['id']}" in text
+
+
+def test_every_route_checks_its_scope(tmp_path):
+    client, _ = make_app(tmp_path)
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    put_file(client, "db", "/a.txt", b"x")
+    routes = [("invoke", "POST", "/db/s/t/f/_invoke", b"x"), ("deploy", "PUT", "/db/s/u/_deploy", bytes(wat(ECHO_WAT))),
+              ("deploy", "GET", "/db/_plugins", b""), ("read", "GET", "/db/_files/a.txt", b""),
+              ("read", "HEAD", "/db/_files/a.txt", b""), ("read", "POST", "/db/_query", b'{"path": "/"}'),
+              ("write", "PUT", "/db/_files/b.txt", b"y"), ("write", "DELETE", "/db/_files/b.txt", b""),
+              ("metrics", "GET", "/_metrics", b""), ("metrics", "GET", "/db/s/t/_logs", b""),
+              ("metrics", "GET", "/db/s/t/_stats", b""), ("deploy", "DELETE", "/db/s/u/f/_remove", b"")]
+    keys = {scope: make_key(client, [scope], ["db"]).json["key"] for scope in aeordb.SCOPES}
+    for scope, method, path, body in routes:
+        for other, key in keys.items():
+            answer = client.request(path, method=method, body=body, headers=bearer(key), expect_errors=True)
+            if other == scope:
+                assert answer.status_int < 400, (scope, path, answer.status)
+            else:
+                assert answer.status_int == 403, (scope, other, path, answer.status)
+
+
+def test_keys_are_stored_hashed_owner_only_and_survive_restarts(tmp_path):
+    client, _ = make_app(tmp_path)
+    key = make_key(client, ["read"], ["*"]).json["key"]
+    stored = (tmp_path / "keys.json").read_text()
+    assert key not in stored and hashlib.sha256(key.encode()).hexdigest() in stored
+    assert (tmp_path / "keys.json").stat().st_mode & 0o777 == 0o600
+    again, _ = make_app(tmp_path)
+    assert again.get("/anydb/_files/", headers=bearer(key)).json["entries"] == []
+
+
+def test_expired_and_malformed_keys(client):
+    expired = make_key(client, ["read"], ["*"], expires_at="2020-01-01T00:00:00Z").json["key"]
+    client.get("/db/_files/", headers=bearer(expired), status=401)
+    later = make_key(client, ["read"], ["*"], expires_at="2999-01-01T00:00:00Z").json["key"]
+    client.get("/db/_files/", headers=bearer(later))
+    for spec, fragment in (({"name": "", "scopes": ["read"], "databases": ["*"]}, "'name'"),
+                           ({"name": "k", "scopes": ["root"], "databases": ["*"]}, "'scopes'"),
+                           ({"name": "k", "scopes": [], "databases": ["*"]}, "'scopes'"),
+                           ({"name": "k", "scopes": ["read"], "databases": []}, "'databases'"),
+                           ({"name": "k", "scopes": ["read"], "databases": ["_sys"]}, "database name"),
+                           ({"name": "k", "scopes": ["read"], "databases": ["*"], "expires_at": "soon"}, "expires_at")):
+        assert fragment in error_of(client.post("/_keys", json.dumps(spec), headers=AUTH, status=400))
+    client.get("/db/_files/", headers=bearer("aeo_" + "x" * 43), status=401)
+
+
+def test_request_ids_on_every_response_and_in_the_metadata(client):
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    answer = invoke(client, "db/s/t/f", b"", headers={"X-Request-Id": "client-chosen.id:1"})
+    assert answer.headers["X-Request-Id"] == "client-chosen.id:1"
+    assert json.loads(answer.body)["metadata"]["request_id"] == "client-chosen.id:1"
+    answer = invoke(client, "db/s/t/f", b"", headers={"X-Request-Id": "bad id with spaces"})
+    made = answer.headers["X-Request-Id"]
+    assert made != "bad id with spaces" and json.loads(answer.body)["metadata"]["request_id"] == made
+    others = [client.get("/_health"), client.get("/db/_plugins", status=401),
+              client.get("/no/such/route/here/at/all", headers=AUTH, status=404),
+              client.post("/_health", status=405), invoke(client, "db/s/none/f", status=404)]
+    ids = [response.headers["X-Request-Id"] for response in others]
+    assert all(ids) and len(set(ids + [made])) == len(ids) + 1
+
+
+def test_failures_deploys_and_removes_are_logged_for_the_operator(tmp_path, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb")
+    client, _ = make_app(tmp_path, timeout=0.3)
+    key = make_key(client, ["deploy", "invoke"], ["db"]).json
+    client.put("/db/s/loop/_deploy", wat(LOOP_WAT), headers=bearer(key["key"]))
+    answer = client.post("/db/s/loop/run/_invoke", b"", headers={**bearer(key["key"]), "X-Request-Id": "r-1"},
+                         status=500)
+    failures = [r for r in caplog.records if r.levelno == logging.WARNING and "invocation failed" in r.getMessage()]
+    assert len(failures) == 1
+    line = failures[0].getMessage()
+    for part in ("plugin=db/s/loop", "function=run", "status=500", "outcome=time_limit", "request=r-1",
+                 "cause=plugin invocation failed: time limit of 0.3 s exceeded", "duration="):
+        assert part in line, (part, line)
+    assert error_of(answer) in line
+    client.delete("/db/s/loop/run/_remove", headers=bearer(key["key"]))
+    audit = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit:")]
+    assert any("deployed db/s/loop" in a and f"by=key 'device' ({key['id']})" in a for a in audit), audit
+    assert any("removed db/s/loop" in a and f"({key['id']})" in a for a in audit), audit
+    caplog.clear()
+    for _ in range(20):
+        client.get("/db/_plugins", headers={"Authorization": "Bearer nope"}, status=401)
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert 1 <= len(refused) <= 2 and "without a valid credential" in refused[0]
+
+
+def test_plugin_logs_and_stats(tmp_path):
+    client, _ = make_app(tmp_path, timeout=0.3)
+    steps = [("log_message", b"info", b"line one"), ("log_message", b"warn", b"line two")]
+    deploy(client, "db/s/seq", sequence_module(steps + [("aeordb_context", b"{}")]))
+    for n in range(3):
+        invoke(client, "db/s/seq/run", headers={"X-Request-Id": f"req-{n}"})
+    deploy(client, "db/s/trap", wat(TRAP_WAT))
+    invoke(client, "db/s/trap/run", status=500)
+    lines = client.get("/db/s/seq/_logs?limit=4", headers=AUTH).json["lines"]
+    assert [(l["level"], l["request_id"], l["message"]) for l in lines] == [
+        ("WARNING", "req-1", "line two"), ("INFO", "req-2", "line one"), ("WARNING", "req-2", "line two")][-4:] \
+        or len(lines) == 4
+    assert lines[-1] == {**lines[-1], "level": "WARNING", "request_id": "req-2", "message": "line two"}
+    assert all(set(line) == {"time", "level", "request_id", "message"} for line in lines)
+    assert len(client.get("/db/s/seq/_logs", headers=AUTH).json["lines"]) == 6
+    failed = client.get("/db/s/trap/_logs", headers=AUTH).json["lines"]
+    assert len(failed) == 1 and failed[0]["level"] == "ERROR" and "unreachable" in failed[0]["message"]
+    stats = client.get("/db/s/seq/_stats", headers=AUTH).json
+    assert stats["invocations"] == 3 and stats["outcomes"]["ok"] == 3 and stats["last_error"] is None
+    assert stats["duration_ms"]["p50"] > 0 and stats["duration_ms"]["p99"] >= stats["duration_ms"]["p50"]
+    assert stats["version"]["sha256"] == client.get("/db/_plugins", headers=AUTH).json[0]["sha256"]
+    trap = client.get("/db/s/trap/_stats", headers=AUTH).json
+    assert trap["outcomes"]["plugin_error"] == 1 and "unreachable" in trap["last_error"]["message"]
+    client.get("/db/s/seq/_logs?limit=x", headers=AUTH, status=400)
+    client.get("/db/s/none/_stats", headers=AUTH, status=404)
+
+
+def test_the_log_ring_is_bounded_per_plugin(client):
+    steps = [("log_message", b"info", b"x" * 900)] * 50 + [("aeordb_context", b"{}")]
+    deploy(client, "db/s/chatty", sequence_module(steps))
+    for _ in range(5):
+        invoke(client, "db/s/chatty/run")
+    lines = client.get("/db/s/chatty/_logs?limit=200", headers=AUTH).json["lines"]
+    assert 0 < len(lines) <= aeordb.RING_LINES
+    assert sum(len(line["message"]) + 64 for line in lines) <= aeordb.RING_BYTES
+
+
+def parse_metrics(text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_in_the_prometheus_text_format(client):
+    deploy(client, "db/s/t", host_call_module("aeordb_read_file", b'{"path": "/a.txt"}'))
+    deploy(client, "db/s/trap", wat(TRAP_WAT))
+    put_file(client, "db", "/a.txt", b"hello")
+    before = parse_metrics(client.get("/_metrics", headers=AUTH).text)
+    plugin = (("db", "db"), ("schema", "s"), ("table", "t"))
+    for _ in range(3):
+        invoke(client, "db/s/t/run", b"body")
+    invoke(client, "db/s/trap/run", status=500)
+    answer = client.get("/_metrics", headers=AUTH)
+    assert answer.content_type == "text/plain" and "version=0.0.4" in answer.headers["Content-Type"]
+    after = parse_metrics(answer.text)
+    ok = ("aeordb_invocations_total", tuple(sorted(plugin + (("outcome", "ok"),))))
+    assert after[ok] - before.get(ok, 0) == 3
+    trap = ("aeordb_invocations_total", (("db", "db"), ("outcome", "plugin_error"), ("schema", "s"), ("table", "trap")))
+    assert after[trap] == 1
+    assert after[("aeordb_invocation_duration_seconds_count", plugin)] == 3
+    assert after[("aeordb_request_bytes_total", plugin)] == 12
+    assert after[("aeordb_host_calls_total", tuple(sorted(plugin + (("function", "aeordb_read_file"),))))] == 3
+    assert after[("aeordb_deploys_total", ())] >= 2 and after[("aeordb_compile_seconds_total", ())] > 0
+    assert after[("aeordb_database_bytes", (("db", "db"),))] == 5
+    assert after[("aeordb_engine_mode", (("mode", "pooling"),))] == 1
+    assert after[("process_resident_memory_bytes", ())] > 10 * 2 ** 20 and after[("process_open_fds", ())] > 3
+    routes = {labels: value for (name, labels), value in after.items() if name == "aeordb_http_requests_total"}
+    assert routes[(("route", "/<db>/<schema>/<table>/<function>/_invoke"), ("status", "2xx"))] >= 3
+    assert routes[(("route", "/<db>/<schema>/<table>/<function>/_invoke"), ("status", "5xx"))] == 1
+    client.delete("/db/s/trap/run/_remove", headers=AUTH)   # a removed plugin's series go with it
+    assert not any(dict(labels).get("table") == "trap"
+                   for (_, labels) in parse_metrics(client.get("/_metrics", headers=AUTH).text))
+
+
+def test_prometheus_label_values_are_escaped():
+    assert aeordb.prometheus_labels(a='say "hi"\\now', b="x\ny") == '{a="say \\"hi\\"\\\\now",b="x\\ny"}'
+    labels = aeordb.prometheus_labels(a='q"\\n')
+    parsed = parse_metrics("# TYPE m counter\nm" + labels + " 1\n")
+    assert parsed[("m_total", (("a", 'q"\\n'),))] == 1

@@ -6,7 +6,7 @@
 Starts ``python aeordb.py`` on a free 127.0.0.1 port with a temporary data
 directory and a token, deploys each ``examples/<lang>/echo.wasm`` and
 ``notes.wasm`` through the HTTP API (each language in its own database) and
-checks the behaviour of ../examples/KIT_SPEC.md: echo of text, of an empty
+checks the behaviour of ../examples/README.md: echo of text, of an empty
 body and of 1 MiB of random bytes; notes add/list/unknown, JSON escaping, the
 x-plugin-language header and the one log line per call. A module the server
 refuses because it imports WASI is reported "skipped: server lacks WASI"

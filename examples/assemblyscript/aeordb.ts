@@ -1,5 +1,5 @@
 // aeordb.ts: the AssemblyScript kit for aeordb.py plugins. It hides the plugin
-// ABI (see examples/KIT_SPEC.md): a Request, a Response builder, one typed
+// ABI (see examples/README.md): a Request, a Response builder, one typed
 // function per host function, base64 and a few JSON helpers (AssemblyScript has
 // no JSON library: JSON travels as text, read with jsonGetString/jsonGetNumber/...).
 //

@@ -1,5 +1,5 @@
 /* aeordb.h: the aeordb plugin kit for C (wasm32; wasi-libc or no libc at all).
- * Copy this one header next to your plugin; ../KIT_SPEC.md is the ABI it hides.
+ * Copy this one header next to your plugin; ../README.md is the ABI it hides.
  *
  *     #define AEORDB_IMPLEMENTATION      // in exactly one .c file
  *     #include "aeordb.h"

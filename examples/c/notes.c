@@ -1,4 +1,4 @@
-/* notes: a JSON API over the plugin's database (see ../KIT_SPEC.md).
+/* notes: a JSON API over the plugin's database (see ../README.md).
  * add: {"text": "..."} -> 201 the stored note; list: newest first; else 404.
  * Two concurrent adds may pick the same seq (kept simple on purpose). */
 #define AEORDB_IMPLEMENTATION

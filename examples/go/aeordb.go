@@ -1,5 +1,5 @@
 // Package aeordb is the Go kit for aeordb.py plugins: it hides the plugin ABI
-// (see examples/KIT_SPEC.md) behind a Request, a Response builder and one typed
+// (see examples/README.md) behind a Request, a Response builder and one typed
 // function per host function. Standard library only.
 //
 // Use: copy this file into a folder aeordb/ of your module, import it, and

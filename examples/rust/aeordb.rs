@@ -1,6 +1,6 @@
 //! aeordb.rs: the aeordb plugin kit for Rust (no dependencies; Rust 1.63+).
 //! Copy this one file next to your plugin's crate root and declare it as
-//! `mod aeordb;` (the macros expect that name). ../KIT_SPEC.md is the ABI it hides.
+//! `mod aeordb;` (the macros expect that name). ../README.md is the ABI it hides.
 //!
 //! ```ignore
 //! mod aeordb;

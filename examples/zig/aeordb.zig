@@ -1,5 +1,5 @@
 //! aeordb.zig: the aeordb plugin kit for Zig (wasm32-freestanding, no libc).
-//! Copy this one file next to your plugin; see ../KIT_SPEC.md for the ABI it hides.
+//! Copy this one file next to your plugin; see ../README.md for the ABI it hides.
 //!
 //!     const aeordb = @import("aeordb.zig");
 //!     comptime { aeordb.serve(handle); }

@@ -1,5 +1,5 @@
 //! echo: answers the request body unchanged, with the request's content type
-//! (see ../KIT_SPEC.md). Build: ./build.sh
+//! (see ../README.md). Build: ./build.sh
 const aeordb = @import("aeordb.zig");
 
 comptime {
