@@ -117,11 +117,12 @@ class Settings:
     timeout: float = setting(5.0, "wall-clock limit of one invocation, host functions included, seconds")
     query_timeout: Optional[float] = setting(None, "time limit of one POST /{db}/_query, seconds "
                                                    "(default: --timeout)")
-    memory_limit: int = setting(64 * MiB, "linear memory limit of one invocation, bytes")
+    # Guest pointers are i32: past 2 GiB they would reach host functions negative.
+    memory_limit: int = setting(64 * MiB, "linear memory limit of one invocation, bytes", maximum=2 * GiB)
     table_limit: int = setting(100_000, "table elements limit of one invocation")
-    # AeorDB's largest real plugin (jq) is 3 MB; a Go plugin about 4 MB.
+    # Real plugins are a few MB (README, Security model).
     max_module_size: int = setting(16 * MiB, "largest module a deploy accepts, bytes")
-    # An invoke's envelope takes about 4 bytes of guest memory per body byte.
+    # An invoke's envelope takes several bytes of guest memory per body byte (README, Configuration).
     max_request_size: int = setting(8 * MiB, "largest invoke or query body, bytes")
     max_response_size: int = setting(16 * MiB, "largest answer a plugin may return, bytes")
     max_file_size: int = setting(16 * MiB, "largest stored file, bytes")
@@ -1077,7 +1078,10 @@ class FastGuestOps(GuestOps):
         from wasmtime import _bindings as bindings
         from wasmtime import _ffi as ffi
         from wasmtime._func import maybe_raise_last_exn
-        missing = [name for name in self._NEEDS if not hasattr(ffi, name)]
+        missing = [name for name in self._NEEDS if not hasattr(ffi, name)] + [
+            f"{owner.__name__}.{name}" for owner, name in ((wasmtime.WasiConfig, "_consume"),
+                                                          (wasmtime.WasmtimeError, "_from_ptr"),
+                                                          (wasmtime.Trap, "_from_ptr")) if not hasattr(owner, name)]
         if missing:
             raise AttributeError(f"wasmtime-py lacks {', '.join(missing)}")
         self.ffi = ffi
@@ -1386,7 +1390,7 @@ def _sections(wasm_bytes: bytes) -> Iterator[tuple]:
         pos = start + size
 
 
-QUICK_DATA = 1 * MiB   # data segments up to this size instantiate in well under a millisecond (bench/)
+QUICK_DATA = 1 * MiB   # data segments up to this size instantiate quickly (README, Performance)
 
 
 def instantiates_quickly(wasm_bytes: bytes) -> bool:
@@ -1513,9 +1517,11 @@ class PluginRegistry:
 
     # -- writing ---------------------------------------------------------------
 
-    def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
-               plugin_type: str) -> dict:
-        key = f"{db}/{schema}/{table}"
+    def check(self, wasm_bytes: bytes) -> tuple:
+        """(compiled module, its shape): everything a deploy checks, and nothing written.
+
+        ApiError(400) names what is wrong; the command line's ``check`` runs exactly this.
+        """
         if not wasm_bytes.startswith(b"\0asm"):
             # wasmtime-py would compile anything else as the text format, past
             # check_declared_sizes and into a module file that is not a module.
@@ -1529,10 +1535,17 @@ class PluginRegistry:
                 raise ApiError(503, f"no memory left to compile the module right now: {_first_line(exc)}",
                                RETRY_SOON) from None
             raise ApiError(400, f"not a valid WebAssembly module: {_first_line(exc)}") from None
-        shape = inspect_module(module, self.settings, wasm_bytes, self.provided)
+        return module, inspect_module(module, self.settings, wasm_bytes, self.provided)
+
+    def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
+               plugin_type: str, version: Optional[str] = None) -> dict:
+        key = f"{db}/{schema}/{table}"
+        module, shape = self.check(wasm_bytes)
         sha = hashlib.sha256(wasm_bytes).hexdigest()
         meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": key, "plugin_type": plugin_type,
                 "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
+        if version is not None:
+            meta["version"] = version
         folder = self.root / db / schema / table
         try:
             # Everything is written under the lock: a concurrent deploy or remove
@@ -1891,20 +1904,23 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_by_parent ON files (db, parent, path);
 -- Each database's stored bytes, kept by triggers: quotas and metrics read one row.
+-- A file counts its bytes, its path and 256 for its row, so empty files count too.
 CREATE TABLE IF NOT EXISTS db_sizes (db TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS files_added AFTER INSERT ON files BEGIN
-    INSERT INTO db_sizes (db, bytes) VALUES (new.db, new.size)
-        ON CONFLICT (db) DO UPDATE SET bytes = bytes + new.size;
+    INSERT INTO db_sizes (db, bytes) VALUES (new.db, new.size + length(CAST(new.path AS BLOB)) + 256)
+        ON CONFLICT (db) DO UPDATE SET bytes = bytes + new.size + length(CAST(new.path AS BLOB)) + 256;
 END;
 CREATE TRIGGER IF NOT EXISTS files_resized AFTER UPDATE OF size ON files BEGIN
     UPDATE db_sizes SET bytes = bytes - old.size + new.size WHERE db = new.db;
 END;
 CREATE TRIGGER IF NOT EXISTS files_removed AFTER DELETE ON files BEGIN
-    UPDATE db_sizes SET bytes = bytes - old.size WHERE db = old.db;
+    UPDATE db_sizes SET bytes = bytes - old.size - length(CAST(old.path AS BLOB)) - 256 WHERE db = old.db;
 END;
 """
+FILE_OVERHEAD = 256   # bytes a stored file counts besides its data and path (its row)
 # Run once on a database an older version made: db_sizes starts from what is there.
-_SIZES_FROM_FILES = "INSERT OR REPLACE INTO db_sizes SELECT db, sum(size) FROM files GROUP BY db"
+_SIZES_FROM_FILES = ("INSERT OR REPLACE INTO db_sizes SELECT db, sum(size + length(CAST(path AS BLOB)) + 256) FROM files "
+                     "GROUP BY db")
 SCHEMA_VERSION = 1
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -2157,13 +2173,14 @@ class FileStore:
             return
         stored = conn.execute("SELECT bytes FROM db_sizes WHERE db=?", (db,)).fetchone()
         replaced = conn.execute("SELECT size FROM files WHERE db=? AND path=?", (db, path)).fetchone()
-        total = (stored[0] if stored else 0) - (replaced[0] if replaced else 0) + size
+        added = size - replaced[0] if replaced else size + len(path.encode()) + FILE_OVERHEAD
+        total = (stored[0] if stored else 0) + added
         if total > quota:
             raise ApiError(507, f"database {db} would hold {total} bytes, over its quota of {quota} bytes "
                                 "(--max-db-size): delete files or raise the quota")
 
     def stored_bytes(self) -> dict:
-        """Each database's total file size."""
+        """Each database's stored bytes: its files' sizes, paths and FILE_OVERHEAD each."""
         return dict(self._read("SELECT db, bytes FROM db_sizes ORDER BY db", ()))
 
     def read(self, db: str, path: str) -> tuple:
@@ -2803,6 +2820,7 @@ class Invocation:
     memory: Optional[wasmtime.Memory] = None   # the imported env.memory, on the slow path
     response: Optional[dict] = None   # what aeordb_set_response said, for a handle_raw answer
     output: Optional[dict] = None     # WASI stdout/stderr bytes not yet ended by a newline
+    wasi_started: float = 0.0         # when its WASI context was made: the origin of WASI's monotonic clock
 
 
 _TRAP_MESSAGES = {
@@ -2998,7 +3016,7 @@ class WasmRuntime:
             invocation = self._current.invocation
             try:
                 self.activity.host_call(invocation.plugin_key, name)
-                memory = caller.get("memory") or invocation.memory
+                memory = self._guest_memory(caller, invocation)
                 try:
                     try:
                         args = load_json(_guest_bytes(caller, memory, ptr, length, MAX_HOST_ARGUMENT))
@@ -3026,7 +3044,7 @@ class WasmRuntime:
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:   # the guest's alloc trapped
                 in_use = None
                 with contextlib.suppress(Exception):
-                    in_use = (caller.get("memory") or invocation.memory).data_len(caller)
+                    in_use = self._guest_memory(caller, invocation).data_len(caller)
                 why = self._explain(exc, invocation, in_use)
                 return self._fail(caller, invocation, f"{name} could not answer: alloc failed: {why}")
             except Exception as exc:
@@ -3052,7 +3070,7 @@ class WasmRuntime:
         try:
             if invocation is None or invocation.log_count > MAX_LOG_MESSAGES:
                 return
-            memory = caller.get("memory") or invocation.memory
+            memory = self._guest_memory(caller, invocation)
             level = _guest_bytes(caller, memory, level_ptr, level_len, 16).decode("utf-8", "replace")
             _guest_bytes(caller, memory, msg_ptr + msg_len, 0, 0)   # the whole message lies in memory
             kept = min(msg_len, max(0, MAX_LOG_BYTES - invocation.log_bytes) + 1)
@@ -3086,11 +3104,17 @@ class WasmRuntime:
 
     # -- WASI and AssemblyScript -----------------------------------------------
 
+    @staticmethod
+    def _guest_memory(caller: wasmtime.Caller, invocation: Optional[Invocation]) -> Any:
+        """The calling guest's memory: its export, or the env.memory it imported."""
+        return caller.get("memory") or (invocation.memory if invocation is not None else None)
+
     def _sealed_wasi(self, invocation: Invocation) -> wasmtime.WasiConfig:
         """wasmtime's WASI with nothing of the host: no directories, environment or arguments,
         an empty stdin; stdout and stderr go to the plugin's log. Clocks and random work."""
         config = wasmtime.WasiConfig()
         invocation.output = {"stdout": bytearray(), "stderr": bytearray()}
+        invocation.wasi_started = time.monotonic()
         config.stdout_custom = lambda data: self._wasi_output(invocation, "stdout", data)
         config.stderr_custom = lambda data: self._wasi_output(invocation, "stderr", data)
         return config
@@ -3111,6 +3135,14 @@ class WasmRuntime:
 
     def _poll_oneoff(self, caller: wasmtime.Caller, subscriptions: int, events: int, count: int,
                      written: int) -> int:
+        # Never raise here: wasmtime-py would re-raise it in whichever thread traps next.
+        try:
+            return self._poll(caller, subscriptions, events, count, written)
+        except Exception:
+            log.exception("poll_oneoff failed")
+            return WASI_EINVAL
+
+    def _poll(self, caller: wasmtime.Caller, subscriptions: int, events: int, count: int, written: int) -> int:
         """WASI's poll_oneoff within the invocation's deadline.
 
         The sandbox has stdin (empty: ready at once), stdout and stderr
@@ -3118,8 +3150,10 @@ class WasmRuntime:
         sleeps to the deadline and fails the invocation there.
         """
         invocation = self._current.invocation
+        if count <= 0:
+            return WASI_EINVAL
         try:
-            memory = caller.get("memory")
+            memory = self._guest_memory(caller, invocation)
             raw = _guest_bytes(caller, memory, subscriptions, count * 48, 48 * 4096)
             _guest_bytes(caller, memory, events, count * 32, 32 * 4096)
             _guest_bytes(caller, memory, written, 4, 4)
@@ -3128,11 +3162,13 @@ class WasmRuntime:
         ready, wake, now = [], math.inf, time.monotonic()
         for index in range(count):
             userdata, tag = struct.unpack_from("<QB", raw, index * 48)
+            if tag > 2:
+                return WASI_EINVAL
             if tag == 0:   # clock: id, timeout (ns), precision, flags (1: absolute)
                 clock_id, timeout, _, flags = struct.unpack_from("<IxxxxQQH", raw, index * 48 + 16)
                 delay = timeout / 1e9
-                if flags & 1:
-                    delay -= (time.time() if clock_id == 0 else time.monotonic() if clock_id == 1 else 0)
+                if flags & 1:   # WASI's monotonic clock starts with its context, the realtime one is the wall's
+                    delay -= time.time() if clock_id == 0 else now - invocation.wasi_started
                 wake = min(wake, now + max(0.0, delay))
                 ready.append((userdata, tag, 0, now + max(0.0, delay)))
             else:          # fd_read / fd_write
@@ -3154,7 +3190,14 @@ class WasmRuntime:
     def _abort(self, caller: wasmtime.Caller, message: int, file: int, line: int, column: int) -> None:
         """AssemblyScript's env.abort: the invocation fails with the message and where it was raised."""
         invocation = self._current.invocation
-        memory = caller.get("memory")
+        try:
+            self._fail(caller, invocation, self._abort_reason(caller, invocation, message, file, line, column))
+        except Exception:   # never raise here (see _poll_oneoff)
+            self._fail(caller, invocation, "the plugin aborted")
+
+    def _abort_reason(self, caller: wasmtime.Caller, invocation: Optional[Invocation], message: int, file: int,
+                      line: int, column: int) -> str:
+        memory = self._guest_memory(caller, invocation)
 
         def utf16(pointer: int) -> str:   # AssemblyScript strings: UTF-16LE, byte length at pointer - 4
             try:
@@ -3163,7 +3206,7 @@ class WasmRuntime:
             except (ApiError, struct.error):
                 return "?"
         where = f"{utf16(file) if file else '?'}:{line & 0xFFFFFFFF}:{column & 0xFFFFFFFF}"
-        self._fail(caller, invocation, f"the plugin aborted: {utf16(message) if message else 'abort'} at {where}")
+        return f"the plugin aborted: {utf16(message) if message else 'abort'} at {where}"
 
     def _set_response(self, invocation: Invocation, args: dict) -> dict:
         """aeordb_set_response: the status, content type and headers of a handle_raw answer."""
@@ -3370,6 +3413,45 @@ def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = No
                                headers={"Content-Type": "application/json", **(headers or {})})
 
 
+LARGE_BODY = 1 * MiB   # bodies and answers from this size on count against the memory budget
+
+
+class MemoryBudget:
+    """Bytes of large request bodies and plugin answers being worked on at once.
+
+    Each such byte costs several in memory (the envelope, the guest's copy,
+    the answer), so their sum is bounded: past the budget a request is
+    refused with 503 at once, and peak memory stays predictable.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int, what: str, refuse: bool = True) -> None:
+        """Count ``size`` bytes against the budget until the request ends (ApiPlugin gives them back)."""
+        if size < LARGE_BODY:
+            return
+        environ = bottle.request.environ
+        own = environ.get("aeordb.reserved", 0)
+        with self._lock:
+            # One request alone always goes through.
+            if refuse and self.used > own and self.used + size > self.capacity:
+                raise ApiError(503, f"too many large requests at once: the {what} of {size} bytes does "
+                                    f"not fit the memory budget of {self.capacity} bytes (--memory-budget): "
+                                    "retry", RETRY_SOON)
+            self.used += size
+        environ["aeordb.reserved"] = own + size
+
+    def release(self, environ: dict) -> None:
+        reserved = environ.pop("aeordb.reserved", 0)
+        if reserved:
+            with self._lock:
+                self.used -= reserved
+            release_free_memory()
+
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")   # a client's X-Request-Id we keep
 _request_prefix, _request_numbers = secrets.token_hex(3), itertools.count(1)
 
@@ -3469,44 +3551,6 @@ class ApiPlugin:
                          (time.perf_counter() - started) * 1000, request_id)
             return result
         return wrapper
-
-
-LARGE_BODY = 1 * MiB   # bodies and answers from this size on count against the memory budget
-
-
-class MemoryBudget:
-    """Bytes of large request bodies and plugin answers being worked on at once.
-
-    Each such byte costs several in memory (the envelope, the guest's copy,
-    the answer), so their sum is bounded: past the budget a request is
-    refused with 503 at once, and peak memory stays predictable.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def reserve(self, size: int, what: str) -> None:
-        """Count ``size`` bytes against the budget until the request ends (ApiPlugin gives them back)."""
-        if size < LARGE_BODY:
-            return
-        environ = bottle.request.environ
-        own = environ.get("aeordb.reserved", 0)
-        with self._lock:
-            if self.used > own and self.used + size > self.capacity:   # one request alone always goes through
-                raise ApiError(503, f"too many large requests at once: the {what} of {size} bytes does "
-                                    f"not fit the memory budget of {self.capacity} bytes (--memory-budget): "
-                                    "retry", RETRY_SOON)
-            self.used += size
-        environ["aeordb.reserved"] = own + size
-
-    def release(self, environ: dict) -> None:
-        reserved = environ.pop("aeordb.reserved", 0)
-        if reserved:
-            with self._lock:
-                self.used -= reserved
-            release_free_memory()
 
 
 def read_body(limit: int, what: str, budget: MemoryBudget) -> bytes:
@@ -3701,20 +3745,22 @@ class Api:
     def deploy(self, db: str, schema: str, table: str) -> dict:
         check_segments(db, schema, table)
         query = bottle.request.query
-        for key in ("name", "plugin_type"):
+        for key in ("name", "plugin_type", "version"):
             if key in query and query.getunicode(key) is None:   # bottle answers None for bad UTF-8
                 raise ApiError(400, f"{key} is not valid UTF-8")
         name = query.getunicode("name") or table
         plugin_type = query.getunicode("plugin_type") or "wasm"
-        if len(name) > 128 or any(ord(ch) < 32 for ch in name):
-            raise ApiError(400, "name must be 1-128 printable characters")
+        version = query.getunicode("version") or None
+        for what, value in (("name", name), ("version", version or "v")):
+            if len(value) > 128 or any(ord(ch) < 32 for ch in value):
+                raise ApiError(400, f"{what} must be 1-128 printable characters")
         if plugin_type != "wasm":
             raise ApiError(400, f"unsupported plugin_type {plugin_type!r}: only 'wasm'")
         wasm_bytes = read_body(self.settings.max_module_size, "module", self.budget)
         if not wasm_bytes:
             raise ApiError(400, "empty body: send the module's bytes")
         started = time.perf_counter()
-        meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type)
+        meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type, version)
         self.activity.deployed(time.perf_counter() - started)
         log.info("audit: deployed %s sha256=%s size=%d by=%s request=%s", meta["path"], meta["sha256"],
                  meta["size"], self.actor(), bottle.request.environ["aeordb.request_id"])
@@ -3733,7 +3779,9 @@ class Api:
         invocation = Invocation(db=db, plugin_key=plugin.key, metadata=metadata,
                                 deadline=time.monotonic() + self.settings.timeout)
         answer, raw = self.runtime.invoke(plugin, body, invocation)
-        self.budget.reserve(len(raw), "plugin's answer")
+        # Counted, never refused: the invocation's writes are committed, and a
+        # 503 would invite a retry that repeats them.
+        self.budget.reserve(len(raw), "plugin's answer", refuse=False)
         # Set on bottle's response and return the bytes: an HTTPResponse would
         # be built, then copied onto the response twice.
         response = bottle.response
@@ -3922,14 +3970,16 @@ class Server:
 
     def stop(self, *_: Any) -> None:
         """Begin a clean stop (also a signal handler): the serving loop wakes and drains."""
-        self._stopping.set()
-        self.waitress.pull_trigger()
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.waitress.pull_trigger()
 
     def run(self) -> None:
         server = self.waitress
+        previous = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self.stop)
+                previous[signum] = signal.signal(signum, self.stop)
         loop = functools.partial(server.asyncore.loop, map=server._map,
                                  use_poll=server.adj.asyncore_use_poll, count=1)
         next_guard = 0.0
@@ -3949,6 +3999,9 @@ class Server:
         # What connections sent before the stop is in flight too: read for a moment before judging.
         while (time.monotonic() < settled or self._busy()) and time.monotonic() < deadline:
             loop(timeout=0.05)
+            self._drop_slow_heads(time.monotonic())
+        for signum, handler in previous.items():   # before the trigger's descriptor is closed and reused
+            signal.signal(signum, handler)
         server.task_dispatcher.shutdown(timeout=1)
         server.asyncore.close_all(server._map)
         self.app.config["aeordb.files"].checkpoint()
@@ -3962,7 +4015,7 @@ class Server:
         """
         for channel in list(self.waitress.active_channels.values()):
             request = channel.request
-            if request is not None and not request.headers_finished \
+            if request is not None and not request.headers_finished and not channel.requests \
                     and now - request.started > self.settings.header_timeout:
                 channel.will_close = True
                 channel.handle_close()

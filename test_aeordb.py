@@ -3874,20 +3874,26 @@ def test_plugin_logs_are_capped_in_lines_and_bytes(client, caplog):
 
 
 def test_a_database_quota_refuses_puts_and_rolls_back_plugin_writes(tmp_path):
-    client, _ = make_app(tmp_path, max_db_size=1000)
-    put_file(client, "small", "/a.bin", b"a" * 600, status=201)
-    answer = put_file(client, "small", "/b.bin", b"b" * 500, status=507)
-    assert "quota of 1000 bytes" in error_of(answer) and "database small" in error_of(answer)
+    client, _ = make_app(tmp_path, max_db_size=2000)   # a file counts its bytes, its path and 256
+    put_file(client, "small", "/a.bin", b"a" * 600, status=201)                    # 600 + 6 + 256 = 862
+    answer = put_file(client, "small", "/b.bin", b"b" * 1000, status=507)          # + 1262: over
+    assert "quota of 2000 bytes" in error_of(answer) and "database small" in error_of(answer)
     put_file(client, "small", "/a.bin", b"a" * 900, status=200)   # a replacement counts its own size once
     put_file(client, "other", "/c.bin", b"c" * 900, status=201)   # each database has its own quota
-    steps = [write_step("/d.bin", b"d" * 50), write_step("/e.bin", b"e" * 100), ("aeordb_context", b"{}")]
+    steps = [write_step("/d.bin", b"d" * 50), write_step("/e.bin", b"e" * 600), ("aeordb_context", b"{}")]
     answer = run_sequence(client, "small", steps, status=507)
-    assert "quota of 1000 bytes" in error_of(answer)
+    assert "quota of 2000 bytes" in error_of(answer)
     listing = client.get("/small/_files/", headers=AUTH).json["entries"]
     assert [entry["name"] for entry in listing] == ["a.bin"]   # d.bin rolled back with the call
     client.delete("/small/_files/a.bin", headers=AUTH)
-    put_file(client, "small", "/b.bin", b"b" * 500, status=201)   # deleting gave the room back
-    assert client.app.config["aeordb.files"].stored_bytes() == {"other": 900, "small": 500}
+    put_file(client, "small", "/b.bin", b"b" * 1000, status=201)   # deleting gave the room back
+    assert client.app.config["aeordb.files"].stored_bytes() == {"other": 1162, "small": 1262}
+
+
+def test_empty_files_count_against_the_quota(tmp_path):
+    client, _ = make_app(tmp_path, max_db_size=3000)
+    statuses = [put_file(client, "db", f"/{n:03d}", b"", status="*").status_int for n in range(20)]
+    assert statuses[:11] == [201] * 11 and set(statuses[11:]) == {507}   # 260 bytes each
 
 
 def test_database_sizes_start_from_an_older_database(tmp_path):
@@ -3898,8 +3904,8 @@ def test_database_sizes_start_from_an_older_database(tmp_path):
     with files._writing() as conn:   # as an older version left it: no sizes, schema version 0
         conn.execute("DELETE FROM db_sizes")
         conn.execute("PRAGMA user_version = 0")
-    again, _ = make_app(tmp_path, max_db_size=600)
-    assert again.app.config["aeordb.files"].stored_bytes() == {"db": 500}
+    again, _ = make_app(tmp_path, max_db_size=1100)
+    assert again.app.config["aeordb.files"].stored_bytes() == {"db": 1024}
     put_file(again, "db", "/c.bin", b"c" * 101, status=507)
 
 
@@ -5005,7 +5011,7 @@ def test_metrics_in_the_prometheus_text_format(client):
     assert after[("aeordb_request_bytes_total", plugin)] == 12
     assert after[("aeordb_host_calls_total", tuple(sorted(plugin + (("function", "aeordb_read_file"),))))] == 3
     assert after[("aeordb_deploys_total", ())] >= 2 and after[("aeordb_compile_seconds_total", ())] > 0
-    assert after[("aeordb_database_bytes", (("db", "db"),))] == 5
+    assert after[("aeordb_database_bytes", (("db", "db"),))] == 5 + len("/a.txt") + 256
     assert after[("aeordb_engine_mode", (("mode", "pooling"),))] == 1
     assert after[("process_resident_memory_bytes", ())] > 10 * 2 ** 20 and after[("process_open_fds", ())] > 3
     routes = {labels: value for (name, labels), value in after.items() if name == "aeordb_http_requests_total"}
@@ -5021,3 +5027,49 @@ def test_prometheus_label_values_are_escaped():
     labels = aeordb.prometheus_labels(a='q"\\n')
     parsed = parse_metrics("# TYPE m counter\nm" + labels + " 1\n")
     assert parsed[("m_total", (("a", 'q"\\n'),))] == 1
+
+
+def test_wasi_poll_oneoff_edges(tmp_path):
+    """No subscription is EINVAL at once; an absolute monotonic deadline is kept (WASI's clock origin)."""
+    client, _ = make_app(tmp_path, timeout=2.0)
+    module = wasi_module(imports=POLL_ONEOFF, body='''
+      (i32.store (i32.const 8192) (call $poll (i32.const 1024) (i32.const 2048) (i32.const 0) (i32.const 3000)))
+      (i64.or (i64.shl (i64.const 8192) (i64.const 32)) (i64.const 4))''')
+    deploy(client, "db/s/none", module)
+    started = time.monotonic()
+    assert invoke(client, "db/s/none/f").body == (28).to_bytes(4, "little") and time.monotonic() - started < 1.0
+    clock = f'(import "{WASI}" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))'
+    absolute = wasi_module(imports=POLL_ONEOFF + clock, body='''
+      (drop (call $clock (i32.const 1) (i64.const 1) (i32.const 4000)))        ;; monotonic now
+      (i64.store (i32.const 1000) (i64.const 42))                              ;; userdata
+      (i32.store8 (i32.const 1008) (i32.const 0))                              ;; a clock subscription
+      (i32.store (i32.const 1016) (i32.const 1))                               ;; monotonic
+      (i64.store (i32.const 1024) (i64.add (i64.load (i32.const 4000)) (i64.const 300000000)))  ;; now + 0.3 s
+      (i32.store16 (i32.const 1040) (i32.const 1))                             ;; absolute
+      (drop (call $poll (i32.const 1000) (i32.const 2048) (i32.const 1) (i32.const 3000)))
+      (i64.const 0)''')
+    deploy(client, "db/s/abs", absolute)
+    started = time.monotonic()
+    invoke(client, "db/s/abs/f")
+    assert 0.25 <= time.monotonic() - started < 1.5
+
+
+def test_memory_limits_past_2_gib_are_refused():
+    with pytest.raises(SystemExit):
+        aeordb.parse_settings(["--memory-limit", str(4 * aeordb.GiB)], environ={})
+    assert aeordb.parse_settings(["--memory-limit", str(2 * aeordb.GiB)], environ={}).memory_limit == 2 * aeordb.GiB
+
+
+def test_a_stopped_server_gives_the_signal_handlers_back(tmp_path):
+    script = f"""
+import signal, threading, aeordb, pathlib
+app = aeordb.create_app(aeordb.Settings(data_dir=pathlib.Path({str(tmp_path)!r}), token="x" * 16))
+server = aeordb.Server(app, app.config["aeordb.settings"], aeordb.bind_listener("127.0.0.1", 0))
+threading.Timer(0.3, server.stop).start()
+server.run()
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGTERM)
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+print("restored")
+"""
+    done = run_python(script)
+    assert done.returncode == 0 and "restored" in done.stdout, done.stderr[-2000:]
