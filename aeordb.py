@@ -46,6 +46,7 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -55,6 +56,7 @@ import tempfile
 import threading
 import time
 import typing
+import urllib.parse as urllib_parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -181,7 +183,9 @@ def parse_settings(argv: Optional[list] = None, environ: Optional[dict] = None) 
         prog="aeordb.py",
         description="Host WebAssembly plugins behind an HTTP API. Every option can also be "
                     "set with the environment variable AEORDB_<OPTION> (e.g. AEORDB_PORT); "
-                    "the command line wins.")
+                    "the command line wins.",
+        epilog="Other commands (each with --help): deploy, invoke, list, remove, logs, stats, keys, "
+               "check, token, backup, restore.")
     kinds = typing.get_type_hints(Settings)
     for field in dataclasses.fields(Settings):
         meta = field.metadata
@@ -2156,7 +2160,10 @@ class FileStore:
             if conn.execute("SELECT 1 FROM files WHERE db=? AND path>=? AND path<? LIMIT 1",
                             (db, low, high)).fetchone():
                 raise ApiError(409, f"{path} is a directory")
-            created = conn.execute("SELECT 1 FROM files WHERE db=? AND path=?", (db, path)).fetchone() is None
+            existing = conn.execute("SELECT created_at FROM files WHERE db=? AND path=?", (db, path)).fetchone()
+            # The answer is made inside the transaction: once it commits nothing
+            # is left to fail, so an error answer always means nothing was written.
+            meta = _file_meta((path, len(data), content_type, existing[0] if existing else stamp, stamp, etag))
             conn.execute(
                 "INSERT INTO files (db, path, parent, content_type, size, etag, created_at, updated_at, doc, data)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -2165,7 +2172,7 @@ class FileStore:
                 " doc=excluded.doc, data=excluded.data",
                 (db, path, parent_of(path), content_type, len(data), etag, stamp, stamp,
                  doc, None if doc is not None else data))
-        return self.metadata(db, path), created
+        return meta, existing is None
 
     def _check_quota(self, conn: sqlite3.Connection, db: str, path: str, size: int) -> None:
         quota = self.settings.max_db_size
@@ -3602,7 +3609,7 @@ def refuse_invalid_utf8_path() -> None:
 class Api:
     """The HTTP API: one method per route, grouped by resource (system, files and queries, plugins)."""
 
-    PUBLIC_ROUTES = ("/_health",)   # the routes served without a credential
+    PUBLIC_ROUTES = ("/_health", "/_openapi.json")   # the routes served without a credential
 
     def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime,
                  budget: MemoryBudget, keys: KeyStore, activity: Activity):
@@ -3613,13 +3620,16 @@ class Api:
         self.budget = budget
         self.keys = keys
         self.activity = activity
+        self.app: Optional[bottle.Bottle] = None   # set by mount; the OpenAPI document reads its routes
 
     def mount(self, app: bottle.Bottle) -> None:
         """Every route with the scope a credential needs for it, in matching order: the file
         routes come before the plugin routes, since '/db/_files/a/b/_deploy' is a file path."""
+        self.app = app
         files = ("/<db>/_files", "/<db>/_files/", "/<db>/_files/<path:path>")
         routes = [
             ("GET", "/_health", self.health, None),
+            ("GET", "/_openapi.json", self.openapi, None),
             ("GET", "/_metrics", self.metrics, "metrics"),
             ("POST", "/_keys", self.create_key, "admin"),
             ("GET", "/_keys", self.list_keys, "admin"),
@@ -3693,6 +3703,10 @@ class Api:
 
     def health(self) -> dict:
         return {"status": "ok", "engine": self.runtime.wasm.mode}
+
+    def openapi(self) -> dict:
+        """This API's OpenAPI document, made from the app's own routes (see ROUTE_DOCS)."""
+        return openapi_document(self.app)
 
     # -- files and queries -------------------------------------------------------
 
@@ -3805,6 +3819,429 @@ class Api:
         log.info("audit: removed %s/%s/%s by=%s request=%s", db, schema, table, self.actor(),
                  bottle.request.environ["aeordb.request_id"])
         return {"removed": True, "path": f"{db}/{schema}/{table}"}
+
+
+###############################################################################
+# The OpenAPI document #########################################################
+###############################################################################
+#
+# GET /_openapi.json describes the API as OpenAPI 3.1. The list of paths and
+# methods is never written by hand: it is read from the app's own routes, so it
+# cannot drift from what is served. What a route means (summary, body, answers,
+# errors) comes from ROUTE_DOCS, keyed by the name of the Api method serving
+# it; a route whose method has no entry makes openapi_document raise, so the
+# tests fail the day a route is added without being described.
+# 3.1 rather than 3.0: its schemas are JSON Schema 2020-12 (so answers can be
+# checked with jsonschema, and a field can be "string or null"), and its
+# security requirements may name the scope a bearer credential needs.
+
+
+def _schema(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description: str, schema: dict) -> dict:
+    """A JSON answer (or request body) of ``schema``."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _object(properties: dict, optional: tuple = ()) -> dict:
+    """A JSON object with exactly these fields (every one present but ``optional``): an answer
+    gaining a field fails the tests until its schema says so."""
+    return {"type": "object", "properties": properties, "additionalProperties": False,
+            "required": [name for name in properties if name not in optional]}
+
+
+_STRING = {"type": "string"}
+_COUNT = {"type": "integer", "minimum": 0}
+_MS = {"type": "integer", "description": "milliseconds since the epoch"}
+_ISO_TIME = {"type": "string", "format": "date-time"}
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_FIELDS = {"type": "array", "items": _STRING, "description": "dotted JSON paths, such as address.city"}
+_BY_FIELD = {"type": "object", "additionalProperties": _NUMBER_OR_NULL,
+             "description": "field: value, null where no document has a number in that field"}
+_KEY_PROPERTIES = {
+    "id": {"type": "string", "pattern": "^key_"},
+    "name": _STRING,
+    "scopes": {"type": "array", "items": {"enum": list(SCOPES)}},
+    "databases": {"type": "array", "items": _STRING, "description": 'database names, or ["*"]: every one'},
+    "created_at": _ISO_TIME,
+    "expires_at": {"type": ["string", "null"], "format": "date-time"},
+}
+
+OPENAPI_SCHEMAS = {
+    "Error": _object({"error": {"type": "string", "minLength": 1, "description": "what was wrong"}}),
+    "PluginMeta": _object({
+        "plugin_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "name": _STRING,
+        "path": {"type": "string", "description": "the plugin's place, db/schema/table"},
+        "plugin_type": {"enum": ["wasm"]},
+        "deployed_at": _ISO_TIME,
+        "sha256": _SHA256,
+        "size": {"type": "integer", "minimum": 1, "description": "the module's size in bytes"},
+    }),
+    "FileMeta": _object({
+        "path": _STRING, "size": _COUNT, "content_type": _STRING, "created_at": _MS, "updated_at": _MS,
+        "etag": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    }),
+    "DirectoryListing": _object({
+        "path": _STRING,
+        "entries": {"type": "array", "items": _object({
+            "name": _STRING, "type": {"enum": ["file", "directory"]},
+            "size": {**_COUNT, "description": "a directory's size is the sum of its files'"}})},
+    }),
+    "Query": {
+        "type": "object",
+        "description": "Over the JSON documents directly inside the directory 'path'. With 'aggregate', an "
+                       "aggregate (answered as an AggregateAnswer), else a query (a QueryAnswer).",
+        "properties": {
+            "path": {"type": "string", "default": "/"},
+            "where": {"description": "one condition {field, op, value, value2?} (op: eq, gt, lt, between, in, "
+                                     "contains), or {and: [...]}, {or: [...]}, {not: node}; a list is an implicit "
+                                     "and; absent, {} or [] match everything",
+                      "type": ["object", "array", "null"]},
+            "order_by": {"type": "array", "items": {"type": "object", "properties": {
+                "field": {"type": "string", "description": "a dotted path, or @path, @size, @created_at, @updated_at"},
+                "direction": {"enum": ["asc", "desc"]}}}},
+            "limit": {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_LIMIT, "default": 100},
+            "offset": {"type": "integer", "minimum": 0, "default": 0},
+            "include_total": {"type": "boolean", "default": False},
+            "aggregate": {"type": "object", "properties": {
+                "count": {"type": "boolean"}, "sum": _FIELDS, "avg": _FIELDS, "min": _FIELDS, "max": _FIELDS,
+                "group_by": _FIELDS}, "additionalProperties": False},
+        },
+    },
+    "QueryAnswer": _object({
+        "items": {"type": "array", "items": _schema("QueryItem")},
+        "results": {"type": "array", "items": _schema("QueryItem"), "description": "items again, for older SDKs"},
+        "has_more": {"type": "boolean"},
+        "total": {**_COUNT, "description": "with include_total"},
+    }, optional=("total",)),
+    "QueryItem": _object({
+        "path": _STRING, "score": {"type": "number"}, "total_size": _COUNT, "content_type": _STRING,
+        "created_at": _MS, "updated_at": _MS, "matched_by": _FIELDS,
+    }),
+    "AggregateAnswer": _object({
+        "count": {**_COUNT, "description": "with aggregate.count"},
+        "sum": _BY_FIELD, "avg": _BY_FIELD, "min": _BY_FIELD, "max": _BY_FIELD,
+        "groups": {"type": "array", "items": _object({
+            "key": {"type": "object", "description": "group_by field: its value"}, "count": _COUNT,
+            "sum": _BY_FIELD, "avg": _BY_FIELD, "min": _BY_FIELD, "max": _BY_FIELD})},
+        "total_count": _COUNT,
+        "has_more": {"type": "boolean"},
+    }, optional=("count",)),
+    "KeySpec": {
+        "type": "object", "required": ["name", "scopes", "databases"],
+        "properties": {name: _KEY_PROPERTIES[name] for name in ("name", "scopes", "databases", "expires_at")},
+    },
+    "Key": _object(_KEY_PROPERTIES),
+    "CreatedKey": _object({**_KEY_PROPERTIES, "key": {
+        "type": "string", "pattern": f"^{KEY_PREFIX}",
+        "description": "the key's secret, shown this once: send it as a bearer token"}}),
+    "PluginLogs": _object({
+        "path": _STRING,
+        "lines": {"type": "array", "maxItems": RING_LINES, "items": _object({
+            "time": _ISO_TIME, "level": _STRING, "request_id": _STRING, "message": _STRING})},
+    }),
+    "PluginStats": _object({
+        "path": _STRING,
+        "invocations": _COUNT,
+        "outcomes": _object({outcome: _COUNT for outcome in OUTCOMES}),
+        "duration_ms": _object({"p50": _NUMBER_OR_NULL, "p99": _NUMBER_OR_NULL, "samples": _COUNT}),
+        "last_error": {"oneOf": [{"type": "null"}, _object({
+            "time": _ISO_TIME, "outcome": {"enum": list(OUTCOMES)}, "message": _STRING})]},
+        "version": _object({"sha256": _SHA256, "deployed_at": _ISO_TIME}),
+    }),
+}
+
+# The error answers, each with the headers it carries besides X-Request-Id.
+OPENAPI_ERRORS = {
+    400: ("bad input", {}),
+    401: ("missing or invalid bearer token (unknown, revoked or expired key)", {"WWW-Authenticate": "Bearer"}),
+    403: ("the API key lacks the route's scope or database, or the route needs the admin token", {}),
+    404: ("not found", {}),
+    405: ("method not allowed on this path", {"Allow": "the methods the path takes"}),
+    409: ("conflict", {}),
+    413: ("the body is over its size limit", {}),
+    500: ("internal error", {}),
+    503: ("storage unavailable, no memory left, or too many large requests at once: retry",
+          {"Retry-After": "seconds to wait, when a retry may succeed soon"}),
+    507: ("the database is over its quota (--max-db-size)", {}),
+}
+
+# Where a route's path names a parameter, this says what it is.
+_SEGMENT = {"type": "string", "pattern": r"^(?!_)(?!\.\.?$)[A-Za-z0-9._-]{1,128}$",
+            "description": "1-128 letters, digits, '-', '_' or '.', not starting with '_' and not '.' or '..'"}
+PATH_PARAMETERS = {
+    "db": ("the database", _SEGMENT),
+    "schema": ("the plugin's schema", _SEGMENT),
+    "table": ("the plugin's table", _SEGMENT),
+    "function": ("the function name, passed to the plugin as metadata.function_name", _SEGMENT),
+    "path": ("the file's path inside the database; it may contain '/' (a/b/c.json), sent unescaped. "
+             "Ending in '/' it names a directory", {"type": "string", "maxLength": 1024}),
+    "key_id": ("the API key's id", {"type": "string"}),
+}
+
+_ANY_BYTES = {"*/*": {"schema": {}}}
+
+# What each route means, by the name of the Api method serving it. "errors" are
+# the route's own; 401/403 (routes that need a credential) and 500 are added to
+# every route they apply to.
+ROUTE_DOCS = {
+    # -- system
+    "health": {
+        "tag": "system", "summary": "Health check (no credential)",
+        "responses": {"200": _json("the server is up", _object({"status": {"const": "ok"},
+                                                               "engine": {"type": "string"}}))},
+    },
+    "openapi": {
+        "tag": "system", "summary": "This document (no credential)",
+        "responses": {"200": _json("the OpenAPI 3.1 description of every route",
+                                   {"type": "object", "required": ["openapi", "info", "paths"]})},
+    },
+    "metrics": {
+        "tag": "observing", "summary": "Prometheus metrics (text exposition format 0.0.4)",
+        "responses": {"200": {"description": "the metrics", "content": {
+            "text/plain": {"schema": {"type": "string"}}}}},
+    },
+    # -- keys
+    "create_key": {
+        "tag": "keys", "summary": "Create an API key (admin token only)",
+        "requestBody": {"required": True, **_json("the key's name, scopes, databases and expiry",
+                                                  _schema("KeySpec"))},
+        "responses": {"201": _json("the key, with its secret shown this once", _schema("CreatedKey"))},
+        "errors": {400: "a bad name, scope, database or expiry, or not a JSON object", 413: None, 503: None},
+    },
+    "list_keys": {
+        "tag": "keys", "summary": "List the API keys (never their secrets; admin token only)",
+        "responses": {"200": _json("the keys", {"type": "array", "items": _schema("Key")})},
+    },
+    "revoke_key": {
+        "tag": "keys", "summary": "Revoke an API key at once (admin token only)",
+        "responses": {"200": _json("revoked", _object({"revoked": {"const": True}, "id": _STRING}))},
+        "errors": {404: "no such key", 503: None},
+    },
+    # -- files and queries
+    "get_file": {
+        "tag": "files", "summary": "Read a file, or list a directory",
+        "description": "A file answers its bytes with their Content-Type, ETag and Last-Modified; a "
+                       "directory (the database's root, or a path ending in '/') answers a listing. "
+                       "HEAD answers the same headers without the body.",
+        "parameters": [{"name": "If-None-Match", "in": "header", "required": False,
+                        "schema": {"type": "string"}, "description": "an ETag, or '*': 304 when it matches"}],
+        "responses": {
+            "200": {"description": "the file's bytes (with its own Content-Type), or a directory's listing",
+                    "headers": {"ETag": {"schema": _STRING}, "Last-Modified": {"schema": _STRING}},
+                    "content": {"application/json": {"schema": {"anyOf": [
+                        _schema("DirectoryListing"), {"description": "a stored file that is JSON"}]}},
+                                "*/*": {"schema": {"description": "the stored bytes"}}}},
+            "304": {"description": "not modified (If-None-Match matched)",
+                    "headers": {"ETag": {"schema": _STRING}, "Last-Modified": {"schema": _STRING}}},
+        },
+        "errors": {400: "a bad database name or path, or a file's path ending in '/'",
+                   404: "no such file or directory", 503: None},
+    },
+    "put_file": {
+        "tag": "files", "summary": "Store a file (created or replaced)",
+        "description": "Stores the body with the request's Content-Type (guessed from the path when absent). "
+                       "A file whose bytes are one JSON object can be queried.",
+        "requestBody": {"required": True, "description": "the file's bytes", "content": _ANY_BYTES},
+        "responses": {"201": _json("created", _schema("FileMeta")), "200": _json("replaced", _schema("FileMeta"))},
+        "errors": {400: "a bad database name, path or content type", 409: "a file is in the way, or the path "
+                   "is a directory", 413: None, 503: None, 507: None},
+    },
+    "delete_file": {
+        "tag": "files", "summary": "Delete a file",
+        "responses": {"200": _json("deleted", _object({"deleted": {"const": True}, "path": _STRING}))},
+        "errors": {400: None, 404: "no such file", 503: None},
+    },
+    "query": {
+        "tag": "files", "summary": "Query or aggregate the JSON documents of a directory",
+        "requestBody": {"required": True, **_json("a query, or with 'aggregate' an aggregate", _schema("Query"))},
+        "responses": {"200": _json("the matching documents, or the aggregate", {"anyOf": [
+            _schema("QueryAnswer"), _schema("AggregateAnswer")]})},
+        "errors": {400: "a bad query (unknown operator, too many conditions, over its time limit...)",
+                   413: None, 503: None},
+    },
+    # -- plugins
+    "deploy": {
+        "tag": "plugins", "summary": "Deploy a plugin (replacing the one there)",
+        "description": "The module is compiled and its imports and exports checked before anything is "
+                       "written; its start function does not run.",
+        "parameters": [
+            {"name": "name", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+             "description": "the plugin's name; defaults to the table"},
+            {"name": "plugin_type", "in": "query", "required": False,
+             "schema": {"enum": ["wasm"], "default": "wasm"}},
+        ],
+        "requestBody": {"required": True, "description": "the module's bytes (WebAssembly binary format)",
+                        "content": {"application/wasm": {"schema": {}}, **_ANY_BYTES}},
+        "responses": {"200": _json("deployed", _schema("PluginMeta"))},
+        "errors": {400: "empty body, not a module, an unsupported plugin_type, a missing handle export or "
+                        "memory, or imports the server does not provide", 413: None,
+                   503: "no memory left to compile it, or storage unavailable: retry"},
+    },
+    "invoke": {
+        "tag": "plugins", "summary": "Invoke a plugin",
+        "description": "Runs the plugin's handle with the request envelope (the body, and metadata such as "
+                       "the function name, query string, content type and request id). The plugin's answer "
+                       "is sent as it gave it: its status, headers and content type.",
+        "requestBody": {"required": False, "description": "any bytes, passed to the plugin", "content": _ANY_BYTES},
+        "responses": {"200": {"description": "the plugin's answer (its own status when it sets one)",
+                              "content": _ANY_BYTES}},
+        "errors": {400: None, 404: "no plugin deployed there", 413: None,
+                   500: "the invocation failed (a trap, its time or memory limit, a bad answer): the reason",
+                   503: None},
+    },
+    "list_plugins": {
+        "tag": "plugins", "summary": "List a database's plugins",
+        "responses": {"200": _json("the plugins", {"type": "array", "items": _schema("PluginMeta")})},
+        "errors": {400: None},
+    },
+    "remove": {
+        "tag": "plugins", "summary": "Remove a plugin",
+        "responses": {"200": _json("removed", _object({"removed": {"const": True}, "path": _STRING}))},
+        "errors": {400: None, 404: "no plugin deployed there", 503: None},
+    },
+    "plugin_logs": {
+        "tag": "observing", "summary": "A plugin's recent log lines, newest last",
+        "parameters": [{"name": "limit", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": RING_LINES, "default": 100}}],
+        "responses": {"200": _json("the lines", _schema("PluginLogs"))},
+        "errors": {400: None, 404: "no plugin deployed there"},
+    },
+    "plugin_stats": {
+        "tag": "observing", "summary": "A plugin's invocation statistics",
+        "responses": {"200": _json("the statistics", _schema("PluginStats"))},
+        "errors": {400: None, 404: "no plugin deployed there"},
+    },
+}
+
+_RULE_PARAMETER = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)(?::[A-Za-z_]*(?::(?:\\.|[^\\>])*)?)?>")
+_REQUEST_ID_HEADER = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+
+
+def openapi_path(rule: str) -> tuple:
+    """A bottle rule as an OpenAPI path and its parameter names: '/<db>/_files/<path:path>'
+    is '/{db}/_files/{path}' (OpenAPI has no wildcard: PATH_PARAMETERS says '/' is allowed)."""
+    names = _RULE_PARAMETER.findall(rule)
+    path = _RULE_PARAMETER.sub(lambda match: "{" + match.group(1) + "}", rule)
+    if "<" in path or ">" in path or "" in names:
+        raise ValueError(f"route {rule!r}: only named <name> or <name:filter> wildcards can be described")
+    return path, names
+
+
+def _error_response(status: int, description: Optional[str]) -> dict:
+    """An error answer: the shared one, or its route's own description of it."""
+    response = {"$ref": f"#/components/responses/Error{status}"}
+    if description:
+        response["description"] = description   # 3.1: a reference may override its description
+    return response
+
+
+def _operation(route: bottle.Route, doc: dict, path_names: list, operation_id: str) -> dict:
+    scope = route.config.get("scope")
+    if scope not in (None, "admin", *SCOPES):
+        raise ValueError(f"route {route.method} {route.rule}: unknown scope {scope!r}")
+    responses = {}
+    for status, response in doc["responses"].items():   # new dicts: ROUTE_DOCS stays as written
+        response = {**response, "headers": {**response.get("headers", {}), **_REQUEST_ID_HEADER}}
+        if route.method == "HEAD":
+            response.pop("content", None)
+        responses[status] = response
+    errors = dict(doc.get("errors", {}))
+    if scope is not None:
+        errors.setdefault(401, None)
+        errors.setdefault(403, None)
+    errors.setdefault(500, None)
+    for status in sorted(errors):
+        responses[str(status)] = _error_response(status, errors[status])
+    parameters = [{"name": name, "in": "path", "required": True, "description": PATH_PARAMETERS[name][0],
+                   "schema": PATH_PARAMETERS[name][1]} for name in path_names]
+    operation = {
+        "operationId": operation_id,
+        "tags": [doc["tag"]],
+        "summary": doc["summary"] + (" (headers only)" if route.method == "HEAD" else ""),
+        "parameters": parameters + doc.get("parameters", []),
+        "responses": responses,
+        # 3.1 lets a bearer requirement name the role it needs: the route's scope.
+        "security": [] if scope is None else [{"bearer": [scope]}],
+        "x-aeordb-scope": scope,
+    }
+    if "description" in doc:
+        operation["description"] = doc["description"]
+    if "requestBody" in doc and route.method not in ("GET", "HEAD", "DELETE"):
+        operation["requestBody"] = doc["requestBody"]
+    return operation
+
+
+def openapi_document(app: bottle.Bottle) -> dict:
+    """The OpenAPI 3.1 document of ``app``'s routes, each described by ROUTE_DOCS.
+
+    Raises LookupError for a route whose method ROUTE_DOCS does not describe, or
+    a path parameter PATH_PARAMETERS does not: an undescribed route is a bug.
+    The document shares the tables' dicts (it is only serialized): do not change it.
+    """
+    paths: dict = {}
+    operation_ids: set = set()
+    for route in app.routes:
+        name = getattr(route.callback, "__name__", repr(route.callback))
+        doc = ROUTE_DOCS.get(name)
+        if doc is None:
+            raise LookupError(f"route {route.method} {route.rule} (callback {name!r}) has no entry in "
+                              "ROUTE_DOCS: describe it there")
+        path, names = openapi_path(route.rule)
+        undescribed = [parameter for parameter in names if parameter not in PATH_PARAMETERS]
+        if undescribed:
+            raise LookupError(f"route {route.rule}: describe the parameter(s) {', '.join(undescribed)} "
+                              "in PATH_PARAMETERS")
+        method = route.method.lower()
+        if method in paths.get(path, {}):
+            raise ValueError(f"two routes for {route.method} {path}")
+        operation_id, number = name if route.method != "HEAD" else f"{name}_head", 1
+        while operation_id in operation_ids:   # one method serving several routes (get_file)
+            number += 1
+            operation_id = f"{name}{'_head' if route.method == 'HEAD' else ''}_{number}"
+        operation_ids.add(operation_id)
+        paths.setdefault(path, {})[method] = _operation(route, doc, names, operation_id)
+    responses = {}
+    for status, (description, headers) in OPENAPI_ERRORS.items():
+        responses[f"Error{status}"] = {
+            "description": description,
+            "headers": {**_REQUEST_ID_HEADER, **{header: {"description": text, "schema": _STRING}
+                                                 for header, text in headers.items()}},
+            "content": {"application/json": {"schema": _schema("Error")}},
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "aeordb.py",
+            "version": __version__,
+            "description": (
+                "WebAssembly plugins and per-database file trees over HTTP. Every route but the public ones "
+                "needs 'Authorization: Bearer <credential>': the admin token, or an API key (aeo_...) that has "
+                "the route's scope (x-aeordb-scope; 'admin' routes take the token only) in the route's "
+                "database. Every error is JSON {\"error\": \"...\"}. Every answer carries X-Request-Id. "
+                "HEAD works wherever GET does. A wrong method on a known path is a 405 with Allow; an "
+                "unknown path is a 404."),
+            "license": {"name": "see LICENSE", "identifier": "MIT"},
+        },
+        "paths": paths,
+        "components": {
+            "schemas": OPENAPI_SCHEMAS,
+            "responses": responses,
+            "headers": {"X-Request-Id": {
+                "description": "the request's id (the client's own X-Request-Id when it is 1-64 letters, "
+                               "digits or ._:-), named in every log line about the request",
+                "schema": _STRING}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "the admin token, or an API key made with POST /_keys (also a bearer token)"}},
+        },
+        "security": [{"bearer": []}],
+        "tags": [{"name": name} for name in ("system", "keys", "files", "plugins", "observing")],
+    }
 
 
 def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
@@ -4031,6 +4468,20 @@ class Server:
 ###############################################################################
 # Command line #################################################################
 ###############################################################################
+#
+# ``python aeordb.py [serve] [options]`` serves. The other commands are the
+# operator's tools in the same file: a client of a running server (deploy,
+# invoke, list, remove, logs, stats, keys), and offline ones (check, token,
+# backup, restore). Exit status: 0 success, 1 the server answered an error
+# (its message printed), 2 a usage or connection error (one line).
+
+class CommandError(Exception):
+    """A command failed: its message is printed as one line; ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
@@ -4039,7 +4490,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-def main(argv: Optional[list] = None) -> int:
+def serve(argv: list) -> int:
     """Serve until stopped; answers the exit status (2: it could not start, one line on stderr says why)."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
@@ -4064,6 +4515,416 @@ def main(argv: Optional[list] = None) -> int:
           f"  {token_line}", flush=True)
     server.run()
     return 0
+
+
+class Client:
+    """A client of a running server's HTTP API (urllib, standard library only)."""
+
+    def __init__(self, url: str, token: str):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def request(self, method: str, route: str, body: Optional[bytes] = None,
+                headers: Optional[dict] = None) -> tuple:
+        """(status, headers, body) of one request; CommandError(2) when the server cannot be reached."""
+        import urllib.error
+        import urllib.request
+        request = urllib.request.Request(self.url + route, data=body, method=method,
+                                         headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                return answer.status, dict(answer.headers), answer.read()
+        except urllib.error.HTTPError as answer:
+            return answer.code, dict(answer.headers), answer.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise CommandError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
+
+    def json(self, method: str, route: str, body: Optional[bytes] = None) -> Any:
+        """The JSON answer of a request; CommandError(1) with the server's message for an error."""
+        status, _, data = self.request(method, route, body)
+        try:
+            answer = load_json(data)
+        except ValueError:
+            answer = {"error": data[:200].decode("utf-8", "replace")}
+        if status >= 400:
+            message = answer.get("error") if isinstance(answer, dict) else None
+            raise CommandError(f"{status}: {message or data[:200].decode('utf-8', 'replace')}", status=1)
+        return answer
+
+
+def _plugin_route(text: str, parts: int) -> str:
+    """``db/schema/table`` (or ``/function``) checked as URL segments, as a route prefix."""
+    segments = text.strip("/").split("/")
+    if len(segments) != parts:
+        raise CommandError(f"expected {'/'.join(['DB', 'SCHEMA', 'TABLE', 'FUNCTION'][:parts])}, got {text!r}")
+    try:
+        check_segments(*segments)
+    except ApiError as exc:
+        raise CommandError(exc.message) from None
+    return "/" + "/".join(segments)
+
+
+def _token_file_text(data_dir: Path, strict: bool) -> str:
+    token_file = data_dir / "token"
+    try:
+        mode = token_file.stat().st_mode & 0o777
+        text = token_file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"no token: cannot read {token_file} ({exc}); pass --token or AEORDB_TOKEN") from None
+    if strict and mode & 0o077:
+        raise CommandError(f"{token_file} is readable by others (mode {mode:o}): run chmod 600 on it first")
+    return text
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = args.token or os.environ.get("AEORDB_TOKEN") or _token_file_text(args.data_dir, strict=False)
+    return Client(args.url, token)
+
+
+def _print(args: argparse.Namespace, answer: Any, human: Callable[[Any], str]) -> None:
+    print(json.dumps(answer, indent=2) if args.json else human(answer))
+
+
+def command_deploy(args: argparse.Namespace) -> int:
+    route = _plugin_route(args.plugin, 3)
+    try:
+        module = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    query = urllib_parse.urlencode({key: value for key, value in (("name", args.name), ("version", args.version))
+                                    if value})
+    meta = _client(args).json("PUT", f"{route}/_deploy" + (f"?{query}" if query else ""), module)
+    _print(args, meta, lambda m: f"deployed {m['path']} ({m['name']}), {m['size']} bytes, sha256 {m['sha256'][:16]}")
+    return 0
+
+
+def command_invoke(args: argparse.Namespace) -> int:
+    route = _plugin_route(args.function, 4)
+    if args.data_file == "-" or args.stdin:
+        body = sys.stdin.buffer.read()
+    elif args.data_file:
+        try:
+            body = Path(args.data_file).read_bytes()
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.data_file}: {exc.strerror}") from None
+    else:
+        body = (args.data or "").encode()
+    status, headers, data = _client(args).request("POST", f"{route}/_invoke", body,
+                                                  {"Content-Type": args.content_type})
+    if args.verbose:
+        print(f"HTTP {status}", file=sys.stderr)
+        for name, value in headers.items():
+            print(f"{name}: {value}", file=sys.stderr)
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    if status >= 400:
+        try:
+            message = load_json(data).get("error")
+        except (ValueError, AttributeError):
+            message = None
+        if message:
+            print(f"aeordb.py: {status}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    check_db = _plugin_route(args.db, 1)
+    plugins = _client(args).json("GET", f"{check_db}/_plugins")
+    _print(args, plugins, lambda ps: "\n".join(f"{p['path']}\t{p['name']}\t{p['deployed_at']}\t{p['sha256'][:16]}"
+                                               for p in ps) or "no plugins")
+    return 0
+
+
+def command_remove(args: argparse.Namespace) -> int:
+    route = _plugin_route(args.plugin, 3)
+    answer = _client(args).json("DELETE", f"{route}/plugin/_remove")
+    _print(args, answer, lambda a: f"removed {a['path']}")
+    return 0
+
+
+def _log_text(line: dict) -> str:
+    return f"{line['time']} {line['level']:<7} {line['request_id']}  {line['message']}"
+
+
+def command_logs(args: argparse.Namespace) -> int:
+    route = _plugin_route(args.plugin, 3)
+    client = _client(args)
+    seen: list = []
+    while True:
+        lines = client.json("GET", f"{route}/_logs?limit={RING_LINES if args.follow else args.limit}")["lines"]
+        # The ring only grows at its end: print what follows the last line already printed.
+        start = 0
+        if seen:
+            for index in range(len(lines) - 1, -1, -1):
+                if lines[index] == seen[-1]:
+                    start = index + 1
+                    break
+        for line in lines[start:]:
+            print(json.dumps(line) if args.json else _log_text(line), flush=True)
+        seen = lines or seen
+        if not args.follow:
+            return 0
+        time.sleep(1.0)   # the polling interval of --follow
+
+
+def command_stats(args: argparse.Namespace) -> int:
+    route = _plugin_route(args.plugin, 3)
+    stats = _client(args).json("GET", f"{route}/_stats")
+
+    def human(s: dict) -> str:
+        outcomes = ", ".join(f"{name} {count}" for name, count in s["outcomes"].items() if count)
+        error = s["last_error"]
+        return (f"{s['path']}: {s['invocations']} invocation(s) ({outcomes or 'none'}), "
+                f"p50 {s['duration_ms']['p50']} ms, p99 {s['duration_ms']['p99']} ms; version "
+                f"{s['version']['sha256'][:16]} deployed {s['version']['deployed_at']}"
+                + (f"\nlast error at {error['time']}: {error['message']}" if error else ""))
+    _print(args, stats, human)
+    return 0
+
+
+def command_keys(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "create":
+        if not args.name or not args.scopes:
+            raise CommandError("keys create needs --name and --scopes")
+        spec = {"name": args.name, "scopes": args.scopes.split(","), "databases": args.databases.split(","),
+                "expires_at": args.expires_at}
+        key = client.json("POST", "/_keys", json.dumps(spec).encode())
+        _print(args, key, lambda k: f"{k['id']} {k['name']}: {','.join(k['scopes'])} on {','.join(k['databases'])}"
+                                    f"\nkey (shown once): {k['key']}")
+    elif args.action == "list":
+        keys = client.json("GET", "/_keys")
+        _print(args, keys, lambda ks: "\n".join(
+            f"{k['id']}\t{k['name']}\t{','.join(k['scopes'])}\t{','.join(k['databases'])}\t"
+            f"expires {k['expires_at'] or 'never'}" for k in ks) or "no keys")
+    else:
+        if not args.id:
+            raise CommandError("keys revoke needs the key's id")
+        answer = client.json("DELETE", f"/_keys/{urllib_parse.quote(args.id)}")
+        _print(args, answer, lambda a: f"revoked {a['id']}")
+    return 0
+
+
+def command_check(args: argparse.Namespace) -> int:
+    """Validate a module offline exactly as a deploy would, and say what it is."""
+    try:
+        module_bytes = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    logging.getLogger("aeordb").setLevel(logging.WARNING)
+    settings = dataclasses.replace(parse_settings(args.serve_options, environ={}), token="c" * MIN_TOKEN_LENGTH)
+    with tempfile.TemporaryDirectory(prefix="aeordb-check-") as scratch:
+        app = create_app(dataclasses.replace(settings, data_dir=Path(scratch)))
+        try:
+            module, shape = app.config["aeordb.registry"].check(module_bytes)
+        except ApiError as exc:
+            raise CommandError(f"refused: {exc.message}", status=1) from None
+    report = {
+        "file": args.file, "size": len(module_bytes), "sha256": hashlib.sha256(module_bytes).hexdigest(),
+        "entry": shape.entry, "exports_alloc": shape.has_alloc, "wasi_reactor": shape.initialize,
+        "imports_wasi": shape.wasi, "imports_env_memory": shape.imports_memory, "may_write_files": shape.writes_files,
+        "imports": [{"name": f"{item.module}.{item.name}", "type": _describe(item.type)} for item in module.imports],
+        "exports": [{"name": item.name, "type": _describe(item.type)} for item in module.exports],
+        "limits": {"memory": settings.memory_limit, "table": settings.table_limit},
+    }
+
+    def human(r: dict) -> str:
+        lines = [f"{r['file']}: a valid plugin ({r['size']} bytes, sha256 {r['sha256'][:16]})",
+                 f"  entry point: {r['entry']}" + (" (raw bodies: aeordb.py only)" if r["entry"] == "handle_raw" else
+                                                   " (the AeorDB envelope)"),
+                 f"  alloc: {'exported' if r['exports_alloc'] else 'not exported (answers are written at offset 0)'}",
+                 f"  WASI: {'imported (sealed sandbox)' if r['imports_wasi'] else 'not imported'}"
+                 + ("; a reactor (_initialize runs first)" if r["wasi_reactor"] else ""),
+                 f"  writes files: {'may' if r['may_write_files'] else 'no'} (its invocations "
+                 f"{'are' if r['may_write_files'] else 'need not be'} transactions)",
+                 f"  fits the limits: memory {r['limits']['memory'] // MiB} MiB, table {r['limits']['table']} elements",
+                 "  imports:"] + [f"    {i['name']}: {i['type']}" for i in r["imports"]] + (
+                 ["    (none)"] if not r["imports"] else [])
+        return "\n".join(lines)
+    _print(args, report, human)
+    return 0
+
+
+def command_token(args: argparse.Namespace) -> int:
+    print(_token_file_text(args.data_dir, strict=True))
+    return 0
+
+
+BACKUP_FILES = ("token", "keys.json")   # besides the database and plugins/; the compiled cache is rebuilt
+
+
+def command_backup(args: argparse.Namespace) -> int:
+    """A consistent snapshot of a (running) server's data dir into a directory or a .tar.gz."""
+    source, destination = args.data_dir, Path(args.destination)
+    database = source / DATABASE_NAME
+    if not database.exists():
+        raise CommandError(f"{source} holds no {DATABASE_NAME}: is --data-dir right?")
+    archive = destination.name.endswith((".tar.gz", ".tgz"))
+    with tempfile.TemporaryDirectory(prefix="aeordb-backup-", dir=destination.parent if archive else None) as work:
+        target = Path(work) if archive else destination
+        if not archive:
+            if destination.exists() and any(destination.iterdir()):
+                raise CommandError(f"{destination} is not empty")
+            make_dirs(destination)
+        snapshot_database(database, target / DATABASE_NAME, progress=not args.json)
+        plugins = copy_plugins(source / "plugins", target / "plugins")
+        for name in BACKUP_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                atomic_write(target / name, (source / name).read_bytes())
+        if archive:
+            import tarfile
+            temp = destination.with_name(destination.name + TEMP_MARK + "part")
+            with tarfile.open(temp, "w:gz") as tar:
+                tar.add(target, arcname=".")
+            os.chmod(temp, PRIVATE_FILE)
+            os.replace(temp, destination)
+    summary = {"backup": str(destination), "plugins": plugins, "database_bytes": (source / DATABASE_NAME).stat().st_size}
+    _print(args, summary, lambda s: f"backed up {source} to {s['backup']}: the database and {s['plugins']} plugin(s)")
+    return 0
+
+
+def snapshot_database(source: Path, target: Path, progress: bool = False) -> None:
+    """SQLite's online backup: a consistent copy while the server goes on writing."""
+    def report(status: int, remaining: int, total: int) -> None:
+        if progress and total > 10_000:   # pages: say how far a large copy has got
+            print(f"\r  database: {100 * (total - remaining) // total}%", end="", file=sys.stderr, flush=True)
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    os.close(os.open(target, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    writer = sqlite3.connect(target)
+    try:
+        reader.backup(writer, pages=1024, progress=report)
+        writer.execute("PRAGMA journal_mode=DELETE")   # one self-contained file, no -wal or -shm beside it
+    finally:
+        writer.close()
+        reader.close()
+    if progress:
+        print("", end="", file=sys.stderr)
+
+
+def copy_plugins(source: Path, target: Path) -> int:
+    """Each plugin's plugin.json and the module it names (a deploy running meanwhile: the old or the new)."""
+    copied = 0
+    for meta_file in sorted(source.glob("*/*/*/plugin.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            meta_bytes = meta_file.read_bytes()
+            module_name = f"module-{load_json(meta_bytes)['sha256']}.wasm"
+            module = (meta_file.parent / module_name).read_bytes()
+            folder = target / meta_file.parent.relative_to(source)
+            atomic_write(folder / module_name, module)
+            atomic_write(folder / "plugin.json", meta_bytes)
+            copied += 1
+    return copied
+
+
+def command_restore(args: argparse.Namespace) -> int:
+    source, target = Path(args.source), args.data_dir
+    if (target / DATABASE_NAME).exists() and not args.force:
+        raise CommandError(f"{target} already holds a database: restore into an empty data dir, or stop its "
+                           "server and pass --force to replace it")
+    with tempfile.TemporaryDirectory(prefix="aeordb-restore-") as work:
+        if source.is_file():
+            import tarfile
+            with tarfile.open(source, "r:gz") as tar:
+                tar.extractall(work, filter="data")
+            source = Path(work)
+        if not (source / DATABASE_NAME).exists():
+            raise CommandError(f"{args.source} is not a backup of aeordb.py (no {DATABASE_NAME})")
+        prepare_data_dir(target)
+        for name in ("aeordb.sqlite3-wal", "aeordb.sqlite3-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (target / name).unlink()
+        snapshot_database(source / DATABASE_NAME, target / DATABASE_NAME)
+        shutil.rmtree(target / "plugins", ignore_errors=True)
+        shutil.rmtree(target / "cache", ignore_errors=True)
+        plugins = copy_plugins(source / "plugins", target / "plugins")
+        for name in BACKUP_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                atomic_write(target / name, (source / name).read_bytes())
+    _print(args, {"restored": str(target), "plugins": plugins},
+           lambda r: f"restored {plugins} plugin(s) and the database into {target}")
+    return 0
+
+
+def command_parser() -> argparse.ArgumentParser:
+    """The commands besides ``serve``, each with its own --help."""
+    parser = argparse.ArgumentParser(prog="aeordb.py", description="aeordb.py's commands. With no command (or "
+                                     "'serve'), it serves: python aeordb.py serve --help lists the server's options.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    default_dir = dataclasses.fields(Settings)[[f.name for f in dataclasses.fields(Settings)].index("data_dir")].default
+
+    def command(name: str, handler: Callable, text: str, client: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("--data-dir", type=Path, default=Path(os.environ.get("AEORDB_DATA_DIR", default_dir)),
+                         help="the local data dir (its token file is the credential when none is given)")
+        sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
+        if client:
+            sub.add_argument("--url", default=os.environ.get("AEORDB_URL", "http://127.0.0.1:3000"),
+                             help="the server (env AEORDB_URL; default http://127.0.0.1:3000)")
+            sub.add_argument("--token", help="bearer token or API key (env AEORDB_TOKEN; default: DATA_DIR/token)")
+        return sub
+
+    deploy = command("deploy", command_deploy, "deploy a module: deploy FILE DB/SCHEMA/TABLE")
+    deploy.add_argument("file")
+    deploy.add_argument("plugin", metavar="DB/SCHEMA/TABLE")
+    deploy.add_argument("--name")
+    deploy.add_argument("--version")
+    invoke = command("invoke", command_invoke, "invoke a plugin: the answer's body goes to stdout")
+    invoke.add_argument("function", metavar="DB/SCHEMA/TABLE/FUNCTION")
+    invoke.add_argument("stdin", nargs="?", choices=["-"], help="read the body from standard input")
+    invoke.add_argument("--data", help="the body, as text")
+    invoke.add_argument("--data-file", help="the body, from a file ('-': standard input)")
+    invoke.add_argument("--content-type", default="application/octet-stream")
+    invoke.add_argument("-v", "--verbose", action="store_true", help="status and headers on stderr")
+    listing = command("list", command_list, "list a database's plugins")
+    listing.add_argument("db", metavar="DB")
+    remove = command("remove", command_remove, "remove a plugin")
+    remove.add_argument("plugin", metavar="DB/SCHEMA/TABLE")
+    logs = command("logs", command_logs, "a plugin's recent log lines and failures")
+    logs.add_argument("plugin", metavar="DB/SCHEMA/TABLE")
+    logs.add_argument("--limit", type=int, default=50)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C ends)")
+    stats = command("stats", command_stats, "a plugin's statistics")
+    stats.add_argument("plugin", metavar="DB/SCHEMA/TABLE")
+    keys = command("keys", command_keys, "API keys: keys create|list|revoke (needs the token)")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("id", nargs="?", help="the key to revoke")
+    keys.add_argument("--name")
+    keys.add_argument("--scopes", help="comma-separated: " + ",".join(SCOPES))
+    keys.add_argument("--databases", default="*", help="comma-separated database names (default: *)")
+    keys.add_argument("--expires-at", help="RFC 3339, e.g. 2030-01-01T00:00:00Z")
+    check = command("check", command_check, "check a module offline exactly as a deploy would", client=False)
+    check.add_argument("file")
+    check.add_argument("serve_options", nargs=argparse.REMAINDER,
+                       help="server options whose limits apply (e.g. --memory-limit 16777216)")
+    command("token", command_token, "print the local data dir's token (it must be owner-only)", client=False)
+    backup = command("backup", command_backup, "a consistent snapshot of the data dir (a directory or .tar.gz), "
+                     "safe while the server runs", client=False)
+    backup.add_argument("destination")
+    restore = command("restore", command_restore, "restore a backup into an empty (or, with --force, a "
+                      "stopped) data dir", client=False)
+    restore.add_argument("source")
+    restore.add_argument("--force", action="store_true")
+    return parser
+
+
+COMMANDS = ("deploy", "invoke", "list", "remove", "logs", "stats", "keys", "check", "token", "backup", "restore")
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Parse the command line and dispatch: serve (no command, or 'serve') or one of COMMANDS."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        return serve(argv[1:] if argv[:1] == ["serve"] else argv)
+    args = command_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except CommandError as exc:
+        print(f"aeordb.py: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -2588,7 +2588,7 @@ def test_bad_authorization_is_401_without_echoing_the_token(deployed):
     # Nothing happened: the plugin is still there, no file was written, nothing deployed.
     assert [p["path"] for p in client.get("/db/_plugins", headers=AUTH).json] == ["db/s/t"]
     assert client.get("/db/_files/", headers=AUTH).json["entries"] == []
-    assert client.get("/_health").status_int == 200      # the one public route
+    assert client.get("/_health").status_int == 200      # a public route
 
 
 def test_access_log_shows_the_plugins_status(tmp_path, caplog):
@@ -5073,3 +5073,278 @@ print("restored")
 """
     done = run_python(script)
     assert done.returncode == 0 and "restored" in done.stdout, done.stderr[-2000:]
+
+
+# Command line ##################################################################
+
+def cli(*args: str, port: int | None = None, stdin: bytes | None = None, token: str = TOKEN) -> subprocess.CompletedProcess:
+    """``python aeordb.py ARGS`` as an operator would run it (against ``port`` on 127.0.0.1)."""
+    where = ["--url", f"http://127.0.0.1:{port}", "--token", token] if port else []
+    return subprocess.run([sys.executable, str(HERE / "aeordb.py"), *args, *where], input=stdin,
+                          capture_output=True, timeout=120)
+
+
+def test_the_command_line_client_round_trip(tmp_path):
+    client, app = make_app(tmp_path / "data")
+    module = tmp_path / "echo.wasm"
+    module.write_bytes(wat(ECHO_WAT))
+    with server_thread(app) as port:
+        done = cli("deploy", str(module), "db/s/t", "--name", "echo", "--version", "1.2", port=port)
+        assert done.returncode == 0 and b"deployed db/s/t (echo)" in done.stdout, done.stderr
+        meta = json.loads(cli("list", "db", "--json", port=port).stdout)
+        assert [m["path"] for m in meta] == ["db/s/t"] and meta[0]["version"] == "1.2"
+        done = cli("invoke", "db/s/t/run", "--data", "hi", "-v", port=port)
+        assert done.returncode == 0 and json.loads(done.stdout)["arguments"] == [104, 105]
+        assert b"HTTP 200" in done.stderr and b"X-Request-Id" in done.stderr
+        done = cli("invoke", "db/s/t/run", "-", port=port, stdin=b"\x00\x01")
+        assert json.loads(done.stdout)["arguments"] == [0, 1]
+        done = cli("invoke", "db/s/none/run", port=port)
+        assert done.returncode == 1 and b"404: no plugin deployed at db/s/none" in done.stderr
+        assert cli("stats", "db/s/t", port=port).stdout.startswith(b"db/s/t: 2 invocation(s) (ok 2)")
+        lines = cli("logs", "db/s/t", "--json", port=port).stdout.splitlines()
+        assert lines == []   # the echo plugin logs nothing and never failed
+        key = json.loads(cli("keys", "create", "--name", "ci", "--scopes", "invoke", "--databases", "db",
+                             "--json", port=port).stdout)
+        assert key["key"].startswith("aeo_")
+        assert json.loads(cli("invoke", "db/s/t/run", port=port, token=key["key"]).stdout)["arguments"] == []
+        done = cli("remove", "db/s/t", port=port, token=key["key"])
+        assert done.returncode == 1 and b"403" in done.stderr and b"lacks the scope 'deploy'" in done.stderr
+        assert key["id"].encode() in cli("keys", "list", port=port).stdout
+        assert cli("keys", "revoke", key["id"], port=port).returncode == 0
+        assert cli("remove", "db/s/t", port=port).stdout == b"removed db/s/t\n"
+    done = cli("list", "db", port=free_port())
+    assert done.returncode == 2 and done.stderr.startswith(b"aeordb.py: cannot reach") and b"Traceback" not in done.stderr
+    done = cli("deploy", "nothing.wasm", "db/s/t", port=free_port())
+    assert done.returncode == 2 and b"cannot read nothing.wasm" in done.stderr
+    assert cli("invoke", "not/a/function/path/too/long", port=free_port()).returncode == 2
+
+
+def test_every_command_has_help():
+    for command in aeordb.COMMANDS:
+        done = cli(command, "--help")
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: aeordb.py {command}".encode()), command
+    assert b"Other commands" in cli("--help").stdout and b"--port" in cli("serve", "--help").stdout
+
+
+def test_check_validates_a_module_offline_as_a_deploy_would(tmp_path):
+    good, bad = tmp_path / "good.wasm", tmp_path / "bad.wasm"
+    good.write_bytes(wat(f"(module {FD_WRITE} (memory (export \"memory\") 1) (func (export \"_initialize\"))"
+                         ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))'))
+    bad.write_bytes(wat('(module (import "env" "mystery" (func)) (memory (export "memory") 1)'
+                        ' (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))'))
+    done = cli("check", str(good))
+    assert done.returncode == 0, done.stderr
+    assert b"a valid plugin" in done.stdout and b"a reactor" in done.stdout
+    assert b"wasi_snapshot_preview1.fd_write: func (i32, i32, i32, i32) -> i32" in done.stdout
+    report = json.loads(cli("check", "--json", str(good)).stdout)
+    assert report["imports_wasi"] and report["wasi_reactor"] and report["entry"] == "handle"
+    done = cli("check", str(bad))
+    assert done.returncode == 1 and b"refused: module imports what aeordb.py does not provide: env.mystery" in done.stderr
+    big = tmp_path / "big.wasm"
+    big.write_bytes(wat('(module (memory (export "memory") 300) (func (export "handle") (param i32 i32) (result i64) (i64.const 0)))'))
+    assert cli("check", str(big)).returncode == 0
+    assert b"over the limit" in cli("check", str(big), "--memory-limit", str(16 << 20)).stderr
+
+
+def test_token_prints_the_local_token_only_when_owner_only(tmp_path):
+    make_app(tmp_path, token=None)
+    token = (tmp_path / "token").read_text().strip()
+    done = cli("token", "--data-dir", str(tmp_path))
+    assert done.returncode == 0 and done.stdout.decode().strip() == token
+    (tmp_path / "token").chmod(0o644)
+    done = cli("token", "--data-dir", str(tmp_path))
+    assert done.returncode == 2 and b"readable by others" in done.stderr and token.encode() not in done.stdout
+
+
+@pytest.mark.parametrize("form", ["directory", "tar.gz"])
+def test_backup_under_load_and_restore(tmp_path, form):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "token").write_text(TOKEN)
+    client, app = make_app(tmp_path / "data", token=None)
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    make_key(client, ["read"], ["db"])
+    acknowledged, stop = [], threading.Event()
+    with server_thread(app) as port:
+        def write_load() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                if http_request(port, "PUT", f"/db/_files/load/{n}.txt", str(n).encode())[0] == 201:
+                    acknowledged.append(n)
+        writer = threading.Thread(target=write_load)
+        writer.start()
+        wait_for(lambda: len(acknowledged) >= 20, what="writes before the backup")
+        before = list(acknowledged)
+        destination = tmp_path / ("backup" if form == "directory" else "backup.tar.gz")
+        done = cli("backup", str(destination), "--data-dir", str(tmp_path / "data"))
+        wait_for(lambda: len(acknowledged) >= len(before) + 20, what="writes after the backup")
+        stop.set()
+        writer.join(30)
+    assert done.returncode == 0, done.stderr
+    assert cli("restore", str(destination), "--data-dir", str(tmp_path / "data")).returncode == 2   # not empty
+    done = cli("restore", str(destination), "--data-dir", str(tmp_path / "restored"))
+    assert done.returncode == 0, done.stderr
+    restored, _ = make_app(tmp_path / "restored", token=None)   # the backed-up token is in force
+    headers = {"Authorization": f"Bearer {(tmp_path / 'restored' / 'token').read_text().strip()}"}
+    assert (tmp_path / "restored" / "token").read_text() == (tmp_path / "data" / "token").read_text()
+    for n in before:
+        assert restored.get(f"/db/_files/load/{n}.txt", headers=headers).body == str(n).encode()
+    assert json.loads(restored.post("/db/s/echo/f/_invoke", b"ok", headers=headers).body)["arguments"] == [111, 107]
+    assert len(restored.get("/_keys", headers=headers).json) == 1
+    if form == "directory":   # the compiled cache is rebuilt, never backed up
+        assert sorted(p.name for p in destination.iterdir()) == ["aeordb.sqlite3", "keys.json", "plugins", "token"]
+
+
+# The OpenAPI document #########################################################
+#
+# To append to test_aeordb.py. Needs the test-only requirement
+# openapi-spec-validator (it brings jsonschema).
+
+import jsonschema   # move these two imports up, to the file's import block
+import openapi_spec_validator
+
+
+def openapi_of(client) -> dict:
+    return client.get("/_openapi.json", status=200).json
+
+
+def openapi_path_of(rule: str) -> str:
+    """A bottle rule as the OpenAPI path the document should list it under (written apart from
+    aeordb.openapi_path, so that a mistake there shows)."""
+    return re.sub(r"<([A-Za-z_]\w*)(?::[^>]*)?>", r"{\1}", rule)
+
+
+def check_answer(document: dict, response, path: str, method: str) -> None:
+    """``response`` (a webtest answer) matches what ``document`` says ``method path`` answers with its status."""
+    operation = document["paths"][path][method.lower()]
+    answer = operation["responses"].get(str(response.status_int))
+    assert answer is not None, f"{method} {path} answered {response.status_int}, which the document omits"
+    if "$ref" in answer:
+        answer = document["components"]["responses"][answer["$ref"].rsplit("/", 1)[1]]
+    assert set(answer.get("headers", {})) >= {"X-Request-Id"} and response.headers["X-Request-Id"]
+    media = response.content_type
+    assert media in answer["content"], (method, path, media, list(answer["content"]))
+    schema = answer["content"][media]["schema"]
+    # The schema's $refs ('#/components/schemas/...') resolve against the document itself.
+    jsonschema.Draft202012Validator({**schema, "components": document["components"]}).validate(response.json)
+
+
+def test_openapi_document_is_valid_openapi(client):
+    document = openapi_of(client)
+    openapi_spec_validator.validate(document)
+    assert document["openapi"].startswith("3.1")
+    assert document["info"]["version"] == aeordb.__version__
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        **document["components"]["securitySchemes"]["bearer"], "type": "http", "scheme": "bearer"}
+    for name, schema in document["components"]["schemas"].items():
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_openapi_document_lists_every_route_with_its_method_and_scope(client):
+    document = openapi_of(client)
+    listed = {(path, method) for path, item in document["paths"].items() for method in item}
+    served = set()
+    for route in client.app.routes:
+        path, method = openapi_path_of(route.rule), route.method.lower()
+        served.add((path, method))
+        operation = document["paths"][path][method]
+        scope = route.config.get("scope")
+        assert operation["x-aeordb-scope"] == scope
+        assert operation["security"] == ([] if scope is None else [{"bearer": [scope]}])
+        assert ("401" in operation["responses"]) == (scope is not None), (path, method)
+        in_path = [p["name"] for p in operation["parameters"] if p["in"] == "path"]
+        assert in_path == re.findall(r"\{(\w+)\}", path)
+    assert listed == served   # nothing more either
+    assert ("/{db}/_files/{path}", "head") in served and ("/_openapi.json", "get") in served
+    ids = [operation["operationId"] for item in document["paths"].values() for operation in item.values()]
+    assert len(ids) == len(set(ids))
+
+
+def test_openapi_route_docs_describe_only_served_routes(client):
+    """ROUTE_DOCS has no entry left over from a removed route."""
+    assert set(aeordb.ROUTE_DOCS) == {route.callback.__name__ for route in client.app.routes}
+
+
+def test_openapi_fails_for_a_route_without_a_description(tmp_path):
+    client, app = make_app(tmp_path)
+
+    def undescribed() -> dict:
+        return {}
+
+    app.route("/_undescribed", "GET", undescribed, scope="admin")
+    with pytest.raises(LookupError, match="undescribed.*ROUTE_DOCS"):
+        aeordb.openapi_document(app)
+    # Served, it is a 500, not a document missing a route.
+    assert "internal error" in error_of(client.get("/_openapi.json", status=500))
+
+
+def test_openapi_fails_for_an_undescribed_path_parameter(tmp_path):
+    _, app = make_app(tmp_path)
+
+    def health(db: str, mystery: str) -> dict:   # a described name, an undescribed parameter
+        return {}
+
+    app.route("/<db>/<mystery>/_health", "GET", health, scope="read")
+    with pytest.raises(LookupError, match="mystery"):
+        aeordb.openapi_document(app)
+
+
+def test_openapi_answers_match_their_schemas(client):
+    document = openapi_of(client)
+    check_answer(document, client.get("/_health"), "/_health", "GET")
+    check_answer(document, client.get("/_openapi.json"), "/_openapi.json", "GET")
+    plugin = "/{db}/{schema}/{table}"
+    check_answer(document, deploy(client, "db/s/t", wat(ECHO_WAT), name="echo"), plugin + "/_deploy", "PUT")
+    check_answer(document, deploy(client, "db/s/u", b"not a module", status=400), plugin + "/_deploy", "PUT")
+    check_answer(document, client.get("/db/_plugins", headers=AUTH), "/{db}/_plugins", "GET")
+    check_answer(document, invoke(client, "db/s/nothing/f", b"hi", status=404), plugin + "/{function}/_invoke",
+                 "POST")
+    assert invoke(client, "db/s/t/f", b"hi").status_int == 200
+    check_answer(document, client.get("/db/s/t/_stats", headers=AUTH), plugin + "/_stats", "GET")
+    check_answer(document, client.get("/db/s/t/_logs?limit=5", headers=AUTH), plugin + "/_logs", "GET")
+
+    files = "/{db}/_files/{path}"
+    doc = json.dumps({"name": "Alice", "age": 31, "address": {"city": "Oslo"}}).encode()
+    check_answer(document, put_file(client, "db", "/users/alice.json", doc, "application/json"), files, "PUT")
+    check_answer(document, put_file(client, "db", "/users/alice.json", doc, "application/json"), files, "PUT")
+    check_answer(document, put_file(client, "db", "/users/alice.json/x", b"", status=409), files, "PUT")
+    listing = client.get("/db/_files/users/", headers=AUTH)
+    check_answer(document, listing, files, "GET")   # loose: a stored JSON file is served as application/json too
+    jsonschema.Draft202012Validator({"$ref": "#/components/schemas/DirectoryListing",
+                                     "components": document["components"]}).validate(listing.json)
+    check_answer(document, client.get("/db/_files", headers=AUTH), "/{db}/_files", "GET")
+    check_answer(document, client.get("/db/_files/nothing", headers=AUTH, status=404), files, "GET")
+    for spec in ({"path": "/users", "where": {"field": "address.city", "op": "eq", "value": "Oslo"},
+                  "include_total": True},
+                 {"path": "/users", "aggregate": {"count": True, "avg": ["age"], "group_by": ["address.city"]}},
+                 {"path": "/users", "where": {"field": "age", "op": "similar", "value": 1}}):
+        answer = client.post_json("/db/_query", spec, headers=AUTH, expect_errors=True)
+        check_answer(document, answer, "/{db}/_query", "POST")
+    check_answer(document, client.delete("/db/_files/users/alice.json", headers=AUTH), files, "DELETE")
+
+    created = client.post_json("/_keys", {"name": "kiosk", "scopes": ["invoke"], "databases": ["db"],
+                                          "expires_at": None}, headers=AUTH, status=201)
+    check_answer(document, created, "/_keys", "POST")
+    check_answer(document, client.get("/_keys", headers=AUTH), "/_keys", "GET")
+    key = {"Authorization": f"Bearer {created.json['key']}"}
+    check_answer(document, client.get("/db/_plugins", headers=key, status=403), "/{db}/_plugins", "GET")
+    check_answer(document, client.get("/db/_plugins", status=401), "/{db}/_plugins", "GET")
+    check_answer(document, client.delete(f"/_keys/{created.json['id']}", headers=AUTH), "/_keys/{key_id}",
+                 "DELETE")
+    check_answer(document, client.delete("/db/s/t/f/_remove", headers=AUTH), plugin + "/{function}/_remove",
+                 "DELETE")
+
+
+def test_openapi_needs_no_credential(real_server):
+    client, port = real_server
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert client.get("/_openapi.json", headers=headers, status=200).json["openapi"].startswith("3.1")
+    # Past the request-head guard of a real server too.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/_openapi.json")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["paths"]
+    finally:
+        conn.close()
+    assert "/_openapi.json" in aeordb.Api.PUBLIC_ROUTES
