@@ -2661,7 +2661,7 @@ class Activity:
         self.http_requests: collections.Counter = collections.Counter()   # (route, status class)
         self.deploys = 0
         self.compile_seconds = 0.0
-        self.busy_workers = 0
+        self.busy_workers: Callable[[], int] = lambda: 0   # the server's count, where one serves the app
         self.started = time.time()
 
     def _plugin(self, key: str) -> _PluginActivity:
@@ -2703,17 +2703,13 @@ class Activity:
             self.deploys += 1
             self.compile_seconds += compile_seconds
 
-    def working(self, delta: int) -> None:
-        with self._lock:
-            self.busy_workers += delta
-
     def removed(self, key: str) -> None:
         with self._lock:
             self._plugins.pop(key, None)
 
     def http(self, route: str, status: int) -> None:
         with self._lock:
-            self.http_requests[(route, f"{status // 100}xx")] += 1
+            self.http_requests[route, status // 100] += 1
 
     def logs(self, key: str, limit: int) -> list:
         with self._lock:
@@ -2778,10 +2774,11 @@ class Activity:
             family("aeordb_compile_seconds_total", "counter", "Seconds spent compiling deployed modules.")
             out.append(f"aeordb_compile_seconds_total {self.compile_seconds}")
             family("aeordb_http_requests_total", "counter", "HTTP requests by route template and status class.")
-            for (route, status_class), count in sorted(self.http_requests.items()):
-                out.append(f"aeordb_http_requests_total{prometheus_labels(route=route, status=status_class)} {count}")
+            for (route, hundreds), count in sorted(self.http_requests.items()):
+                labels = prometheus_labels(route=route, status=f"{hundreds}xx")
+                out.append(f"aeordb_http_requests_total{labels} {count}")
             family("aeordb_worker_threads_busy", "gauge", "Worker threads serving a request now.")
-            out.append(f"aeordb_worker_threads_busy {self.busy_workers}")
+            out.append(f"aeordb_worker_threads_busy {self.busy_workers()}")
         family("process_resident_memory_bytes", "gauge", "Resident memory of the server process.")
         out.append(f"process_resident_memory_bytes {gauges['resident_bytes']}")
         family("process_open_fds", "gauge", "Open file descriptors of the server process.")
@@ -3312,6 +3309,7 @@ class KeyStore:
 
     def __init__(self, data_dir: Path):
         self.file = data_dir / "keys.json"
+        self._file_name = str(self.file)
         self._lock = threading.Lock()
         self._keys: list = []
         self._by_digest: dict = {}
@@ -3320,7 +3318,7 @@ class KeyStore:
 
     def _reload(self) -> None:
         try:
-            stat = self.file.stat()
+            stat = os.stat(self._file_name)
             seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         except FileNotFoundError:
             seen = None
@@ -3332,7 +3330,9 @@ class KeyStore:
                 keys = load_json(self.file.read_bytes())["keys"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("cannot read %s (%s): no API key is accepted until it is fixed", self.file, exc)
-        self._keys, self._by_digest, self._seen = keys, {key["sha256"]: key for key in keys}, seen
+        self._keys, self._seen = keys, seen
+        self._by_digest = {key["sha256"]: (self._principal(key), _parse_time(key["expires_at"])
+                                           if key.get("expires_at") else None) for key in keys}
 
     def _save(self, keys: list) -> None:
         atomic_write(self.file, json.dumps({"keys": keys}, indent=2).encode())
@@ -3383,12 +3383,16 @@ class KeyStore:
         digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
         with self._lock:
             self._reload()
-            key = self._by_digest.get(digest)
-        if key is None:
+            found = self._by_digest.get(digest)
+        if found is None:
             return None
-        expires = _parse_time(key["expires_at"]) if key.get("expires_at") else None
+        principal, expires = found
         if expires is not None and expires <= time.time():
             return None
+        return principal
+
+    @staticmethod
+    def _principal(key: dict) -> Principal:
         databases = None if key["databases"] == ["*"] else frozenset(key["databases"])
         return Principal(f"key {key['name']!r} ({key['id']})", frozenset(key["scopes"]), databases)
 
@@ -3460,16 +3464,25 @@ class MemoryBudget:
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")   # a client's X-Request-Id we keep
-_request_prefix, _request_numbers = secrets.token_hex(3), itertools.count(1)
+
+
+def _new_request_prefix() -> None:
+    """A fresh prefix for this process's request ids (again in a forked child, so ids stay unique)."""
+    global _request_prefix
+    _request_prefix = f"{secrets.token_hex(3)}{os.getpid():x}-"
+
+
+_new_request_prefix()
+_request_numbers = itertools.count(1)
+os.register_at_fork(after_in_child=_new_request_prefix)
 
 
 def make_request_id(environ: dict) -> str:
-    """The request's id: the client's X-Request-Id when it is sane, else a new one
-    (unique across the processes that serve one data dir: the pid is in it)."""
-    given = environ.get("HTTP_X_REQUEST_ID", "")
-    if _REQUEST_ID.fullmatch(given):
+    """The request's id: the client's X-Request-Id when it is sane, else a new one."""
+    given = environ.get("HTTP_X_REQUEST_ID")
+    if given and _REQUEST_ID.fullmatch(given):
         return given
-    return f"{_request_prefix}{os.getpid():x}-{next(_request_numbers)}"
+    return _request_prefix + str(next(_request_numbers))
 
 
 class ApiPlugin:
@@ -3516,10 +3529,9 @@ class ApiPlugin:
         rule = route.rule
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started = time.perf_counter() if self.access_log else 0.0
             environ = bottle.request.environ
             request_id = environ["aeordb.request_id"] = make_request_id(environ)
-            self.activity.working(+1)
             try:
                 if scope is not None:
                     principal = self.authenticate(environ.get("HTTP_AUTHORIZATION", ""))
@@ -3538,7 +3550,6 @@ class ApiPlugin:
                 result = _json_response({"error": exc.message}, exc.status, exc.headers)
             except bottle.HTTPResponse:
                 self.budget.release(environ)
-                self.activity.working(-1)
                 raise
             except Exception as exc:
                 log.exception("unexpected error on %s %s (request=%s)", bottle.request.method,
@@ -3548,7 +3559,6 @@ class ApiPlugin:
                 else:
                     result = _json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
             self.budget.release(environ)
-            self.activity.working(-1)
             status = getattr(result, "status_code", None) or bottle.response.status_code
             (result if isinstance(result, bottle.HTTPResponse) else bottle.response).set_header(
                 "X-Request-Id", request_id)
@@ -4403,6 +4413,7 @@ class Server:
             channel_timeout=max(1, int(settings.idle_timeout)),
             cleanup_interval=max(1, int(settings.idle_timeout / 4)))
         self.waitress.channel_class = GuardedChannel
+        app.config["aeordb.activity"].busy_workers = lambda: self.waitress.task_dispatcher.active_count
         self._stopping = threading.Event()
 
     def stop(self, *_: Any) -> None:

@@ -379,7 +379,7 @@ def _wrk_time(text: str) -> float:
     return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
 
 
-def wsgi_calls(wsgi, method: str, path: str, body: bytes, n: int) -> None:
+def wsgi_calls(wsgi, method: str, path: str, body: bytes, n: int, authorization: str = AUTH["Authorization"]) -> None:
     """``n`` requests straight into a WSGI app: no sockets, no server threads."""
     status = []
 
@@ -389,7 +389,7 @@ def wsgi_calls(wsgi, method: str, path: str, body: bytes, n: int) -> None:
         environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
                    "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
                    "CONTENT_TYPE": "application/octet-stream", "CONTENT_LENGTH": str(len(body)),
-                   "HTTP_AUTHORIZATION": AUTH["Authorization"], "wsgi.input": io.BytesIO(body),
+                   "HTTP_AUTHORIZATION": authorization, "wsgi.input": io.BytesIO(body),
                    "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": True,
                    "wsgi.multiprocess": False, "wsgi.run_once": False}
         b"".join(wsgi(environ, start_response))
@@ -397,15 +397,32 @@ def wsgi_calls(wsgi, method: str, path: str, body: bytes, n: int) -> None:
         raise RuntimeError(f"{method} {path} answered {status[-1]}")
 
 
-def wsgi_cost(wsgi, method: str, path: str, body: bytes = b"hello", n: int = 5000, repeats: int = 5) -> float:
+def wsgi_cost(wsgi, method: str, path: str, body: bytes = b"hello", n: int = 5000, repeats: int = 5,
+              authorization: str = AUTH["Authorization"]) -> float:
     """Best µs per request of ``wsgi_calls`` over ``repeats`` runs of ``n``."""
-    wsgi_calls(wsgi, method, path, body, max(1, n // 10))
+    wsgi_calls(wsgi, method, path, body, max(1, n // 10), authorization)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        wsgi_calls(wsgi, method, path, body, n)
+        wsgi_calls(wsgi, method, path, body, n, authorization)
         best = min(best, (time.perf_counter() - started) / n * 1e6)
     return best
+
+
+def webtest_free_post(wsgi, path: str, payload: dict) -> dict:
+    """One POST of JSON straight into a WSGI app (with the token); its JSON answer."""
+    body = json.dumps(payload).encode()
+    answer = []
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+               "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+               "HTTP_AUTHORIZATION": AUTH["Authorization"], "wsgi.input": io.BytesIO(body),
+               "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+               "wsgi.multiprocess": False, "wsgi.run_once": False}
+    data = b"".join(wsgi(environ, lambda line, headers, exc_info=None: answer.append(line)))
+    if not answer[-1].startswith("20"):
+        raise RuntimeError(f"POST {path} answered {answer[-1]}: {data[:200]!r}")
+    return json.loads(data)
 
 
 def bare_wsgi_app():
@@ -618,9 +635,32 @@ class Bench:
         self.row("2 ... whole invoke route as WSGI call (no sockets)", f"{route:.1f} µs",
                  f"{bare + base:.1f} µs (bare bottle {bare:.1f} + floor)", route / (bare + base))
         self._engine_modes(module, body, metadata, calls, repeats)
+        self._keys_and_counters(app, calls, repeats)
         self.notes.append(f"invoke: wasmtime engine {runtime.wasm.mode}, "
                           f"guest calls via {type(runtime.wasm.ops).__name__}, epoch ticked by a {runtime.wasm.ticker}")
         self._invoke_callables = (aeordb_path, floor)
+
+    def _keys_and_counters(self, app, calls: int, repeats: int) -> None:
+        """The whole invoke route with an API key beside the token, and without the counters
+        of /_metrics, _stats and _logs beside with them (Activity's methods made no-ops)."""
+        created = webtest_free_post(app, "/_keys", {"name": "bench", "scopes": ["invoke"], "databases": ["bench"]})
+        route = "/bench/s/min/run/_invoke"
+        token = wsgi_cost(app, "POST", route, n=calls // 4, repeats=repeats)
+        key = wsgi_cost(app, "POST", route, n=calls // 4, repeats=repeats, authorization=f"Bearer {created['key']}")
+        self.row("2 ... whole invoke route with an API key", f"{key:.1f} µs", f"{token:.1f} µs (the token)",
+                 key / token)
+        activity = app.config["aeordb.activity"]
+        saved = {name: getattr(activity, name) for name in ("invocation", "host_call", "http", "line")}
+        try:
+            for name in saved:
+                setattr(activity, name, lambda *args, **kwargs: None)
+            without = wsgi_cost(app, "POST", route, n=calls // 4, repeats=repeats)
+        finally:
+            for name, method in saved.items():
+                setattr(activity, name, method)
+        counted = wsgi_cost(app, "POST", route, n=calls // 4, repeats=repeats)
+        self.row("2 ... whole invoke route, counters kept", f"{counted:.1f} µs", f"{without:.1f} µs (no counters)",
+                 counted / without)
 
     def _engine_modes(self, module: bytes, body: bytes, metadata: dict, calls: int, repeats: int) -> None:
         """The in-process invocation on each engine mode, beside the default (pooling) measured alike.
