@@ -933,7 +933,9 @@ def run_guest(ops: "GuestOps", engine: wasmtime.Engine, limits: GuestLimits, tar
         start, length = answer_span(packed, ops.memory_size(call), limits.max_answer)
         return ops.read(call, start, length) if length else b""
     except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-        raise GuestFailure(exc, ops.memory_in_use(call)) from None
+        # Without its traceback: wasmtime-py's frames that raised it name it, a
+        # cycle that would keep the request's buffers until a garbage collection.
+        raise GuestFailure(exc.with_traceback(None), ops.memory_in_use(call)) from None
     finally:
         ops.end(call)
 
@@ -1203,15 +1205,22 @@ class FastGuestOps(GuestOps):
         return call.results[0].of.i64
 
     def _raise(self, error: Any, call: "_CallSlots") -> None:
-        """Raise what a foreign call reported, as wasmtime-py's own enter_wasm would."""
+        """Raise what a foreign call reported, as wasmtime-py's own enter_wasm would.
+
+        No local names the exception as it leaves: the traceback holds this
+        frame, and a frame holding its exception is a cycle that keeps every
+        frame below (the request's buffers among them) until a garbage collection.
+        """
         if error:
             failure = wasmtime.WasmtimeError._from_ptr(error)
+        else:
+            failure = wasmtime.Trap._from_ptr(call.trap)   # takes the pointer: the slot gets a new one
+            call.new_trap_slot()
+        try:
             self.raise_host_exception()
             raise failure
-        trap = wasmtime.Trap._from_ptr(call.trap)   # takes the pointer: the slot gets a new one
-        call.new_trap_slot()
-        self.raise_host_exception()
-        raise trap
+        finally:
+            del failure
 
     def _export(self, call: "_CallSlots", name: tuple, item: Any, item_ref: Any, kind: int) -> None:
         if not self.export_get(call.context, call.instance_ref, *name, item_ref) or item.kind != kind:
