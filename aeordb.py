@@ -4315,6 +4315,7 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
 SHUTDOWN_GRACE = 5.0   # seconds a stop waits for requests beyond the invocation time limit
 SHUTDOWN_SETTLE = 0.2  # seconds a stop reads from its connections before it judges them idle
 GUARD_INTERVAL = 0.5   # seconds between checks of the connections' head deadlines
+CROWDED = 0.9          # share of --connection-limit from which slow connections are shed first
 FILES_BESIDE_CONNECTIONS = 64   # descriptors the server needs besides one per connection
 
 
@@ -4469,13 +4470,33 @@ class Server:
 
         waitress has no such deadline: a client sending a byte a second would
         hold its connection for ever, and enough of them every connection.
+        Near the connection limit the deadline shrinks: connections waiting on
+        a head or idle for longer than a second are closed, oldest first, so
+        new clients are accepted instead of waiting for slow ones.
         """
-        for channel in list(self.waitress.active_channels.values()):
+        channels = list(self.waitress.active_channels.values())
+        # waitress counts its own listener and trigger against the limit too.
+        crowded = len(self.waitress._map) >= CROWDED * self.connection_limit
+        limit = min(self.settings.header_timeout, 1.0) if crowded else self.settings.header_timeout
+        stalled = []
+        for channel in channels:
+            if channel.requests:
+                continue
             request = channel.request
-            if request is not None and not request.headers_finished and not channel.requests \
-                    and now - request.started > self.settings.header_timeout:
-                channel.will_close = True
-                channel.handle_close()
+            if request is not None and not request.headers_finished:
+                waited = now - request.started
+            elif request is None and crowded:   # idle between keep-alive requests
+                waited = time.time() - channel.last_activity
+            else:
+                continue
+            if waited > limit:
+                stalled.append((waited, channel))
+        if crowded:   # down to three quarters of the limit at most
+            excess = len(self.waitress._map) - int(0.75 * self.connection_limit)
+            stalled = sorted(stalled, key=lambda item: -item[0])[:max(0, excess)]
+        for _, channel in stalled:
+            channel.will_close = True
+            channel.handle_close()
 
     def _busy(self) -> bool:
         """Whether a request is being received, waits for or holds a worker, or has output unsent."""

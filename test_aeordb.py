@@ -5373,3 +5373,20 @@ def test_a_failed_invocation_leaves_no_reference_cycle(tmp_path, fast):
         assert len(alive()) == before, alive()
     finally:
         gc.enable()
+
+
+def test_near_the_connection_limit_slow_clients_make_room(tmp_path):
+    """Slow heads filling every connection are shed within seconds, not at --header-timeout."""
+    with guarded_server(tmp_path, connection_limit=10, header_timeout=30.0) as (client, port):
+        slow = []
+        try:
+            for _ in range(10):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET /_health HTTP/1.1\r\nX-Slow: ")   # a head that never ends
+                slow.append(sock)
+            started = time.monotonic()
+            status, _, body = http_request(port, "GET", "/_health", timeout=10)
+            assert status == 200 and time.monotonic() - started < 5.0, time.monotonic() - started
+        finally:
+            for sock in slow:
+                sock.close()
