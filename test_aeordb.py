@@ -560,21 +560,30 @@ def guarded_server(data_dir: Path, **overrides):
         yield client, port
 
 
+def read_responses(sock: socket.socket, count: int) -> list:
+    """``count`` HTTP/1.1 responses read in order from ``sock`` (Content-Length framed): [(status, headers, body)]."""
+    received, answers = b"", []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(answers)} response(s) and {received!r}"
+            received += chunk
+        head, received = received.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(received) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside a body"
+            received += chunk
+        answers.append((int(lines[0].split()[1]), headers, received[:length]))
+        received = received[length:]
+    return answers
+
+
 def read_response(sock: socket.socket) -> tuple:
-    """(status, headers, body) of one HTTP/1.1 response read from ``sock`` (Content-Length framed)."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {received!r}"
-        received += chunk
-    head, body = received.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed inside the body"
-        body += chunk
-    return int(lines[0].split()[1]), headers, body
+    """(status, headers, body) of one HTTP/1.1 response read from ``sock``."""
+    return read_responses(sock, 1)[0]
 
 
 @functools.cache
@@ -4313,27 +4322,6 @@ def test_a_module_exporting_both_entry_points_is_refused(client):
 # Behaviours that hold and must keep holding ###################################
 
 # -- HTTP parsing on aeordb's own Server ---------------------------------------
-
-def read_responses(sock: socket.socket, count: int) -> list:
-    """``count`` HTTP/1.1 responses read in order from ``sock`` (Content-Length framed): [(status, headers, body)]."""
-    received, answers = b"", []
-    while len(answers) < count:
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(65536)
-            assert chunk, f"connection closed after {len(answers)} response(s) and {received!r}"
-            received += chunk
-        head, received = received.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
-        length = int(headers.get("content-length", 0))
-        while len(received) < length:
-            chunk = sock.recv(65536)
-            assert chunk, "connection closed inside a body"
-            received += chunk
-        answers.append((int(lines[0].split()[1]), headers, received[:length]))
-        received = received[length:]
-    return answers
-
 
 def raw_exchange(port: int, raw: bytes, count: int = 1) -> list:
     """Send ``raw`` on one new connection; answer the first ``count`` responses."""

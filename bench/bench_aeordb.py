@@ -97,30 +97,9 @@ ENVELOPE_HEAD = b'{"status_code":200,"body":'
 # '[' of the envelope, which aeordb.py writes as {"arguments":[...],...}, up to
 # the next ']') and answers {"status_code":200,"body":<that text>}, copied with
 # memory.copy into memory from its own bump allocator.
-# The raw-body entry point's echo: handle_raw answers the body it was given, as it is.
-RAW_ECHO_WAT = """
-(module
-  (memory (export "memory") 1)
+# A bump allocator from 1024 that grows memory as it goes (traps when it cannot).
+GROWING_ALLOC = """
   (global $heap (mut i32) (i32.const 1024))
-  (func (export "alloc") (param $size i32) (result i32)
-    (local $p i32) (local $over i32)
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
-    (local.set $over (i32.sub (global.get $heap) (i32.mul (memory.size) (i32.const 65536))))
-    (if (i32.gt_s (local.get $over) (i32.const 0))
-      (then (if (i32.lt_s (memory.grow (i32.add (i32.shr_u (local.get $over) (i32.const 16))
-                                                (i32.const 1))) (i32.const 0))
-              (then unreachable))))
-    (local.get $p))
-  (func (export "handle_raw") (param $ptr i32) (param $len i32) (result i64)
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
-"""
-
-ECHO_WAT = f"""
-(module
-  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 1024))
-  (data (i32.const 0) "{wat_string(ENVELOPE_HEAD)}")
   (func $alloc (export "alloc") (param $size i32) (result i32)
     (local $p i32) (local $over i32)
     (local.set $p (global.get $heap))
@@ -131,7 +110,21 @@ ECHO_WAT = f"""
                                                 (i32.const 1))) (i32.const 0))
               (then unreachable))))
     (local.get $p))
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
+"""
+
+# The raw-body entry point's echo: handle_raw answers the body it was given, as it is.
+RAW_ECHO_WAT = f"""
+(module
+  (memory (export "memory") 1)
+{GROWING_ALLOC}  (func (export "handle_raw") (param $ptr i32) (param $len i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
+"""
+
+ECHO_WAT = f"""
+(module
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{wat_string(ENVELOPE_HEAD)}")
+{GROWING_ALLOC}  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
     (local $i i32) (local $end i32) (local $start i32) (local $n i32) (local $out i32)
     (local.set $end (i32.add (local.get $ptr) (local.get $len)))
     (local.set $i (local.get $ptr))
@@ -584,7 +577,7 @@ class Bench:
     def part_invoke(self) -> None:
         app = self._inprocess_app("invoke")
         registry, runtime = app.config["aeordb.registry"], app.config["aeordb.runtime"]
-        files, settings = app.config["aeordb.files"], app.config["aeordb.settings"]
+        settings = app.config["aeordb.settings"]
         body = b"hello"
         module = answer_module(b'{"status_code":200,"body":[104,101,108,108,111]}')
         registry.deploy("bench", "s", "min", module, "min", "wasm")
