@@ -2622,6 +2622,7 @@ def plugin_answer(fields: dict, body: bytes) -> Optional[PluginAnswer]:
 # removed plugin's lines, statistics and series go with it.
 
 RING_LINES, RING_BYTES = 200, 64 * KiB      # per plugin
+RING_TOTAL_BYTES = 8 * MiB                  # all plugins together: the fullest rings give way first
 DURATION_SAMPLES = 1000                     # recent durations kept per plugin for p50/p99
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OUTCOMES = ("ok", "plugin_error", "time_limit", "memory_limit", "bad_answer")
@@ -2672,6 +2673,7 @@ class Activity:
         self.compile_seconds = 0.0
         self.busy_workers: Callable[[], int] = lambda: 0   # the server's count, where one serves the app
         self.started = time.time()
+        self.line_bytes = 0   # of every ring
 
     def _plugin(self, key: str) -> _PluginActivity:
         activity = self._plugins.get(key)
@@ -2687,8 +2689,16 @@ class Activity:
             activity = self._plugin(key)
             activity.lines.append((entry, size))
             activity.line_bytes += size
+            self.line_bytes += size
             while len(activity.lines) > RING_LINES or activity.line_bytes > RING_BYTES:
-                activity.line_bytes -= activity.lines.popleft()[1]
+                self._drop_oldest_line(activity)
+            while self.line_bytes > RING_TOTAL_BYTES:
+                self._drop_oldest_line(max(self._plugins.values(), key=lambda other: other.line_bytes))
+
+    def _drop_oldest_line(self, activity: _PluginActivity) -> None:
+        size = activity.lines.popleft()[1]
+        activity.line_bytes -= size
+        self.line_bytes -= size
 
     def invocation(self, key: str, outcome: str, seconds: float, request_bytes: int, response_bytes: int,
                    error: Optional[str]) -> None:
@@ -2714,7 +2724,9 @@ class Activity:
 
     def removed(self, key: str) -> None:
         with self._lock:
-            self._plugins.pop(key, None)
+            gone = self._plugins.pop(key, None)
+            if gone is not None:
+                self.line_bytes -= gone.line_bytes
 
     def http(self, route: str, status: int) -> None:
         with self._lock:

@@ -5378,3 +5378,18 @@ def test_near_the_connection_limit_slow_clients_make_room(tmp_path):
         finally:
             for sock in slow:
                 sock.close()
+
+
+def test_the_log_rings_are_bounded_overall(monkeypatch):
+    monkeypatch.setattr(aeordb, "RING_TOTAL_BYTES", 20_000)
+    activity = aeordb.Activity()
+    for plugin in range(10):
+        for _ in range(30):
+            activity.line(f"db/s/p{plugin}", "INFO", "r", "x" * 900)
+    assert activity.line_bytes <= 20_000
+    assert activity.line_bytes == sum(len(line["message"]) + 64 for plugin in range(10)
+                                      for line in activity.logs(f"db/s/p{plugin}", 200))
+    assert activity.logs("db/s/p9", 200)   # the newest plugin keeps its lines; the fullest gave way
+    activity.removed("db/s/p9")
+    assert activity.line_bytes == sum(len(line["message"]) + 64 for plugin in range(9)
+                                      for line in activity.logs(f"db/s/p{plugin}", 200))
