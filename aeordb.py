@@ -129,7 +129,8 @@ class Settings:
     max_response_size: int = setting(16 * MiB, "largest answer a plugin may return, bytes")
     max_file_size: int = setting(16 * MiB, "largest stored file, bytes")
     max_db_size: int = setting(1 * GiB, "largest total of one database's files, bytes", zero="no quota")
-    memory_budget: int = setting(64 * MiB, "bytes of large (1 MiB or more) request bodies and plugin answers "
+    # Each such byte costs about fifteen in memory at the peak (README, Security model).
+    memory_budget: int = setting(32 * MiB, "bytes of large (1 MiB or more) request bodies and plugin answers "
                                            "worked on at once; more are refused with 503")
     query_limit: int = setting(100, "items a query answers when it sets no limit")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)

@@ -5351,13 +5351,16 @@ def test_a_failed_invocation_leaves_no_reference_cycle(tmp_path, fast):
     gc.collect()
     gc.disable()
     try:
-        def alive() -> list:
-            return [o for o in gc.get_objects() if isinstance(o, (wasmtime.Trap, aeordb.GuestFailure))
+        def alive() -> list:   # (not Traps: the epoch watchers of other engines make some all along)
+            return [o for o in gc.get_objects() if isinstance(o, aeordb.GuestFailure)
                     or isinstance(o, types.FrameType) and o.f_code.co_name in ("run_guest", "_run", "_raise")]
-        before = len(alive())
-        with pytest.raises(aeordb.ApiError, match="unreachable"):
+        before, message = len(alive()), None
+        try:
             runtime.invoke(plugin, b"x" * 1024, aeordb.Invocation(db="db", plugin_key="db/s/trap", metadata={},
                                                                   deadline=time.monotonic() + 5))
+        except aeordb.ApiError as exc:   # its name is dropped at the end of this block
+            message = exc.message
+        assert "unreachable" in message
         assert len(alive()) == before, alive()
     finally:
         gc.enable()
