@@ -17,8 +17,9 @@ tests and embedding.
 The file reads top to bottom, each section leaning only on those before it:
 configuration, errors, names and paths, JSON input, the data directory, the
 WASM engine, module validation, the plugin registry, the query language, the
-file store, the envelope, the WASM runtime with its host functions, the HTTP
-routes, serving, and finally the command line.
+file store, the envelope, observability, the WASM runtime with its host
+functions, API keys, the OpenAPI document, the HTTP routes, serving, and
+finally the command line.
 """
 
 from __future__ import annotations
@@ -3433,427 +3434,6 @@ def _parse_time(text: str) -> Optional[float]:
 
 
 ###############################################################################
-# HTTP routes ##################################################################
-###############################################################################
-#
-# ``Api`` holds the app's registry, file store and runtime; each route is one
-# of its methods, mounted by ``Api.mount`` with bottle's ``app.route(...,
-# callback=...)``. ``ApiPlugin`` wraps every route: token check, ApiError and
-# dict/list results to JSON. ``create_app`` only wires these together.
-
-def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = None) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(json.dumps(payload), status=status,
-                               headers={"Content-Type": "application/json", **(headers or {})})
-
-
-LARGE_BODY = 1 * MiB   # bodies and answers from this size on count against the memory budget
-
-
-class MemoryBudget:
-    """Bytes of large request bodies and plugin answers being worked on at once.
-
-    Each such byte costs several in memory (the envelope, the guest's copy,
-    the answer), so their sum is bounded: past the budget a request is
-    refused with 503 at once, and peak memory stays predictable.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def reserve(self, size: int, what: str, refuse: bool = True) -> None:
-        """Count ``size`` bytes against the budget until the request ends (ApiPlugin gives them back)."""
-        if size < LARGE_BODY:
-            return
-        environ = bottle.request.environ
-        own = environ.get("aeordb.reserved", 0)
-        with self._lock:
-            # One request alone always goes through.
-            if refuse and self.used > own and self.used + size > self.capacity:
-                raise ApiError(503, f"too many large requests at once: the {what} of {size} bytes does "
-                                    f"not fit the memory budget of {self.capacity} bytes (--memory-budget): "
-                                    "retry", RETRY_SOON)
-            self.used += size
-        environ["aeordb.reserved"] = own + size
-
-    def release(self, environ: dict) -> None:
-        reserved = environ.pop("aeordb.reserved", 0)
-        if reserved:
-            with self._lock:
-                self.used -= reserved
-            release_free_memory()
-
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")   # a client's X-Request-Id we keep
-
-
-def _new_request_prefix() -> None:
-    """A fresh prefix for this process's request ids (again in a forked child, so ids stay unique)."""
-    global _request_prefix
-    _request_prefix = f"{secrets.token_hex(3)}{os.getpid():x}-"
-
-
-_new_request_prefix()
-_request_numbers = itertools.count(1)
-os.register_at_fork(after_in_child=_new_request_prefix)
-
-
-def make_request_id(environ: dict) -> str:
-    """The request's id: the client's X-Request-Id when it is sane, else a new one."""
-    given = environ.get("HTTP_X_REQUEST_ID")
-    if given and _REQUEST_ID.fullmatch(given):
-        return given
-    return _request_prefix + str(next(_request_numbers))
-
-
-class ApiPlugin:
-    """Bottle plugin around every route: credentials and scopes, request ids, ApiError and dict/list
-    results to JSON, the memory budget given back, and the request counted.
-
-    It replaces bottle's JSONPlugin: one wrapper per request instead of two.
-    A route's ``scope`` config says what a credential needs (None: public).
-    """
-
-    name = "aeordb-api"
-    api = 2
-
-    def __init__(self, token: str, keys: KeyStore, access_log: bool, budget: MemoryBudget, activity: Activity):
-        self.token = token.encode("ascii")
-        self.keys = keys
-        self.access_log = access_log
-        self.budget = budget
-        self.activity = activity
-        self._refused, self._refused_logged = 0, 0.0
-
-    def authenticate(self, header: str) -> Optional[Principal]:
-        """Who an Authorization header speaks for (the scheme is case-insensitive, RFC 7235), or None."""
-        scheme, _, credentials = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        if hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), self.token):
-            return ADMIN
-        if credentials.startswith(KEY_PREFIX):
-            return self.keys.find(credentials)
-        return None
-
-    def refused(self, environ: dict) -> None:
-        """Log refused credentials at INFO, at most one line a second (a flood cannot fill the disk)."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= 1.0:
-            log.info("refused %d request(s) without a valid credential (last: %s %s from %s)", self._refused,
-                     environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), environ.get("REMOTE_ADDR", "?"))
-            self._refused, self._refused_logged = 0, now
-
-    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
-        scope = route.config.get("scope")
-        rule = route.rule
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter() if self.access_log else 0.0
-            environ = bottle.request.environ
-            request_id = environ["aeordb.request_id"] = make_request_id(environ)
-            try:
-                if scope is not None:
-                    principal = self.authenticate(environ.get("HTTP_AUTHORIZATION", ""))
-                    if principal is None:
-                        self.refused(environ)
-                        raise ApiError(401, "missing or invalid bearer token",
-                                       {"WWW-Authenticate": 'Bearer realm="aeordb"'})
-                    refusal = principal.refusal(scope, kwargs.get("db"))
-                    if refusal:
-                        raise ApiError(403, refusal)
-                    environ["aeordb.principal"] = principal
-                result = callback(*args, **kwargs)
-                if isinstance(result, (dict, list)):
-                    result = _json_response(result)
-            except ApiError as exc:
-                result = _json_response({"error": exc.message}, exc.status, exc.headers)
-            except bottle.HTTPResponse:
-                self.budget.release(environ)
-                raise
-            except Exception as exc:
-                log.exception("unexpected error on %s %s (request=%s)", bottle.request.method,
-                              bottle.request.path, request_id)
-                if is_storage_fault(exc):
-                    result = _json_response({"error": storage_error("serving", exc).message}, 503)
-                else:
-                    result = _json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
-            self.budget.release(environ)
-            status = getattr(result, "status_code", None) or bottle.response.status_code
-            (result if isinstance(result, bottle.HTTPResponse) else bottle.response).set_header(
-                "X-Request-Id", request_id)
-            self.activity.http(rule, status)
-            if self.access_log:
-                log.info("%s %s %s %.1fms request=%s", bottle.request.method, bottle.request.path, status,
-                         (time.perf_counter() - started) * 1000, request_id)
-            return result
-        return wrapper
-
-
-def read_body(limit: int, what: str, budget: MemoryBudget) -> bytes:
-    """The request body, refused with 413 (or 503, over the memory budget) before anything is read."""
-    request = bottle.request
-    length = request.content_length
-    if length > limit:
-        raise ApiError(413, f"{what} of {length} bytes exceeds the limit of {limit} bytes")
-    budget.reserve(length, what)
-    if length < 0:
-        data = request.body.read(limit + 1)
-        budget.reserve(len(data), what)
-    else:
-        data = request.environ["wsgi.input"].read(length) if length else b""
-    if len(data) > limit:
-        raise ApiError(413, f"{what} exceeds the limit of {limit} bytes")
-    return data
-
-
-def read_json_body(limit: int, budget: MemoryBudget) -> Any:
-    try:
-        return load_json(read_body(limit, "request body", budget) or b"null")
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-
-
-def json_error_page(error: bottle.HTTPError) -> str:
-    """Bottle's own errors (no route, wrong method) as JSON, like every other error."""
-    bottle.response.content_type = "application/json"
-    bottle.response.set_header("X-Request-Id", make_request_id(bottle.request.environ))
-    message = {404: "no such route", 405: f"method {bottle.request.method} not allowed"}.get(
-        error.status_code, error.body if isinstance(error.body, str) else error.status_line)
-    return json.dumps({"error": message})
-
-
-def refuse_invalid_utf8_path() -> None:
-    """Before routing: bottle routes on the path with invalid UTF-8 bytes
-    silently dropped ('/a%FFb' would reach '/ab')."""
-    raw_path = bottle.request.environ.get("bottle.raw_path", "")
-    if raw_path.isascii():
-        return
-    with contextlib.suppress(UnicodeEncodeError):
-        try:
-            raw_path.encode("latin-1").decode("utf-8")
-        except UnicodeDecodeError:
-            raise _json_response({"error": "request path is not valid UTF-8"}, 400) from None
-
-
-class Api:
-    """The HTTP API: one method per route, grouped by resource (system, files and queries, plugins)."""
-
-    PUBLIC_ROUTES = ("/_health", "/_openapi.json")   # the routes served without a credential
-
-    def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime,
-                 budget: MemoryBudget, keys: KeyStore, activity: Activity):
-        self.settings = settings
-        self.registry = registry
-        self.files = files
-        self.runtime = runtime
-        self.budget = budget
-        self.keys = keys
-        self.activity = activity
-        self.app: Optional[bottle.Bottle] = None   # set by mount; the OpenAPI document reads its routes
-
-    def mount(self, app: bottle.Bottle) -> None:
-        """Every route with the scope a credential needs for it, in matching order: the file
-        routes come before the plugin routes, since '/db/_files/a/b/_deploy' is a file path."""
-        self.app = app
-        files = ("/<db>/_files", "/<db>/_files/", "/<db>/_files/<path:path>")
-        routes = [
-            ("GET", "/_health", self.health, None),
-            ("GET", "/_openapi.json", self.openapi, None),
-            ("GET", "/_metrics", self.metrics, "metrics"),
-            ("POST", "/_keys", self.create_key, "admin"),
-            ("GET", "/_keys", self.list_keys, "admin"),
-            ("DELETE", "/_keys/<key_id>", self.revoke_key, "admin"),
-            *((["GET", "HEAD"], route, self.get_file, "read") for route in files),
-            ("PUT", "/<db>/_files/<path:path>", self.put_file, "write"),
-            ("DELETE", "/<db>/_files/<path:path>", self.delete_file, "write"),
-            ("POST", "/<db>/_query", self.query, "read"),
-            ("PUT", "/<db>/<schema>/<table>/_deploy", self.deploy, "deploy"),
-            ("POST", "/<db>/<schema>/<table>/<function>/_invoke", self.invoke, "invoke"),
-            ("GET", "/<db>/_plugins", self.list_plugins, "deploy"),
-            ("DELETE", "/<db>/<schema>/<table>/<function>/_remove", self.remove, "deploy"),
-            ("GET", "/<db>/<schema>/<table>/_logs", self.plugin_logs, "metrics"),
-            ("GET", "/<db>/<schema>/<table>/_stats", self.plugin_stats, "metrics"),
-        ]
-        for method, route, callback, scope in routes:
-            assert (scope is None) == (route in self.PUBLIC_ROUTES), route
-            app.route(route, method, callback, scope=scope)
-
-    @staticmethod
-    def actor() -> str:
-        """Who the request acts for, for the audit log (never a secret)."""
-        principal = bottle.request.environ.get("aeordb.principal")
-        return principal.name if principal else "-"
-
-    # -- keys --------------------------------------------------------------------
-
-    def create_key(self) -> bottle.HTTPResponse:
-        spec = read_json_body(self.settings.max_request_size, self.budget)
-        if not isinstance(spec, dict):
-            raise ApiError(400, "send {\"name\", \"scopes\": [...], \"databases\": [...], \"expires_at\"?}")
-        created = self.keys.create(spec.get("name"), spec.get("scopes"), spec.get("databases"), spec.get("expires_at"))
-        log.info("audit: key created: id=%s name=%r scopes=%s databases=%s by=%s request=%s", created["id"],
-                 created["name"], ",".join(created["scopes"]), ",".join(created["databases"]), self.actor(),
-                 bottle.request.environ["aeordb.request_id"])
-        return _json_response(created, 201)
-
-    def list_keys(self) -> list:
-        return self.keys.list()
-
-    def revoke_key(self, key_id: str) -> dict:
-        revoked = self.keys.revoke(key_id)
-        log.info("audit: key revoked: id=%s name=%r by=%s request=%s", key_id, revoked["name"], self.actor(),
-                 bottle.request.environ["aeordb.request_id"])
-        return {"revoked": True, "id": key_id}
-
-    # -- observing plugins -------------------------------------------------------
-
-    def metrics(self) -> bottle.HTTPResponse:
-        gauges = {**process_gauges(), "engine": self.runtime.wasm.mode,
-                  "databases": {} if self.files.unavailable else self.files.stored_bytes()}
-        keys = [meta["path"] for meta in self.registry.list_all()]
-        return bottle.HTTPResponse(self.activity.prometheus(gauges, keys), status=200,
-                                   headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-    def plugin_logs(self, db: str, schema: str, table: str) -> dict:
-        check_segments(db, schema, table)
-        plugin = self.registry.get(f"{db}/{schema}/{table}")
-        text = bottle.request.query.get("limit", "100")
-        if not text.isdigit() or int(text) > RING_LINES:
-            raise ApiError(400, f"limit must be a whole number from 0 to {RING_LINES}")
-        return {"path": plugin.key, "lines": self.activity.logs(plugin.key, int(text))}
-
-    def plugin_stats(self, db: str, schema: str, table: str) -> dict:
-        check_segments(db, schema, table)
-        plugin = self.registry.get(f"{db}/{schema}/{table}")
-        return {"path": plugin.key, **self.activity.stats(plugin.key),
-                "version": {"sha256": plugin.meta["sha256"], "deployed_at": plugin.meta["deployed_at"]}}
-
-    # -- system ------------------------------------------------------------------
-
-    def health(self) -> dict:
-        return {"status": "ok", "engine": self.runtime.wasm.mode}
-
-    def openapi(self) -> dict:
-        """This API's OpenAPI document, made from the app's own routes (see ROUTE_DOCS)."""
-        return openapi_document(self.app)
-
-    # -- files and queries -------------------------------------------------------
-
-    def get_file(self, db: str, path: str = "") -> Any:
-        check_segments(db)
-        target = normalize_file_path("/" + path, allow_root=True)
-        if target == "/" or path.endswith("/") or self.files.is_directory(db, target):
-            return {"path": target, "entries": self.files.list_directory(db, target)}
-        data, meta = self.files.read(db, target)
-        etag = f'"{meta["etag"]}"'
-        headers = {"Content-Type": meta["content_type"], "ETag": etag,
-                   "Last-Modified": email.utils.formatdate(meta["updated_at"] / 1000, usegmt=True)}
-        if_none_match = bottle.request.get_header("If-None-Match", "")
-        if etag in if_none_match or if_none_match.strip() == "*":   # '*': any current version
-            return bottle.HTTPResponse(status=304, headers=headers)
-        return bottle.HTTPResponse(data, status=200, headers=headers)
-
-    def put_file(self, db: str, path: str) -> bottle.HTTPResponse:
-        check_segments(db)
-        if path.endswith("/"):   # GET answers such a path with a listing: it names a directory
-            raise ApiError(400, f"cannot store a file at a directory path ending in '/': /{path}")
-        target = normalize_file_path("/" + path)
-        data = read_body(self.settings.max_file_size, "file", self.budget)
-        meta, created = self.files.write(db, target, data, bottle.request.get_header("Content-Type"))
-        return _json_response(meta, 201 if created else 200)
-
-    def delete_file(self, db: str, path: str) -> dict:
-        check_segments(db)
-        target = normalize_file_path("/" + path)
-        self.files.delete(db, target)
-        return {"deleted": True, "path": target}
-
-    def query(self, db: str) -> dict:
-        check_segments(db)
-        spec = read_json_body(self.settings.max_request_size, self.budget)
-        limit = self.settings.query_timeout or self.settings.timeout
-        self.files.set_deadline(time.monotonic() + limit)
-        try:
-            if isinstance(spec, dict) and "aggregate" in spec:
-                return self.files.aggregate(db, spec)
-            return self.files.query(db, spec)
-        except TimeLimitReached:
-            raise ApiError(400, f"query stopped at its time limit of {limit:g} s: narrow it "
-                                "(fewer conditions, a smaller directory, a smaller limit)") from None
-        finally:
-            self.files.set_deadline(None)
-
-    # -- plugins -----------------------------------------------------------------
-
-    def deploy(self, db: str, schema: str, table: str) -> dict:
-        check_segments(db, schema, table)
-        query = bottle.request.query
-        for key in ("name", "plugin_type", "version"):
-            if key in query and query.getunicode(key) is None:   # bottle answers None for bad UTF-8
-                raise ApiError(400, f"{key} is not valid UTF-8")
-        name = query.getunicode("name") or table
-        plugin_type = query.getunicode("plugin_type") or "wasm"
-        version = query.getunicode("version") or None
-        for what, value in (("name", name), ("version", version or "v")):
-            if len(value) > 128 or any(ord(ch) < 32 for ch in value):
-                raise ApiError(400, f"{what} must be 1-128 printable characters")
-        if plugin_type != "wasm":
-            raise ApiError(400, f"unsupported plugin_type {plugin_type!r}: only 'wasm'")
-        wasm_bytes = read_body(self.settings.max_module_size, "module", self.budget)
-        if not wasm_bytes:
-            raise ApiError(400, "empty body: send the module's bytes")
-        started = time.perf_counter()
-        meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type, version)
-        self.activity.deployed(time.perf_counter() - started)
-        log.info("audit: deployed %s sha256=%s size=%d by=%s request=%s", meta["path"], meta["sha256"],
-                 meta["size"], self.actor(), bottle.request.environ["aeordb.request_id"])
-        return meta
-
-    def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
-        check_segments(db, schema, table, function)
-        plugin = self.registry.get(f"{db}/{schema}/{table}")
-        body = read_body(self.settings.max_request_size, "request body", self.budget)
-        environ = bottle.request.environ
-        metadata = {"function_name": function, "path": f"/{db}/{schema}/{table}/{function}",
-                    "plugin_path": plugin.key, "method": environ["REQUEST_METHOD"],
-                    "query_string": environ.get("QUERY_STRING", ""),
-                    "content_type": environ.get("CONTENT_TYPE", ""),
-                    "request_id": environ["aeordb.request_id"]}
-        invocation = Invocation(db=db, plugin_key=plugin.key, metadata=metadata,
-                                deadline=time.monotonic() + self.settings.timeout)
-        answer, raw = self.runtime.invoke(plugin, body, invocation)
-        # Counted, never refused: the invocation's writes are committed, and a
-        # 503 would invite a retry that repeats them.
-        self.budget.reserve(len(raw), "plugin's answer", refuse=False)
-        # Set on bottle's response and return the bytes: an HTTPResponse would
-        # be built, then copied onto the response twice.
-        response = bottle.response
-        if answer is None:
-            response.content_type = DEFAULT_CONTENT_TYPE
-            return raw
-        response.status = answer.status
-        for name, value in answer.headers.items():
-            response.add_header(name, value)   # 'X-A' and 'x-a' both go out, as the plugin said
-        response.content_type = answer.content_type
-        return answer.body
-
-    def list_plugins(self, db: str) -> list:
-        check_segments(db)
-        return self.registry.list(db)
-
-    def remove(self, db: str, schema: str, table: str, function: str) -> dict:
-        check_segments(db, schema, table, function)
-        self.registry.remove(db, schema, table)
-        self.activity.removed(f"{db}/{schema}/{table}")
-        log.info("audit: removed %s/%s/%s by=%s request=%s", db, schema, table, self.actor(),
-                 bottle.request.environ["aeordb.request_id"])
-        return {"removed": True, "path": f"{db}/{schema}/{table}"}
-
-
-###############################################################################
 # The OpenAPI document #########################################################
 ###############################################################################
 #
@@ -4274,6 +3854,427 @@ def openapi_document(app: bottle.Bottle) -> dict:
         "security": [{"bearer": []}],
         "tags": [{"name": name} for name in ("system", "keys", "files", "plugins", "observing")],
     }
+
+
+###############################################################################
+# HTTP routes ##################################################################
+###############################################################################
+#
+# ``Api`` holds the app's registry, file store and runtime; each route is one
+# of its methods, mounted by ``Api.mount`` with bottle's ``app.route(...,
+# callback=...)``. ``ApiPlugin`` wraps every route: token check, ApiError and
+# dict/list results to JSON. ``create_app`` only wires these together.
+
+def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = None) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(json.dumps(payload), status=status,
+                               headers={"Content-Type": "application/json", **(headers or {})})
+
+
+LARGE_BODY = 1 * MiB   # bodies and answers from this size on count against the memory budget
+
+
+class MemoryBudget:
+    """Bytes of large request bodies and plugin answers being worked on at once.
+
+    Each such byte costs several in memory (the envelope, the guest's copy,
+    the answer), so their sum is bounded: past the budget a request is
+    refused with 503 at once, and peak memory stays predictable.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int, what: str, refuse: bool = True) -> None:
+        """Count ``size`` bytes against the budget until the request ends (ApiPlugin gives them back)."""
+        if size < LARGE_BODY:
+            return
+        environ = bottle.request.environ
+        own = environ.get("aeordb.reserved", 0)
+        with self._lock:
+            # One request alone always goes through.
+            if refuse and self.used > own and self.used + size > self.capacity:
+                raise ApiError(503, f"too many large requests at once: the {what} of {size} bytes does "
+                                    f"not fit the memory budget of {self.capacity} bytes (--memory-budget): "
+                                    "retry", RETRY_SOON)
+            self.used += size
+        environ["aeordb.reserved"] = own + size
+
+    def release(self, environ: dict) -> None:
+        reserved = environ.pop("aeordb.reserved", 0)
+        if reserved:
+            with self._lock:
+                self.used -= reserved
+            release_free_memory()
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")   # a client's X-Request-Id we keep
+
+
+def _new_request_prefix() -> None:
+    """A fresh prefix for this process's request ids (again in a forked child, so ids stay unique)."""
+    global _request_prefix
+    _request_prefix = f"{secrets.token_hex(3)}{os.getpid():x}-"
+
+
+_new_request_prefix()
+_request_numbers = itertools.count(1)
+os.register_at_fork(after_in_child=_new_request_prefix)
+
+
+def make_request_id(environ: dict) -> str:
+    """The request's id: the client's X-Request-Id when it is sane, else a new one."""
+    given = environ.get("HTTP_X_REQUEST_ID")
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return _request_prefix + str(next(_request_numbers))
+
+
+class ApiPlugin:
+    """Bottle plugin around every route: credentials and scopes, request ids, ApiError and dict/list
+    results to JSON, the memory budget given back, and the request counted.
+
+    It replaces bottle's JSONPlugin: one wrapper per request instead of two.
+    A route's ``scope`` config says what a credential needs (None: public).
+    """
+
+    name = "aeordb-api"
+    api = 2
+
+    def __init__(self, token: str, keys: KeyStore, access_log: bool, budget: MemoryBudget, activity: Activity):
+        self.token = token.encode("ascii")
+        self.keys = keys
+        self.access_log = access_log
+        self.budget = budget
+        self.activity = activity
+        self._refused, self._refused_logged = 0, 0.0
+
+    def authenticate(self, header: str) -> Optional[Principal]:
+        """Who an Authorization header speaks for (the scheme is case-insensitive, RFC 7235), or None."""
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        if hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), self.token):
+            return ADMIN
+        if credentials.startswith(KEY_PREFIX):
+            return self.keys.find(credentials)
+        return None
+
+    def refused(self, environ: dict) -> None:
+        """Log refused credentials at INFO, at most one line a second (a flood cannot fill the disk)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:
+            log.info("refused %d request(s) without a valid credential (last: %s %s from %s)", self._refused,
+                     environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), environ.get("REMOTE_ADDR", "?"))
+            self._refused, self._refused_logged = 0, now
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        scope = route.config.get("scope")
+        rule = route.rule
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter() if self.access_log else 0.0
+            environ = bottle.request.environ
+            request_id = environ["aeordb.request_id"] = make_request_id(environ)
+            try:
+                if scope is not None:
+                    principal = self.authenticate(environ.get("HTTP_AUTHORIZATION", ""))
+                    if principal is None:
+                        self.refused(environ)
+                        raise ApiError(401, "missing or invalid bearer token",
+                                       {"WWW-Authenticate": 'Bearer realm="aeordb"'})
+                    refusal = principal.refusal(scope, kwargs.get("db"))
+                    if refusal:
+                        raise ApiError(403, refusal)
+                    environ["aeordb.principal"] = principal
+                result = callback(*args, **kwargs)
+                if isinstance(result, (dict, list)):
+                    result = _json_response(result)
+            except ApiError as exc:
+                result = _json_response({"error": exc.message}, exc.status, exc.headers)
+            except bottle.HTTPResponse:
+                self.budget.release(environ)
+                raise
+            except Exception as exc:
+                log.exception("unexpected error on %s %s (request=%s)", bottle.request.method,
+                              bottle.request.path, request_id)
+                if is_storage_fault(exc):
+                    result = _json_response({"error": storage_error("serving", exc).message}, 503)
+                else:
+                    result = _json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
+            self.budget.release(environ)
+            status = getattr(result, "status_code", None) or bottle.response.status_code
+            (result if isinstance(result, bottle.HTTPResponse) else bottle.response).set_header(
+                "X-Request-Id", request_id)
+            self.activity.http(rule, status)
+            if self.access_log:
+                log.info("%s %s %s %.1fms request=%s", bottle.request.method, bottle.request.path, status,
+                         (time.perf_counter() - started) * 1000, request_id)
+            return result
+        return wrapper
+
+
+def read_body(limit: int, what: str, budget: MemoryBudget) -> bytes:
+    """The request body, refused with 413 (or 503, over the memory budget) before anything is read."""
+    request = bottle.request
+    length = request.content_length
+    if length > limit:
+        raise ApiError(413, f"{what} of {length} bytes exceeds the limit of {limit} bytes")
+    budget.reserve(length, what)
+    if length < 0:
+        data = request.body.read(limit + 1)
+        budget.reserve(len(data), what)
+    else:
+        data = request.environ["wsgi.input"].read(length) if length else b""
+    if len(data) > limit:
+        raise ApiError(413, f"{what} exceeds the limit of {limit} bytes")
+    return data
+
+
+def read_json_body(limit: int, budget: MemoryBudget) -> Any:
+    try:
+        return load_json(read_body(limit, "request body", budget) or b"null")
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def json_error_page(error: bottle.HTTPError) -> str:
+    """Bottle's own errors (no route, wrong method) as JSON, like every other error."""
+    bottle.response.content_type = "application/json"
+    bottle.response.set_header("X-Request-Id", make_request_id(bottle.request.environ))
+    message = {404: "no such route", 405: f"method {bottle.request.method} not allowed"}.get(
+        error.status_code, error.body if isinstance(error.body, str) else error.status_line)
+    return json.dumps({"error": message})
+
+
+def refuse_invalid_utf8_path() -> None:
+    """Before routing: bottle routes on the path with invalid UTF-8 bytes
+    silently dropped ('/a%FFb' would reach '/ab')."""
+    raw_path = bottle.request.environ.get("bottle.raw_path", "")
+    if raw_path.isascii():
+        return
+    with contextlib.suppress(UnicodeEncodeError):
+        try:
+            raw_path.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise _json_response({"error": "request path is not valid UTF-8"}, 400) from None
+
+
+class Api:
+    """The HTTP API: one method per route, grouped by resource (system, files and queries, plugins)."""
+
+    PUBLIC_ROUTES = ("/_health", "/_openapi.json")   # the routes served without a credential
+
+    def __init__(self, settings: Settings, registry: PluginRegistry, files: FileStore, runtime: WasmRuntime,
+                 budget: MemoryBudget, keys: KeyStore, activity: Activity):
+        self.settings = settings
+        self.registry = registry
+        self.files = files
+        self.runtime = runtime
+        self.budget = budget
+        self.keys = keys
+        self.activity = activity
+        self.app: Optional[bottle.Bottle] = None   # set by mount; the OpenAPI document reads its routes
+
+    def mount(self, app: bottle.Bottle) -> None:
+        """Every route with the scope a credential needs for it, in matching order: the file
+        routes come before the plugin routes, since '/db/_files/a/b/_deploy' is a file path."""
+        self.app = app
+        files = ("/<db>/_files", "/<db>/_files/", "/<db>/_files/<path:path>")
+        routes = [
+            ("GET", "/_health", self.health, None),
+            ("GET", "/_openapi.json", self.openapi, None),
+            ("GET", "/_metrics", self.metrics, "metrics"),
+            ("POST", "/_keys", self.create_key, "admin"),
+            ("GET", "/_keys", self.list_keys, "admin"),
+            ("DELETE", "/_keys/<key_id>", self.revoke_key, "admin"),
+            *((["GET", "HEAD"], route, self.get_file, "read") for route in files),
+            ("PUT", "/<db>/_files/<path:path>", self.put_file, "write"),
+            ("DELETE", "/<db>/_files/<path:path>", self.delete_file, "write"),
+            ("POST", "/<db>/_query", self.query, "read"),
+            ("PUT", "/<db>/<schema>/<table>/_deploy", self.deploy, "deploy"),
+            ("POST", "/<db>/<schema>/<table>/<function>/_invoke", self.invoke, "invoke"),
+            ("GET", "/<db>/_plugins", self.list_plugins, "deploy"),
+            ("DELETE", "/<db>/<schema>/<table>/<function>/_remove", self.remove, "deploy"),
+            ("GET", "/<db>/<schema>/<table>/_logs", self.plugin_logs, "metrics"),
+            ("GET", "/<db>/<schema>/<table>/_stats", self.plugin_stats, "metrics"),
+        ]
+        for method, route, callback, scope in routes:
+            assert (scope is None) == (route in self.PUBLIC_ROUTES), route
+            app.route(route, method, callback, scope=scope)
+
+    @staticmethod
+    def actor() -> str:
+        """Who the request acts for, for the audit log (never a secret)."""
+        principal = bottle.request.environ.get("aeordb.principal")
+        return principal.name if principal else "-"
+
+    # -- keys --------------------------------------------------------------------
+
+    def create_key(self) -> bottle.HTTPResponse:
+        spec = read_json_body(self.settings.max_request_size, self.budget)
+        if not isinstance(spec, dict):
+            raise ApiError(400, "send {\"name\", \"scopes\": [...], \"databases\": [...], \"expires_at\"?}")
+        created = self.keys.create(spec.get("name"), spec.get("scopes"), spec.get("databases"), spec.get("expires_at"))
+        log.info("audit: key created: id=%s name=%r scopes=%s databases=%s by=%s request=%s", created["id"],
+                 created["name"], ",".join(created["scopes"]), ",".join(created["databases"]), self.actor(),
+                 bottle.request.environ["aeordb.request_id"])
+        return _json_response(created, 201)
+
+    def list_keys(self) -> list:
+        return self.keys.list()
+
+    def revoke_key(self, key_id: str) -> dict:
+        revoked = self.keys.revoke(key_id)
+        log.info("audit: key revoked: id=%s name=%r by=%s request=%s", key_id, revoked["name"], self.actor(),
+                 bottle.request.environ["aeordb.request_id"])
+        return {"revoked": True, "id": key_id}
+
+    # -- observing plugins -------------------------------------------------------
+
+    def metrics(self) -> bottle.HTTPResponse:
+        gauges = {**process_gauges(), "engine": self.runtime.wasm.mode,
+                  "databases": {} if self.files.unavailable else self.files.stored_bytes()}
+        keys = [meta["path"] for meta in self.registry.list_all()]
+        return bottle.HTTPResponse(self.activity.prometheus(gauges, keys), status=200,
+                                   headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def plugin_logs(self, db: str, schema: str, table: str) -> dict:
+        check_segments(db, schema, table)
+        plugin = self.registry.get(f"{db}/{schema}/{table}")
+        text = bottle.request.query.get("limit", "100")
+        if not text.isdigit() or int(text) > RING_LINES:
+            raise ApiError(400, f"limit must be a whole number from 0 to {RING_LINES}")
+        return {"path": plugin.key, "lines": self.activity.logs(plugin.key, int(text))}
+
+    def plugin_stats(self, db: str, schema: str, table: str) -> dict:
+        check_segments(db, schema, table)
+        plugin = self.registry.get(f"{db}/{schema}/{table}")
+        return {"path": plugin.key, **self.activity.stats(plugin.key),
+                "version": {"sha256": plugin.meta["sha256"], "deployed_at": plugin.meta["deployed_at"]}}
+
+    # -- system ------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return {"status": "ok", "engine": self.runtime.wasm.mode}
+
+    def openapi(self) -> dict:
+        """This API's OpenAPI document, made from the app's own routes (see ROUTE_DOCS)."""
+        return openapi_document(self.app)
+
+    # -- files and queries -------------------------------------------------------
+
+    def get_file(self, db: str, path: str = "") -> Any:
+        check_segments(db)
+        target = normalize_file_path("/" + path, allow_root=True)
+        if target == "/" or path.endswith("/") or self.files.is_directory(db, target):
+            return {"path": target, "entries": self.files.list_directory(db, target)}
+        data, meta = self.files.read(db, target)
+        etag = f'"{meta["etag"]}"'
+        headers = {"Content-Type": meta["content_type"], "ETag": etag,
+                   "Last-Modified": email.utils.formatdate(meta["updated_at"] / 1000, usegmt=True)}
+        if_none_match = bottle.request.get_header("If-None-Match", "")
+        if etag in if_none_match or if_none_match.strip() == "*":   # '*': any current version
+            return bottle.HTTPResponse(status=304, headers=headers)
+        return bottle.HTTPResponse(data, status=200, headers=headers)
+
+    def put_file(self, db: str, path: str) -> bottle.HTTPResponse:
+        check_segments(db)
+        if path.endswith("/"):   # GET answers such a path with a listing: it names a directory
+            raise ApiError(400, f"cannot store a file at a directory path ending in '/': /{path}")
+        target = normalize_file_path("/" + path)
+        data = read_body(self.settings.max_file_size, "file", self.budget)
+        meta, created = self.files.write(db, target, data, bottle.request.get_header("Content-Type"))
+        return _json_response(meta, 201 if created else 200)
+
+    def delete_file(self, db: str, path: str) -> dict:
+        check_segments(db)
+        target = normalize_file_path("/" + path)
+        self.files.delete(db, target)
+        return {"deleted": True, "path": target}
+
+    def query(self, db: str) -> dict:
+        check_segments(db)
+        spec = read_json_body(self.settings.max_request_size, self.budget)
+        limit = self.settings.query_timeout or self.settings.timeout
+        self.files.set_deadline(time.monotonic() + limit)
+        try:
+            if isinstance(spec, dict) and "aggregate" in spec:
+                return self.files.aggregate(db, spec)
+            return self.files.query(db, spec)
+        except TimeLimitReached:
+            raise ApiError(400, f"query stopped at its time limit of {limit:g} s: narrow it "
+                                "(fewer conditions, a smaller directory, a smaller limit)") from None
+        finally:
+            self.files.set_deadline(None)
+
+    # -- plugins -----------------------------------------------------------------
+
+    def deploy(self, db: str, schema: str, table: str) -> dict:
+        check_segments(db, schema, table)
+        query = bottle.request.query
+        for key in ("name", "plugin_type", "version"):
+            if key in query and query.getunicode(key) is None:   # bottle answers None for bad UTF-8
+                raise ApiError(400, f"{key} is not valid UTF-8")
+        name = query.getunicode("name") or table
+        plugin_type = query.getunicode("plugin_type") or "wasm"
+        version = query.getunicode("version") or None
+        for what, value in (("name", name), ("version", version or "v")):
+            if len(value) > 128 or any(ord(ch) < 32 for ch in value):
+                raise ApiError(400, f"{what} must be 1-128 printable characters")
+        if plugin_type != "wasm":
+            raise ApiError(400, f"unsupported plugin_type {plugin_type!r}: only 'wasm'")
+        wasm_bytes = read_body(self.settings.max_module_size, "module", self.budget)
+        if not wasm_bytes:
+            raise ApiError(400, "empty body: send the module's bytes")
+        started = time.perf_counter()
+        meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type, version)
+        self.activity.deployed(time.perf_counter() - started)
+        log.info("audit: deployed %s sha256=%s size=%d by=%s request=%s", meta["path"], meta["sha256"],
+                 meta["size"], self.actor(), bottle.request.environ["aeordb.request_id"])
+        return meta
+
+    def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
+        check_segments(db, schema, table, function)
+        plugin = self.registry.get(f"{db}/{schema}/{table}")
+        body = read_body(self.settings.max_request_size, "request body", self.budget)
+        environ = bottle.request.environ
+        metadata = {"function_name": function, "path": f"/{db}/{schema}/{table}/{function}",
+                    "plugin_path": plugin.key, "method": environ["REQUEST_METHOD"],
+                    "query_string": environ.get("QUERY_STRING", ""),
+                    "content_type": environ.get("CONTENT_TYPE", ""),
+                    "request_id": environ["aeordb.request_id"]}
+        invocation = Invocation(db=db, plugin_key=plugin.key, metadata=metadata,
+                                deadline=time.monotonic() + self.settings.timeout)
+        answer, raw = self.runtime.invoke(plugin, body, invocation)
+        # Counted, never refused: the invocation's writes are committed, and a
+        # 503 would invite a retry that repeats them.
+        self.budget.reserve(len(raw), "plugin's answer", refuse=False)
+        # Set on bottle's response and return the bytes: an HTTPResponse would
+        # be built, then copied onto the response twice.
+        response = bottle.response
+        if answer is None:
+            response.content_type = DEFAULT_CONTENT_TYPE
+            return raw
+        response.status = answer.status
+        for name, value in answer.headers.items():
+            response.add_header(name, value)   # 'X-A' and 'x-a' both go out, as the plugin said
+        response.content_type = answer.content_type
+        return answer.body
+
+    def list_plugins(self, db: str) -> list:
+        check_segments(db)
+        return self.registry.list(db)
+
+    def remove(self, db: str, schema: str, table: str, function: str) -> dict:
+        check_segments(db, schema, table, function)
+        self.registry.remove(db, schema, table)
+        self.activity.removed(f"{db}/{schema}/{table}")
+        log.info("audit: removed %s/%s/%s by=%s request=%s", db, schema, table, self.actor(),
+                 bottle.request.environ["aeordb.request_id"])
+        return {"removed": True, "path": f"{db}/{schema}/{table}"}
 
 
 def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
