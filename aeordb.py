@@ -3492,7 +3492,8 @@ OPENAPI_SCHEMAS = {
         "deployed_at": _ISO_TIME,
         "sha256": _SHA256,
         "size": {"type": "integer", "minimum": 1, "description": "the module's size in bytes"},
-    }),
+        "version": {"type": "string", "maxLength": 128, "description": "as given at deploy"},
+    }, optional=("version",)),
     "FileMeta": _object({
         "path": _STRING, "size": _COUNT, "content_type": _STRING, "created_at": _MS, "updated_at": _MS,
         "etag": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
@@ -3686,6 +3687,8 @@ ROUTE_DOCS = {
              "description": "the plugin's name; defaults to the table"},
             {"name": "plugin_type", "in": "query", "required": False,
              "schema": {"enum": ["wasm"], "default": "wasm"}},
+            {"name": "version", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+             "description": "free text, kept in the plugin's metadata"},
         ],
         "requestBody": {"required": True, "description": "the module's bytes (WebAssembly binary format)",
                         "content": {"application/wasm": {"schema": {}}, **_ANY_BYTES}},

@@ -5396,3 +5396,13 @@ def test_the_log_rings_are_bounded_overall(monkeypatch):
     activity.removed("db/s/p9")
     assert activity.line_bytes == sum(len(line["message"]) + 64 for plugin in range(9)
                                       for line in activity.logs(f"db/s/p{plugin}", 200))
+
+
+def test_a_deploy_with_a_version_matches_its_openapi_schema(client):
+    import jsonschema
+    document = client.get("/_openapi.json").json
+    meta = deploy(client, "db/s/t", wat(ECHO_WAT), version="1.2.3").json
+    assert meta["version"] == "1.2.3"
+    schema = {**document["components"]["schemas"]["PluginMeta"], "components": document["components"]}
+    jsonschema.validate(meta, schema)
+    assert "version" not in deploy(client, "db/s/u", wat(ECHO_WAT)).json
