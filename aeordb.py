@@ -65,6 +65,11 @@ from typing import Any, Callable, Iterator, Optional
 import bottle
 import wasmtime
 
+try:
+    import fcntl   # POSIX: keys.json is locked against other processes too
+except ImportError:   # pragma: no cover - not POSIX
+    fcntl = None
+
 __version__ = "0.1.0"
 
 log = logging.getLogger("aeordb")
@@ -2676,18 +2681,23 @@ class Activity:
         self.busy_workers: Callable[[], int] = lambda: 0   # the server's count, where one serves the app
         self.started = time.time()
         self.line_bytes = 0   # of every ring
+        self._removed: set = set()   # keys whose plugin is gone: a late invocation of it records nothing
 
     def _plugin(self, key: str) -> _PluginActivity:
         activity = self._plugins.get(key)
         if activity is None:
-            activity = self._plugins[key] = _PluginActivity()
-        return activity
+            activity = _PluginActivity()
+            if key not in self._removed:
+                self._plugins[key] = activity
+        return activity   # for a removed key, one that is dropped: its lines must not count
 
     def line(self, key: str, level: str, request_id: str, message: str) -> None:
         """One line of the plugin's ring: its log lines and its failures, newest last."""
         entry = {"time": utc_now_iso(), "level": level, "request_id": request_id, "message": message}
         size = len(message) + 64
         with self._lock:
+            if key in self._removed:
+                return
             activity = self._plugin(key)
             activity.lines.append((entry, size))
             activity.line_bytes += size
@@ -2719,14 +2729,16 @@ class Activity:
         with self._lock:
             self._plugin(key).host_calls[function] += 1
 
-    def deployed(self, compile_seconds: float) -> None:
+    def deployed(self, key: str, compile_seconds: float) -> None:
         with self._lock:
+            self._removed.discard(key)
             self.deploys += 1
             self.compile_seconds += compile_seconds
 
     def removed(self, key: str) -> None:
         with self._lock:
             gone = self._plugins.pop(key, None)
+            self._removed.add(key)
             if gone is not None:
                 self.line_bytes -= gone.line_bytes
 
@@ -3327,12 +3339,14 @@ class KeyStore:
     """API keys, kept hashed in DATA_DIR/keys.json (owner-only, written atomically).
 
     The file is read again when it changes, so keys made or revoked by
-    another process serving the same data dir count at once.
+    another process serving the same data dir count at once; a change
+    holds DATA_DIR/keys.lock, so two processes' changes never undo each other.
     """
 
     def __init__(self, data_dir: Path):
         self.file = data_dir / "keys.json"
         self._file_name = str(self.file)
+        self._lock_name = str(data_dir / "keys.lock")
         self._lock = threading.Lock()
         self._keys: list = []
         self._by_digest: dict = {}
@@ -3347,15 +3361,26 @@ class KeyStore:
             seen = None
         if seen == self._seen:
             return
-        keys = []
+        keys, by_digest = [], {}
         if seen is not None:
             try:
                 keys = load_json(self.file.read_bytes())["keys"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                by_digest = {key["sha256"]: (self._principal(key), _parse_time(key["expires_at"])
+                                             if key.get("expires_at") else None) for key in keys}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.error("cannot read %s (%s): no API key is accepted until it is fixed", self.file, exc)
-        self._keys, self._seen = keys, seen
-        self._by_digest = {key["sha256"]: (self._principal(key), _parse_time(key["expires_at"])
-                                           if key.get("expires_at") else None) for key in keys}
+                keys, by_digest = [], {}
+        self._keys, self._by_digest, self._seen = keys, by_digest, seen
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the file against other processes too, so a create there cannot undo a revoke here."""
+        with self._lock, open(os.open(self._lock_name, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)) as lock_file:
+            if fcntl is not None:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+            self._seen = None   # read it again under the lock, whatever its stat says
+            self._reload()
+            yield
 
     def _save(self, keys: list) -> None:
         atomic_write(self.file, json.dumps({"keys": keys}, indent=2).encode())
@@ -3366,8 +3391,8 @@ class KeyStore:
         """A new key: its record, with the secret (shown this once)."""
         if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
             raise ApiError(400, "'name' must be 1-128 printable characters")
-        if not isinstance(scopes, list) or not scopes or not set(scopes) <= set(SCOPES) \
-                or not all(isinstance(scope, str) for scope in scopes):
+        if not isinstance(scopes, list) or not scopes or not all(isinstance(scope, str) for scope in scopes) \
+                or not set(scopes) <= set(SCOPES):
             raise ApiError(400, f"'scopes' must be a non-empty list of: {', '.join(SCOPES)}")
         if databases != ["*"]:
             if not isinstance(databases, list) or not databases or not all(isinstance(db, str) for db in databases):
@@ -3381,8 +3406,7 @@ class KeyStore:
         record = {"id": "key_" + secrets.token_hex(6), "name": name, "scopes": sorted(set(scopes)),
                   "databases": sorted(set(databases)), "created_at": utc_now_iso(), "expires_at": expires_at,
                   "sha256": hashlib.sha256(secret.encode()).hexdigest()}
-        with self._lock:
-            self._reload()
+        with self._changing():
             self._save(self._keys + [record])
         return {**self.public(record), "key": secret}
 
@@ -3392,8 +3416,7 @@ class KeyStore:
             return [self.public(key) for key in self._keys]
 
     def revoke(self, key_id: str) -> dict:
-        with self._lock:
-            self._reload()
+        with self._changing():
             kept = [key for key in self._keys if key["id"] != key_id]
             if len(kept) == len(self._keys):
                 raise ApiError(404, f"no API key {key_id!r}")
@@ -4138,9 +4161,12 @@ class Api:
     # -- observing plugins -------------------------------------------------------
 
     def metrics(self) -> bottle.HTTPResponse:
+        visible = bottle.request.environ["aeordb.principal"].databases   # None: every database
+        stored = {} if self.files.unavailable else self.files.stored_bytes()
         gauges = {**process_gauges(), "engine": self.runtime.wasm.mode,
-                  "databases": {} if self.files.unavailable else self.files.stored_bytes()}
-        keys = [meta["path"] for meta in self.registry.list_all()]
+                  "databases": {db: size for db, size in stored.items() if visible is None or db in visible}}
+        keys = [meta["path"] for meta in self.registry.list_all()
+                if visible is None or meta["path"].split("/", 1)[0] in visible]
         return bottle.HTTPResponse(self.activity.prometheus(gauges, keys), status=200,
                                    headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -4148,7 +4174,7 @@ class Api:
         check_segments(db, schema, table)
         plugin = self.registry.get(f"{db}/{schema}/{table}")
         text = bottle.request.query.get("limit", "100")
-        if not text.isdigit() or int(text) > RING_LINES:
+        if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > RING_LINES:
             raise ApiError(400, f"limit must be a whole number from 0 to {RING_LINES}")
         return {"path": plugin.key, "lines": self.activity.logs(plugin.key, int(text))}
 
@@ -4234,7 +4260,7 @@ class Api:
             raise ApiError(400, "empty body: send the module's bytes")
         started = time.perf_counter()
         meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type, version)
-        self.activity.deployed(time.perf_counter() - started)
+        self.activity.deployed(meta["path"], time.perf_counter() - started)
         log.info("audit: deployed %s sha256=%s size=%d by=%s request=%s", meta["path"], meta["sha256"],
                  meta["size"], self.actor(), bottle.request.environ["aeordb.request_id"])
         return meta
@@ -4585,17 +4611,22 @@ class Client:
     def request(self, method: str, route: str, body: Optional[bytes] = None,
                 headers: Optional[dict] = None) -> tuple:
         """(status, headers, body) of one request; CommandError(2) when the server cannot be reached."""
+        import http.client
         import urllib.error
         import urllib.request
-        request = urllib.request.Request(self.url + route, data=body, method=method,
-                                         headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
         try:
+            request = urllib.request.Request(self.url + route, data=body, method=method,
+                                             headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
             with urllib.request.urlopen(request, timeout=120) as answer:
                 return answer.status, dict(answer.headers), answer.read()
         except urllib.error.HTTPError as answer:
             return answer.code, dict(answer.headers), answer.read()
         except (urllib.error.URLError, OSError) as exc:
             raise CommandError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
+        except http.client.HTTPException as exc:
+            raise CommandError(f"{self.url} did not answer as an HTTP server: {exc!r}") from None
+        except (ValueError, UnicodeError) as exc:   # a URL or token that cannot go into a request
+            raise CommandError(f"cannot send the request: {exc}") from None
 
     def json(self, method: str, route: str, body: Optional[bytes] = None) -> Any:
         """The JSON answer of a request; CommandError(1) with the server's message for an error."""
@@ -4707,10 +4738,13 @@ def _log_text(line: dict) -> str:
 
 def command_logs(args: argparse.Namespace) -> int:
     route = _plugin_route(args.plugin, 3)
+    limit = args.limit
+    if not 0 <= limit <= RING_LINES:
+        raise CommandError(f"--limit must be from 0 to {RING_LINES}")
     client = _client(args)
     seen: list = []
     while True:
-        lines = client.json("GET", f"{route}/_logs?limit={RING_LINES if args.follow else args.limit}")["lines"]
+        lines = client.json("GET", f"{route}/_logs?limit={RING_LINES if args.follow else limit}")["lines"]
         # The ring only grows at its end: print what follows the last line already printed.
         start = 0
         if seen:
@@ -4723,7 +4757,10 @@ def command_logs(args: argparse.Namespace) -> int:
         seen = lines or seen
         if not args.follow:
             return 0
-        time.sleep(1.0)   # the polling interval of --follow
+        try:
+            time.sleep(1.0)   # the polling interval of --follow
+        except KeyboardInterrupt:   # how --follow is meant to end
+            return 0
 
 
 def command_stats(args: argparse.Namespace) -> int:
@@ -4759,7 +4796,7 @@ def command_keys(args: argparse.Namespace) -> int:
     else:
         if not args.id:
             raise CommandError("keys revoke needs the key's id")
-        answer = client.json("DELETE", f"/_keys/{urllib_parse.quote(args.id)}")
+        answer = client.json("DELETE", f"/_keys/{urllib_parse.quote(args.id, safe='')}")
         _print(args, answer, lambda a: f"revoked {a['id']}")
     return 0
 
@@ -4812,12 +4849,31 @@ def command_token(args: argparse.Namespace) -> int:
 BACKUP_FILES = ("token", "keys.json")   # besides the database and plugins/; the compiled cache is rebuilt
 
 
+@contextlib.contextmanager
+def failures_as_command_errors(what: str) -> Iterator[None]:
+    """A backup or restore that fails on the file system, the archive or the database: one line, exit 2."""
+    import tarfile
+    try:
+        yield
+    except (OSError, tarfile.TarError, sqlite3.Error, StartupError) as exc:
+        raise CommandError(f"{what} failed: {exc}") from None
+
+
 def command_backup(args: argparse.Namespace) -> int:
     """A consistent snapshot of a (running) server's data dir into a directory or a .tar.gz."""
     source, destination = args.data_dir, Path(args.destination)
     database = source / DATABASE_NAME
     if not database.exists():
         raise CommandError(f"{source} holds no {DATABASE_NAME}: is --data-dir right?")
+    with failures_as_command_errors("backup"):
+        plugins = _backup(source, destination, progress=not args.json)
+    summary = {"backup": str(destination), "plugins": plugins, "database_bytes": (source / DATABASE_NAME).stat().st_size}
+    _print(args, summary, lambda s: f"backed up {source} to {s['backup']}: the database and {s['plugins']} plugin(s)")
+    return 0
+
+
+def _backup(source: Path, destination: Path, progress: bool) -> int:
+    database = source / DATABASE_NAME
     archive = destination.name.endswith((".tar.gz", ".tgz"))
     with tempfile.TemporaryDirectory(prefix="aeordb-backup-", dir=destination.parent if archive else None) as work:
         target = Path(work) if archive else destination
@@ -4825,7 +4881,7 @@ def command_backup(args: argparse.Namespace) -> int:
             if destination.exists() and any(destination.iterdir()):
                 raise CommandError(f"{destination} is not empty")
             make_dirs(destination)
-        snapshot_database(database, target / DATABASE_NAME, progress=not args.json)
+        snapshot_database(database, target / DATABASE_NAME, progress=progress)
         plugins = copy_plugins(source / "plugins", target / "plugins")
         for name in BACKUP_FILES:
             with contextlib.suppress(FileNotFoundError):
@@ -4833,21 +4889,29 @@ def command_backup(args: argparse.Namespace) -> int:
         if archive:
             import tarfile
             temp = destination.with_name(destination.name + TEMP_MARK + "part")
-            with tarfile.open(temp, "w:gz") as tar:
-                tar.add(target, arcname=".")
-            os.chmod(temp, PRIVATE_FILE)
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()   # left by a backup that was killed
+            # Owner-only from its first byte: the archive holds the token and the keys.
+            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as raw:
+                try:
+                    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                        tar.add(target, arcname=".")
+                except BaseException:
+                    temp.unlink()
+                    raise
             os.replace(temp, destination)
-    summary = {"backup": str(destination), "plugins": plugins, "database_bytes": (source / DATABASE_NAME).stat().st_size}
-    _print(args, summary, lambda s: f"backed up {source} to {s['backup']}: the database and {s['plugins']} plugin(s)")
-    return 0
+    return plugins
 
 
 def snapshot_database(source: Path, target: Path, progress: bool = False) -> None:
     """SQLite's online backup: a consistent copy while the server goes on writing."""
+    reported = []
+
     def report(status: int, remaining: int, total: int) -> None:
         if progress and total > 10_000:   # pages: say how far a large copy has got
+            reported.append(True)
             print(f"\r  database: {100 * (total - remaining) // total}%", end="", file=sys.stderr, flush=True)
-    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    reader = sqlite3.connect(source.resolve().as_uri() + "?mode=ro", uri=True)
     os.close(os.open(target, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
     writer = sqlite3.connect(target)
     try:
@@ -4856,22 +4920,39 @@ def snapshot_database(source: Path, target: Path, progress: bool = False) -> Non
     finally:
         writer.close()
         reader.close()
-    if progress:
-        print("", end="", file=sys.stderr)
+    if reported:
+        print(file=sys.stderr)   # ends the line the percentages were written over
 
 
 def copy_plugins(source: Path, target: Path) -> int:
-    """Each plugin's plugin.json and the module it names (a deploy running meanwhile: the old or the new)."""
+    """Each plugin's plugin.json and the module it names (a deploy running meanwhile: the old or the new).
+
+    A backup may come from anyone: only real folders with valid names, holding a module whose
+    bytes match the sha256 its plugin.json names, are copied; anything else is skipped and said.
+    """
     copied = 0
     for meta_file in sorted(source.glob("*/*/*/plugin.json")):
-        with contextlib.suppress(OSError, ValueError, KeyError):
+        parts = meta_file.parent.relative_to(source).parts
+        try:
             meta_bytes = meta_file.read_bytes()
-            module_name = f"module-{load_json(meta_bytes)['sha256']}.wasm"
-            module = (meta_file.parent / module_name).read_bytes()
-            folder = target / meta_file.parent.relative_to(source)
-            atomic_write(folder / module_name, module)
-            atomic_write(folder / "plugin.json", meta_bytes)
-            copied += 1
+            sha256 = load_json(meta_bytes)["sha256"]
+            if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+                raise ValueError("its plugin.json names no valid sha256")
+            module_file = meta_file.parent / f"module-{sha256}.wasm"
+            folders = [source.joinpath(*parts[:depth]) for depth in (1, 2, 3)]
+            if not all(map(_VALID_SEGMENT.fullmatch, parts)) or any(
+                    path.is_symlink() for path in folders + [meta_file, module_file]):
+                raise ValueError("not a plugin folder of aeordb.py")
+            module = module_file.read_bytes()
+            if hashlib.sha256(module).hexdigest() != sha256:
+                raise ValueError("its module does not match its sha256")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"aeordb.py: skipped {'/'.join(parts)}: {exc}", file=sys.stderr)
+            continue
+        folder = target.joinpath(*parts)
+        atomic_write(folder / module_file.name, module)
+        atomic_write(folder / "plugin.json", meta_bytes)
+        copied += 1
     return copied
 
 
@@ -4880,7 +4961,7 @@ def command_restore(args: argparse.Namespace) -> int:
     if (target / DATABASE_NAME).exists() and not args.force:
         raise CommandError(f"{target} already holds a database: restore into an empty data dir, or stop its "
                            "server and pass --force to replace it")
-    with tempfile.TemporaryDirectory(prefix="aeordb-restore-") as work:
+    with tempfile.TemporaryDirectory(prefix="aeordb-restore-") as work, failures_as_command_errors("restore"):
         if source.is_file():
             import tarfile
             with tarfile.open(source, "r:gz") as tar:
@@ -4896,9 +4977,12 @@ def command_restore(args: argparse.Namespace) -> int:
         shutil.rmtree(target / "plugins", ignore_errors=True)
         shutil.rmtree(target / "cache", ignore_errors=True)
         plugins = copy_plugins(source / "plugins", target / "plugins")
-        for name in BACKUP_FILES:
-            with contextlib.suppress(FileNotFoundError):
+        for name in BACKUP_FILES:   # the backup's, or none: a key the backup does not hold must not stay valid
+            try:
                 atomic_write(target / name, (source / name).read_bytes())
+            except FileNotFoundError:
+                with contextlib.suppress(FileNotFoundError):
+                    (target / name).unlink()
     _print(args, {"restored": str(target), "plugins": plugins},
            lambda r: f"restored {plugins} plugin(s) and the database into {target}")
     return 0
@@ -4981,8 +5065,9 @@ def main(argv: Optional[list] = None) -> int:
     except CommandError as exc:
         print(f"aeordb.py: {exc}", file=sys.stderr)
         return exc.status
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt:   # an interrupted command did not finish: never report success
+        print("aeordb.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

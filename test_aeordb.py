@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
+import openapi_spec_validator
 import pytest
 import wasmtime
 import webtest
@@ -4894,6 +4897,82 @@ def test_expired_and_malformed_keys(client):
     client.get("/db/_files/", headers=bearer("aeo_" + "x" * 43), status=401)
 
 
+def test_malformed_key_requests_and_limits_are_400_not_500(client):
+    spec = {"name": "k", "scopes": [["read"]], "databases": ["*"]}
+    assert "'scopes'" in error_of(client.post("/_keys", json.dumps(spec), headers=AUTH, status=400))
+    deploy(client, "db/s/t", wat(ECHO_WAT))
+    for limit in ("%B2", "1" * 5000, "-1", "1e2", str(aeordb.RING_LINES + 1)):
+        assert "limit must be" in error_of(client.get(f"/db/s/t/_logs?limit={limit}", headers=AUTH, status=400))
+
+
+def test_a_damaged_keys_file_refuses_keys_but_not_the_token(tmp_path):
+    client, _ = make_app(tmp_path)
+    key = make_key(client, ["read"], ["*"]).json["key"]
+    records = json.loads((tmp_path / "keys.json").read_text())
+    del records["keys"][0]["sha256"]
+    (tmp_path / "keys.json").write_text(json.dumps(records))
+    client.get("/db/_files/", headers=bearer(key), status=401)
+    client.get("/db/_files/", headers=AUTH, status=200)
+
+
+def test_a_create_in_another_process_cannot_undo_a_revoke(tmp_path, monkeypatch):
+    """Two stores on one data dir, as two processes have: the revoke waits for the create in flight."""
+    here, there = aeordb.KeyStore(tmp_path), aeordb.KeyStore(tmp_path)
+    victim = here.create("victim", ["read"], ["*"], None)
+    creating, release, revoking = threading.Event(), threading.Event(), threading.Event()
+    real_save, real_flock = there._save, aeordb.fcntl.flock
+
+    def slow_save(keys):   # "there" has read the file and is about to write it back
+        creating.set()
+        assert release.wait(30)
+        real_save(keys)
+
+    def watched_flock(handle, operation):
+        if threading.current_thread().name == "revoker":
+            revoking.set()
+        real_flock(handle, operation)
+    there._save = slow_save
+    monkeypatch.setattr(aeordb.fcntl, "flock", watched_flock)
+    creator = threading.Thread(target=there.create, args=("other", ["read"], ["*"], None))
+    creator.start()
+    assert creating.wait(30)
+    revoker = threading.Thread(target=here.revoke, args=(victim["id"],), name="revoker")
+    revoker.start()
+    assert revoking.wait(30)   # the revoke is at the lock the create holds
+    release.set()
+    creator.join(30)
+    revoker.join(30)
+    assert [key["name"] for key in aeordb.KeyStore(tmp_path).list()] == ["other"]
+    assert here.find(victim["key"]) is None and there.find(victim["key"]) is None
+
+
+def test_metrics_show_a_key_only_its_databases(client):
+    deploy(client, "a/s/t", wat(ECHO_WAT))
+    deploy(client, "b/s/t", wat(ECHO_WAT))
+    put_file(client, "a", "/x.txt", b"x")
+    put_file(client, "b", "/y.txt", b"y")
+    key = make_key(client, ["metrics"], ["a"]).json["key"]
+    mine = parse_metrics(client.get("/_metrics", headers=bearer(key)).text)
+    databases = {dict(labels).get("db") for _, labels in mine} - {None}
+    assert databases == {"a"}
+    everything = parse_metrics(client.get("/_metrics", headers=AUTH).text)
+    assert {dict(labels).get("db") for _, labels in everything} - {None} == {"a", "b"}
+
+
+def test_a_removed_plugins_late_activity_is_not_kept():
+    activity = aeordb.Activity()
+    activity.line("db/s/t", "INFO", "r1", "before")
+    activity.removed("db/s/t")
+    activity.line("db/s/t", "INFO", "r2", "late")   # an invocation that was running at the remove
+    activity.invocation("db/s/t", "ok", 0.01, 1, 1, None)
+    activity.host_call("db/s/t", "aeordb_read_file")
+    assert activity.logs("db/s/t", 10) == [] and activity.stats("db/s/t")["invocations"] == 0
+    assert activity.line_bytes == 0
+    activity.deployed("db/s/t", 0.1)
+    activity.line("db/s/t", "INFO", "r3", "redeployed")
+    assert [line["message"] for line in activity.logs("db/s/t", 10)] == ["redeployed"]
+
+
 def test_request_ids_on_every_response_and_in_the_metadata(client):
     deploy(client, "db/s/t", wat(ECHO_WAT))
     answer = invoke(client, "db/s/t/f", b"", headers={"X-Request-Id": "client-chosen.id:1"})
@@ -5185,13 +5264,103 @@ def test_backup_under_load_and_restore(tmp_path, form):
         assert sorted(p.name for p in destination.iterdir()) == ["aeordb.sqlite3", "keys.json", "plugins", "token"]
 
 
-# The OpenAPI document #########################################################
-#
-# To append to test_aeordb.py. Needs the test-only requirement
-# openapi-spec-validator (it brings jsonschema).
+def test_restore_skips_plugins_a_backup_could_use_to_write_elsewhere(tmp_path):
+    """A backup is input from anyone: a plugin.json naming a path, a symlinked module or a module
+    that does not match its sha256 is skipped, and nothing is written outside the data dir."""
+    import tarfile
+    client, _ = make_app(tmp_path / "data")
+    deploy(client, "db/s/good", wat(ECHO_WAT))
+    backup = tmp_path / "backup"
+    assert cli("backup", str(backup), "--data-dir", str(tmp_path / "data")).returncode == 0
+    plugins = backup / "plugins" / "db" / "s"
+    (plugins / "link").mkdir()
+    (plugins / "link" / "module-x").symlink_to("../good")   # relative: the archive keeps it
+    escape = "x/" + "../" * 40 + str(tmp_path / "escaped").lstrip("/")
+    (plugins / "link" / "plugin.json").write_text(json.dumps({"sha256": escape}))
+    outside = tmp_path / "escaped.wasm"   # what the forged name points at, read and written alike
+    outside.write_bytes(b"outside")
+    inode = outside.stat().st_ino
+    forged = plugins / "forged"
+    shutil.copytree(plugins / "good", forged)
+    sha = json.loads((forged / "plugin.json").read_text())["sha256"]
+    (forged / f"module-{sha}.wasm").write_bytes(b"\0asm\1\0\0\0")
+    archive = tmp_path / "hostile.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(backup, arcname=".")
+    done = cli("restore", str(archive), "--data-dir", str(tmp_path / "restored"))
+    assert done.returncode == 0, done.stderr
+    assert b"restored 1 plugin(s)" in done.stdout
+    assert b"skipped db/s/link" in done.stderr and b"skipped db/s/forged: its module does not match" in done.stderr
+    assert outside.stat().st_ino == inode and not list((tmp_path / "restored").rglob("escaped*"))
+    assert sorted(p.name for p in (tmp_path / "restored" / "plugins" / "db" / "s").iterdir()) == ["good"]
 
-import jsonschema   # move these two imports up, to the file's import block
-import openapi_spec_validator
+
+def test_a_backup_archive_is_owner_only_from_its_first_byte(tmp_path, monkeypatch, capsys):
+    import tarfile
+    make_app(tmp_path / "data")
+    modes = []
+    real_add = tarfile.TarFile.add
+
+    def add(self, name, *args, **kwargs):
+        modes.append(os.fstat(self.fileobj.fileobj.fileno()).st_mode & 0o777)
+        return real_add(self, name, *args, **kwargs)
+    monkeypatch.setattr(tarfile.TarFile, "add", add)
+    destination = tmp_path / "backup.tar.gz"
+    assert aeordb.main(["backup", str(destination), "--data-dir", str(tmp_path / "data")]) == 0
+    assert modes and set(modes) == {0o600} and destination.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("backup")] == ["backup.tar.gz"]
+
+
+def test_backup_restore_and_client_failures_are_one_line_and_exit_2(tmp_path):
+    make_app(tmp_path / "data")
+    not_gzip = tmp_path / "notgzip"
+    not_gzip.write_bytes(b"plain text, not an archive")
+    cases = [("backup", str(tmp_path / "missing" / "x.tar.gz"), "--data-dir", str(tmp_path / "data")),
+             ("backup", str(not_gzip), "--data-dir", str(tmp_path / "data")),
+             ("restore", str(not_gzip), "--data-dir", str(tmp_path / "restored")),
+             ("logs", "db/s/t", "--limit", "-1", "--url", "http://127.0.0.1:9"),
+             ("list", "db", "--url", "http://127.0.0.1:9", "--token", "line\nbreak" + "x" * 16)]
+    for args in cases:
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith(b"aeordb.py: ") and b"Traceback" not in done.stderr, (args, done.stderr)
+    with socket.socket() as listener:   # a port that answers, but not as an HTTP server
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer_garbage():
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"SSH-2.0-not-http\r\n\r\n")
+        thread = threading.Thread(target=answer_garbage)
+        thread.start()
+        done = cli("list", "db", port=listener.getsockname()[1])
+        thread.join(30)
+    assert done.returncode == 2 and b"did not answer as an HTTP server" in done.stderr, done.stderr
+
+
+def test_an_interrupted_command_does_not_report_success(tmp_path, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(aeordb, "command_backup", interrupted)
+    assert aeordb.main(["backup", str(tmp_path / "b"), "--data-dir", str(tmp_path)]) == 130
+
+
+def test_a_forced_restore_leaves_no_key_the_backup_does_not_hold(tmp_path):
+    make_app(tmp_path / "data")
+    backup = tmp_path / "backup"
+    assert cli("backup", str(backup), "--data-dir", str(tmp_path / "data")).returncode == 0
+    assert not (backup / "keys.json").exists()
+    (tmp_path / "stopped").mkdir()
+    key = aeordb.KeyStore(tmp_path / "stopped").create("later", ["read"], ["*"], None)["key"]
+    assert cli("restore", str(backup), "--data-dir", str(tmp_path / "stopped"), "--force").returncode == 0
+    restored, _ = make_app(tmp_path / "stopped")
+    restored.get("/db/_files/", headers=bearer(key), status=401)
+    restored.get("/db/_files/", headers=AUTH, status=200)
+
+
+# The OpenAPI document #########################################################
 
 
 def openapi_of(client) -> dict:
