@@ -422,7 +422,7 @@ DATABASE_NAME = "aeordb.sqlite3"
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
     make_dirs(path.parent)
-    fd, temp = tempfile.mkstemp(prefix=path.name + TEMP_MARK, dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=f"{path.name}{TEMP_MARK}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -463,11 +463,30 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _writer_alive(temp_name: str) -> bool:
+    """Whether another live process may still be writing this temporary file (its pid is in the name)."""
+    found = re.search(re.escape(TEMP_MARK) + r"([0-9]+)(?:-|\Z)", temp_name)
+    if found is None or int(found.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True   # PermissionError: alive, someone else's; OverflowError: not a pid, keep to be safe
+    return True
+
+
 def remove_temp_files(root: Path) -> int:
-    """Leftovers of writes a crash interrupted; none of them was ever acknowledged."""
+    """Leftovers of writes a crash interrupted; none of them was ever acknowledged.
+
+    A write in flight in another live process serving this data dir is left alone.
+    """
     removed = 0
     if root.is_dir():
         for temp in root.rglob(f"*{TEMP_MARK}*"):
+            if _writer_alive(temp.name):
+                continue
             with contextlib.suppress(OSError):
                 temp.unlink()
                 removed += 1
@@ -1495,13 +1514,64 @@ class Plugin:
         return self.meta["path"]
 
 
+def _deployment(meta: dict) -> tuple:
+    """What tells one deploy of a path from another (file times can be too coarse to)."""
+    return meta.get("plugin_id"), meta.get("sha256"), meta.get("deployed_at")
+
+
+class ChangeCounter:
+    """A count of changes shared by every process serving a data dir: 8 bytes of a file, mapped.
+
+    Reading it costs a memory load, so every request can ask whether any
+    process changed anything; it is increased under the data dir's lock.
+    Where the file cannot be mapped, it is read with pread.
+    """
+
+    _COUNT = struct.Struct("<Q")
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+        if os.fstat(self._fd).st_size < self._COUNT.size:
+            os.ftruncate(self._fd, self._COUNT.size)
+        try:
+            self._map: Optional[mmap.mmap] = mmap.mmap(self._fd, self._COUNT.size)
+        except (OSError, ValueError):
+            self._map = None
+        else:
+            os.close(self._fd)   # the map holds the file
+
+    def value(self) -> int:
+        if self._map is not None:
+            return self._COUNT.unpack_from(self._map)[0]
+        return self._COUNT.unpack(os.pread(self._fd, self._COUNT.size, 0))[0]
+
+    def increase(self) -> None:
+        """Only under the data dir's lock: two processes must not both write count + 1."""
+        count = self._COUNT.pack((self.value() + 1) % (1 << 64))
+        if self._map is not None:
+            self._map[:] = count
+        else:
+            os.pwrite(self._fd, count, 0)
+
+
 class PluginRegistry:
+    """The deployed plugins, on disk under DATA_DIR/plugins and compiled in memory.
+
+    The disk is the truth: other processes may serve the same data dir. A
+    deploy or remove holds DATA_DIR/plugins.lock (no process removes what
+    another is deploying) and increases the shared ChangeCounter; a lookup
+    that sees the counter moved first reloads whichever plugin.json changed.
+    """
+
     def __init__(self, settings: Settings, wasm: Wasm, linker_factory: Callable[[], wasmtime.Linker]):
         self.settings = settings
         self.wasm = wasm
         self._signatures: dict = {}
         self.root = settings.data_dir / "plugins"
         self.cache = settings.data_dir / "cache"
+        self._lock_name = str(settings.data_dir / "plugins.lock")
+        self.changes = ChangeCounter(settings.data_dir / "plugins.changes")
+        self._synced = self.changes.value()
         self._linker = linker_factory()
         self._plugins: dict = {}
         self._lock = threading.Lock()
@@ -1510,15 +1580,43 @@ class PluginRegistry:
     # -- reading ---------------------------------------------------------------
 
     def get(self, key: str) -> Plugin:
+        """The plugin at ``key`` as deployed now, by whichever process."""
+        if self.changes.value() != self._synced:
+            self.sync()
         plugin = self._plugins.get(key)
         if plugin is None:
             raise ApiError(404, f"no plugin deployed at {key}")
         return plugin
 
+    def sync(self) -> None:
+        """Take up what other processes deployed, replaced or removed."""
+        with self._lock:
+            count = self.changes.value()   # read first: a change made during the scan is taken up next time
+            if count == self._synced:
+                return
+            on_disk = {}
+            for meta_file in self.root.glob("*/*/*/plugin.json"):
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    on_disk["/".join(meta_file.parent.relative_to(self.root).parts)] = \
+                        _deployment(json.loads(meta_file.read_bytes()))
+            for key in set(self._plugins) - set(on_disk):
+                del self._plugins[key]
+            for key, deployment in on_disk.items():
+                plugin = self._plugins.get(key)
+                if plugin is None or _deployment(plugin.meta) != deployment:
+                    loaded = self._load_folder(self.root / key)
+                    if loaded is None:   # what this process had is no longer deployed: do not serve it
+                        self._plugins.pop(key, None)
+                    else:
+                        self._plugins[key] = loaded
+            self._synced = count
+
     def list(self, db: str) -> list:
         return [meta for meta in self.list_all() if meta["path"].split("/", 1)[0] == db]
 
     def list_all(self) -> list:
+        if self.changes.value() != self._synced:
+            self.sync()
         return [dict(plugin.meta) for _, plugin in sorted(self._plugins.items())]
 
     def provided(self, module: str, name: str) -> Optional[tuple]:
@@ -1572,11 +1670,12 @@ class PluginRegistry:
             # would otherwise delete our module or artifact as stale before our
             # plugin.json points at it.
             prepared = self._prepare(meta, module, shape)   # before any write: it may fail
-            with self._lock:
+            with self._changing("deploying"):
                 self._store_artifact(sha, module)
                 atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
                 atomic_write(folder / "plugin.json", json.dumps(meta, indent=2).encode())
                 self._plugins[key] = prepared
+                self._changed()
                 self._remove_stale_modules(folder, keep=sha)
                 self._prune_cache()
         except OSError as exc:
@@ -1588,8 +1687,8 @@ class PluginRegistry:
     def remove(self, db: str, schema: str, table: str) -> None:
         key = f"{db}/{schema}/{table}"
         folder = self.root / db / schema / table
-        with self._lock:
-            if key not in self._plugins:
+        with self._changing("removing"):
+            if not (folder / "plugin.json").exists():
                 raise ApiError(404, f"no plugin deployed at {key}")
             try:
                 (folder / "plugin.json").unlink()
@@ -1598,10 +1697,31 @@ class PluginRegistry:
                 pass
             except OSError as exc:
                 raise storage_error("removing", exc) from None
-            del self._plugins[key]
+            self._plugins.pop(key, None)
+            self._changed()
             self._remove_stale_modules(folder, keep=None)
             self._prune_cache()
             self._remove_empty_folders(folder)
+
+    @contextlib.contextmanager
+    def _changing(self, what: str) -> Iterator[None]:
+        """This process's lock, then the data dir's: a change here never races one elsewhere."""
+        with self._lock:
+            try:
+                lock_file = open(os.open(self._lock_name, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+            except OSError as exc:
+                raise storage_error(what, exc) from None
+            with lock_file:
+                if fcntl is not None:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX)
+                yield
+
+    def _changed(self) -> None:
+        """Tell every process (under _changing); this one needs no scan when it had seen all before."""
+        up_to_date = self.changes.value() == self._synced
+        self.changes.increase()
+        if up_to_date:
+            self._synced = self.changes.value()
 
     # -- loading ---------------------------------------------------------------
 
@@ -1613,29 +1733,40 @@ class PluginRegistry:
         if not self.root.is_dir():
             return
         for meta_file in sorted(self.root.glob("*/*/*/plugin.json")):
-            folder = meta_file.parent
-            try:
-                meta = json.loads(meta_file.read_text(encoding="utf-8"))
-                # The folder, not the recorded path, says where a plugin lives: a
-                # folder an operator copied elsewhere must not shadow the original.
-                meta["path"] = "/".join(folder.relative_to(self.root).parts)
-                module_file = folder / f"module-{meta['sha256']}.wasm"
-                module, wasm_bytes = self._load_module(meta["sha256"], module_file)
-                shape = inspect_module(module, self.settings, wasm_bytes, self.provided)
-                self._plugins[meta["path"]] = self._prepare(meta, module, shape)
-                self._remove_stale_modules(folder, keep=meta["sha256"])
-                if not module_file.exists():
-                    log.warning("plugin %s runs from its compiled artifact: %s is missing",
-                                meta["path"], module_file)
-            except Exception as exc:
-                log.error("cannot load plugin in %s: %s", folder, exc)
-        # A crash or a full disk between a first deploy's module and its
-        # plugin.json leaves a module that was never deployed: remove it.
-        for folder in {module_file.parent for module_file in self.root.glob("*/*/*/module-*.wasm")}:
-            if not (folder / "plugin.json").exists():
-                self._remove_stale_modules(folder, keep=None)
-                self._remove_empty_folders(folder)
-        self._prune_cache()
+            plugin = self._load_folder(meta_file.parent)
+            if plugin is not None:
+                self._plugins[plugin.key] = plugin
+        # Cleaning up waits for a deploy in another process: its new module is not stale.
+        with self._changing("cleaning up plugins"):
+            for meta_file in self.root.glob("*/*/*/plugin.json"):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    self._remove_stale_modules(meta_file.parent, keep=json.loads(meta_file.read_bytes())["sha256"])
+            # A crash or a full disk between a first deploy's module and its
+            # plugin.json leaves a module that was never deployed: remove it.
+            for folder in {module_file.parent for module_file in self.root.glob("*/*/*/module-*.wasm")}:
+                if not (folder / "plugin.json").exists():
+                    self._remove_stale_modules(folder, keep=None)
+                    self._remove_empty_folders(folder)
+            self._prune_cache()
+
+    def _load_folder(self, folder: Path) -> Optional[Plugin]:
+        """The plugin a folder holds (None, and the reason logged, when it cannot be loaded)."""
+        meta_file = folder / "plugin.json"
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            # The folder, not the recorded path, says where a plugin lives: a
+            # folder an operator copied elsewhere must not shadow the original.
+            meta["path"] = "/".join(folder.relative_to(self.root).parts)
+            module_file = folder / f"module-{meta['sha256']}.wasm"
+            module, wasm_bytes = self._load_module(meta["sha256"], module_file)
+            shape = inspect_module(module, self.settings, wasm_bytes, self.provided)
+            plugin = self._prepare(meta, module, shape)
+            if not module_file.exists():
+                log.warning("plugin %s runs from its compiled artifact: %s is missing", meta["path"], module_file)
+            return plugin
+        except Exception as exc:
+            log.error("cannot load plugin in %s: %s", folder, exc)
+            return None
 
     def _load_module(self, sha: str, module_file: Path) -> tuple:
         """(compiled module, its verified binary or None when the module file is missing)."""
@@ -1671,8 +1802,16 @@ class PluginRegistry:
         atomic_write(self.cache / f"{sha}-{self.wasm.fingerprint}.cwasm", blob)
 
     def _prune_cache(self) -> None:
-        """Drop artifacts no plugin uses any more, and those of other engine settings."""
+        """Drop artifacts no plugin on disk uses any more (whichever process deployed it), and
+        those of other engine settings."""
         wanted = {f"{p.meta['sha256']}-{self.wasm.fingerprint}.cwasm" for p in self._plugins.values()}
+        for meta_file in self.root.glob("*/*/*/plugin.json"):
+            try:
+                wanted.add(f"{json.loads(meta_file.read_bytes())['sha256']}-{self.wasm.fingerprint}.cwasm")
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError):
+                return   # cannot tell what that plugin uses: keep everything
         for artifact in self.cache.glob("*.cwasm"):
             if artifact.name not in wanted:
                 with contextlib.suppress(OSError):

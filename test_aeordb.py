@@ -1163,6 +1163,64 @@ def test_remove_during_a_deploy_leaves_a_consistent_registry(tmp_path):
     assert [p["path"] for p in again.get("/db/_plugins", headers=AUTH).json] == live
 
 
+def test_a_process_that_cannot_load_a_replaced_plugin_stops_serving_the_old_one(tmp_path, monkeypatch):
+    first, _ = make_app(tmp_path)
+    second, second_app = make_app(tmp_path)
+    deploy(first, "db/s/t", wat(ECHO_WAT))
+    invoke(second, "db/s/t/f", b"hi")
+    registry = second_app.config["aeordb.registry"]
+    monkeypatch.setattr(registry, "_load_folder", lambda folder: None)   # say, out of memory while compiling
+    deploy(first, "db/s/t", wat(TRAP_WAT))
+    error_of(invoke(second, "db/s/t/f", b"hi", status=404))
+    monkeypatch.undo()
+    deploy(first, "db/s/t", wat(ECHO_WAT))
+    assert json.loads(invoke(second, "db/s/t/f", b"hi").body)["arguments"] == [104, 105]
+
+
+@pytest.mark.parametrize("counter", ["mapped", "pread"])
+def test_apps_sharing_a_data_dir_see_each_others_changes_at_once(tmp_path, monkeypatch, counter):
+    """Processes serving one data dir: the disk, not one process's memory, says what is deployed."""
+    if counter == "pread":   # where the counter's file cannot be mapped
+        def unmappable(*args, **kwargs):
+            raise OSError("no mmap here")
+        monkeypatch.setattr(aeordb.mmap, "mmap", unmappable)
+    first, first_app = make_app(tmp_path)
+    assert (first_app.config["aeordb.registry"].changes._map is None) == (counter == "pread")
+    second, _ = make_app(tmp_path)
+    echo, trap = wat(ECHO_WAT), wat(TRAP_WAT)
+    deploy(first, "db/s/t", echo)
+    assert json.loads(invoke(second, "db/s/t/f", b"hi").body)["arguments"] == [104, 105]
+    deploy(first, "db/s/t", trap)   # replaced: the very next request elsewhere runs the new module
+    assert "unreachable" in error_of(invoke(second, "db/s/t/f", b"hi", status=500))
+    deploy(second, "db/s/u", echo)
+    listings = [[m["path"] for m in app.get("/db/_plugins", headers=AUTH).json] for app in (first, second)]
+    assert listings == [["db/s/t", "db/s/u"]] * 2
+    # second's deploy pruned the cache knowing what first deployed: both artifacts stay.
+    assert {a.name.split("-")[0] for a in (tmp_path / "cache").glob("*.cwasm")} == {sha256_hex(echo), sha256_hex(trap)}
+    first.delete("/db/s/t/f/_remove", headers=AUTH)
+    error_of(invoke(second, "db/s/t/f", status=404))
+    second.delete("/db/s/u/f/_remove", headers=AUTH)
+    first.delete("/db/s/u/f/_remove", headers=AUTH, status=404)
+    assert first.get("/db/_plugins", headers=AUTH).json == [] == second.get("/db/_plugins", headers=AUTH).json
+    deploy(second, "db/s/t", echo)   # a path removed elsewhere, deployed again
+    assert json.loads(invoke(first, "db/s/t/f", b"ok").body)["arguments"] == [111, 107]
+
+
+def test_a_start_leaves_another_live_processs_writes_in_flight_alone(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()   # reaped: its pid names no process now
+    folder = tmp_path / "plugins" / "db" / "s" / "t"
+    folder.mkdir(parents=True)
+    mark = aeordb.TEMP_MARK
+    in_flight = folder / f"plugin.json{mark}{os.getppid()}-abc"   # a live process is writing it
+    crashed = [folder / f"plugin.json{mark}{gone.pid}-abc", folder / f"plugin.json{mark}{os.getpid()}-old",
+               folder / f"plugin.json{mark}oldstyle"]
+    for temp in [in_flight] + crashed:
+        temp.write_bytes(b"partial")
+    make_app(tmp_path)
+    assert [p.name for p in folder.iterdir()] == [in_flight.name]
+
+
 # WASM runtime and limits ######################################################
 # The fast guest path (below wasmtime-py's public API) and the public-API
 # fallback must behave the same; so must pooled and on-demand allocation.
