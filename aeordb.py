@@ -437,6 +437,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def held_lock_file(path: str) -> Iterator[None]:
+    """An exclusive lock that other processes serving the data dir respect too (flock, where there is one)."""
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)) as lock_file:
+        if fcntl is not None:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield
+
+
 def make_dirs(directory: Path) -> None:
     """``mkdir -p`` that survives a crash: each new directory's entry is fsynced into its parent.
 
@@ -1706,15 +1715,12 @@ class PluginRegistry:
     @contextlib.contextmanager
     def _changing(self, what: str) -> Iterator[None]:
         """This process's lock, then the data dir's: a change here never races one elsewhere."""
-        with self._lock:
+        with self._lock, contextlib.ExitStack() as held:
             try:
-                lock_file = open(os.open(self._lock_name, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+                held.enter_context(held_lock_file(self._lock_name))
             except OSError as exc:
                 raise storage_error(what, exc) from None
-            with lock_file:
-                if fcntl is not None:
-                    fcntl.flock(lock_file, fcntl.LOCK_EX)
-                yield
+            yield
 
     def _changed(self) -> None:
         """Tell every process (under _changing); this one needs no scan when it had seen all before."""
@@ -3514,9 +3520,7 @@ class KeyStore:
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
         """Hold the file against other processes too, so a create there cannot undo a revoke here."""
-        with self._lock, open(os.open(self._lock_name, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)) as lock_file:
-            if fcntl is not None:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
+        with self._lock, held_lock_file(self._lock_name):
             self._seen = None   # read it again under the lock, whatever its stat says
             self._reload()
             yield
