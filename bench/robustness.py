@@ -30,7 +30,6 @@ and its directory removed at the end of its part.
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import http.client
 import json
@@ -49,9 +48,12 @@ import time
 import traceback
 from pathlib import Path
 
-import wasmtime
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+# The suite's WASM fixtures: the bench loads the modules the tests check.
+from test_aeordb import (ALLOC_WAT, BODY_ECHO_WAT, free_port, sequence_module,  # noqa: E402
+                         wat, write_step)
 DEFAULT_AEORDB = HERE.parent / "aeordb.py"
 TOKEN = "robustness-bench-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -60,91 +62,6 @@ MiB = 1024 * 1024
 
 
 # -- WASM modules ----------------------------------------------------------------
-
-def wat(text: str) -> bytes:
-    return wasmtime.wat2wasm(text)
-
-
-def wat_string(data: bytes) -> str:
-    return "".join(f"\\{b:02x}" for b in data)
-
-
-ALLOC_WAT = """
-  (global $heap (mut i32) (i32.const 65536))
-  (func $alloc (export "alloc") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
-    (if (i32.gt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
-      (then (drop (memory.grow (i32.add (i32.div_u (i32.sub (global.get $heap)
-                  (i32.mul (memory.size) (i32.const 65536))) (i32.const 65536)) (i32.const 1))))))
-    (local.get $p))
-"""
-
-
-def sequence_module(steps, tail: str = "return", alloc: bool = True) -> bytes:
-    """handle runs host calls (function, args) in order, then returns the last answer or loops.
-
-    Without ``alloc`` the host places its answers at 0 (no guest code runs for that), and
-    the data segments start at 32768, above small requests."""
-    imports, segments, body = {}, [], []
-    offset = 1024 if alloc else 32768
-    for function, args in steps:
-        segments.append(f'(data (i32.const {offset}) "{wat_string(args)}")')
-        imports[function] = (f'(import "aeordb" "{function}" '
-                             f'(func ${function} (param i32 i32) (result i64)))')
-        body.append(f"(local.set $r (call ${function} (i32.const {offset}) (i32.const {len(args)})))")
-        offset += len(args) + 8
-    assert offset < 65536 or not alloc, "data segments would overlap alloc's heap"
-    assert offset < 131072, "data segments would not fit the module's 2 pages"
-    end = "(local.get $r)" if tail == "return" else "(loop $forever (br $forever)) (i64.const 0)"
-    return wat(f"""
-(module
-  {' '.join(imports.values())}
-  (memory (export "memory") 2)
-  {ALLOC_WAT if alloc else ''}
-  {' '.join(segments)}
-  (func (export "handle") (param i32 i32) (result i64)
-    (local $r i64)
-    {' '.join(body)}
-    {end}))
-""")
-
-
-def write_step(path: str, data: bytes) -> tuple:
-    return ("aeordb_write_file", json.dumps({"path": path, "data": base64.b64encode(data).decode()}).encode())
-
-
-BODY_PREFIX = b'{"status_code":200,"body":'
-
-# Answers {"status_code":200,"body":<the request's arguments array>} (test_aeordb.BODY_ECHO_WAT).
-BODY_ECHO_WAT = f"""
-(module
-  (memory (export "memory") 1)
-  {ALLOC_WAT}
-  (data (i32.const 0) "{wat_string(BODY_PREFIX)}")
-  (func (export "handle") (param $ptr i32) (param $len i32) (result i64)
-    (local $open i32) (local $close i32) (local $start i32)
-    (local.set $open (local.get $ptr))
-    (block $found
-      (loop $scan
-        (br_if $found (i32.eq (i32.load8_u (local.get $open)) (i32.const 91)))
-        (local.set $open (i32.add (local.get $open) (i32.const 1)))
-        (br_if $scan (i32.lt_u (local.get $open) (i32.add (local.get $ptr) (local.get $len))))
-        (unreachable)))
-    (local.set $close (local.get $open))
-    (block $found
-      (loop $scan
-        (br_if $found (i32.eq (i32.load8_u (local.get $close)) (i32.const 93)))
-        (local.set $close (i32.add (local.get $close) (i32.const 1)))
-        (br $scan)))
-    (local.set $start (i32.sub (local.get $open) (i32.const {len(BODY_PREFIX)})))
-    (memory.copy (local.get $start) (i32.const 0) (i32.const {len(BODY_PREFIX)}))
-    (i32.store8 (i32.add (local.get $close) (i32.const 1)) (i32.const 125))
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $start)) (i64.const 32))
-            (i64.extend_i32_u (i32.sub (i32.add (local.get $close) (i32.const 2))
-                                       (local.get $start))))))
-"""
 
 # Grows its memory by 16 MiB, fills it with 'A' and answers those 16 MiB raw.
 BIG_ANSWER_WAT = f"""
@@ -225,12 +142,6 @@ def dense_module(size: int, variant: int = 0) -> bytes:
 
 
 # -- Servers, requests, measurements -----------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class ServerCrashed(RuntimeError):
     """The server exited during its start, other than by refusing its options."""
