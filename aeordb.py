@@ -727,7 +727,6 @@ class Wasm:
     def __init__(self, engine: wasmtime.Engine, mode: str, fast: bool, ticker: str = "thread"):
         self.engine = engine
         self.mode = mode
-        self.pooling = mode != "on-demand"   # pool slots already cap memories and tables
         self.ticker = ticker   # "timer" or "thread": what advances the epoch
         self.public_ops = GuestOps()
         self.ops = FastGuestOps() if fast and FastGuestOps.available() else self.public_ops
@@ -736,6 +735,10 @@ class Wasm:
         self.fingerprint = hashlib.sha256(
             f"wasmtime={version};engine={mode};epoch=1;python={sys.implementation.cache_tag}".encode()
         ).hexdigest()[:16]
+
+    @property
+    def pooling(self) -> bool:
+        return self.mode != "on-demand"   # pool slots already cap memories and tables
 
     @classmethod
     def shared(cls, memory_limit: int, table_limit: int, mode: str = "auto", fast: bool = True,
@@ -781,12 +784,11 @@ class Wasm:
         log.info("engine: %s allocation (%s, about %d GiB of address space reserved)", chosen,
                  "as configured" if mode == chosen else "the fastest that fits this process",
                  cls.planned_reservation(chosen, memory_limit, table_limit, slots) // GiB)
-        mode = chosen
-        engine = wasmtime.Engine(cls._config(mode, memory_limit, table_limit, slots))
+        engine = wasmtime.Engine(cls._config(chosen, memory_limit, table_limit, slots))
         ticker = "timer" if fast and cls._start_epoch_timer(engine) else "thread"
         threading.Thread(target=cls._tick, args=(engine, ticker == "timer"), name="aeordb-epoch",
                          daemon=True).start()
-        return cls(engine, mode, fast, ticker=ticker)
+        return cls(engine, chosen, fast, ticker=ticker)
 
     @staticmethod
     def _config(mode: str, memory_limit: int, table_limit: int, slots: int) -> wasmtime.Config:
@@ -1180,8 +1182,7 @@ class FastGuestOps(GuestOps):
         if wasi is not None:
             error = self.ffi.wasmtime_context_set_wasi(call.context, wasi._consume())
             if error:
-                self.store_delete(call.store)
-                call.busy = False
+                self.end(call)
                 raise wasmtime.WasmtimeError._from_ptr(error)
         return call
 
@@ -2310,7 +2311,8 @@ class FileStore:
             ancestors.append(parent)
             parent = parent_of(parent)
         with self._writing() as conn:
-            self._check_quota(conn, db, path, len(data))
+            existing = conn.execute("SELECT size, created_at FROM files WHERE db=? AND path=?", (db, path)).fetchone()
+            self._check_quota(conn, db, path, len(data), existing[0] if existing else None)
             if ancestors:
                 marks = ",".join("?" * len(ancestors))
                 clash = conn.execute(f"SELECT path FROM files WHERE db=? AND path IN ({marks}) LIMIT 1",
@@ -2321,10 +2323,9 @@ class FileStore:
             if conn.execute("SELECT 1 FROM files WHERE db=? AND path>=? AND path<? LIMIT 1",
                             (db, low, high)).fetchone():
                 raise ApiError(409, f"{path} is a directory")
-            existing = conn.execute("SELECT created_at FROM files WHERE db=? AND path=?", (db, path)).fetchone()
             # The answer is made inside the transaction: once it commits nothing
             # is left to fail, so an error answer always means nothing was written.
-            meta = _file_meta((path, len(data), content_type, existing[0] if existing else stamp, stamp, etag))
+            meta = _file_meta((path, len(data), content_type, existing[1] if existing else stamp, stamp, etag))
             conn.execute(
                 "INSERT INTO files (db, path, parent, content_type, size, etag, created_at, updated_at, doc, data)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -2335,13 +2336,13 @@ class FileStore:
                  doc, None if doc is not None else data))
         return meta, existing is None
 
-    def _check_quota(self, conn: sqlite3.Connection, db: str, path: str, size: int) -> None:
+    def _check_quota(self, conn: sqlite3.Connection, db: str, path: str, size: int,
+                     replaced_size: Optional[int]) -> None:
         quota = self.settings.max_db_size
         if not quota:
             return
         stored = conn.execute("SELECT bytes FROM db_sizes WHERE db=?", (db,)).fetchone()
-        replaced = conn.execute("SELECT size FROM files WHERE db=? AND path=?", (db, path)).fetchone()
-        added = size - replaced[0] if replaced else size + len(path.encode()) + FILE_OVERHEAD
+        added = size - replaced_size if replaced_size is not None else size + len(path.encode()) + FILE_OVERHEAD
         total = (stored[0] if stored else 0) + added
         if total > quota:
             raise ApiError(507, f"database {db} would hold {total} bytes, over its quota of {quota} bytes "
@@ -2893,7 +2894,7 @@ class Activity:
 
     def logs(self, key: str, limit: int) -> list:
         with self._lock:
-            lines = [entry for entry, _ in self._plugin(key).lines] if key in self._plugins else []
+            lines = [entry for entry, _ in self._plugins[key].lines] if key in self._plugins else []
         return lines[-limit:] if limit else []
 
     def stats(self, key: str) -> dict:
@@ -3980,10 +3981,11 @@ def openapi_document(app: bottle.Bottle) -> dict:
         method = route.method.lower()
         if method in paths.get(path, {}):
             raise ValueError(f"two routes for {route.method} {path}")
-        operation_id, number = name if route.method != "HEAD" else f"{name}_head", 1
+        base = name + ("_head" if route.method == "HEAD" else "")
+        operation_id, number = base, 1
         while operation_id in operation_ids:   # one method serving several routes (get_file)
             number += 1
-            operation_id = f"{name}{'_head' if route.method == 'HEAD' else ''}_{number}"
+            operation_id = f"{base}_{number}"
         operation_ids.add(operation_id)
         paths.setdefault(path, {})[method] = _operation(route, doc, names, operation_id)
     responses = {}
@@ -4280,6 +4282,11 @@ class Api:
         principal = bottle.request.environ.get("aeordb.principal")
         return principal.name if principal else "-"
 
+    def audit(self, message: str, *args: Any) -> None:
+        """One audit line: what was done, by whom, in which request."""
+        log.info("audit: " + message + " by=%s request=%s", *args, self.actor(),
+                 bottle.request.environ["aeordb.request_id"])
+
     # -- keys --------------------------------------------------------------------
 
     def create_key(self) -> bottle.HTTPResponse:
@@ -4287,9 +4294,8 @@ class Api:
         if not isinstance(spec, dict):
             raise ApiError(400, "send {\"name\", \"scopes\": [...], \"databases\": [...], \"expires_at\"?}")
         created = self.keys.create(spec.get("name"), spec.get("scopes"), spec.get("databases"), spec.get("expires_at"))
-        log.info("audit: key created: id=%s name=%r scopes=%s databases=%s by=%s request=%s", created["id"],
-                 created["name"], ",".join(created["scopes"]), ",".join(created["databases"]), self.actor(),
-                 bottle.request.environ["aeordb.request_id"])
+        self.audit("key created: id=%s name=%r scopes=%s databases=%s", created["id"], created["name"],
+                   ",".join(created["scopes"]), ",".join(created["databases"]))
         return _json_response(created, 201)
 
     def list_keys(self) -> list:
@@ -4297,8 +4303,7 @@ class Api:
 
     def revoke_key(self, key_id: str) -> dict:
         revoked = self.keys.revoke(key_id)
-        log.info("audit: key revoked: id=%s name=%r by=%s request=%s", key_id, revoked["name"], self.actor(),
-                 bottle.request.environ["aeordb.request_id"])
+        self.audit("key revoked: id=%s name=%r", key_id, revoked["name"])
         return {"revoked": True, "id": key_id}
 
     # -- observing plugins -------------------------------------------------------
@@ -4404,8 +4409,7 @@ class Api:
         started = time.perf_counter()
         meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type, version)
         self.activity.deployed(meta["path"], time.perf_counter() - started)
-        log.info("audit: deployed %s sha256=%s size=%d by=%s request=%s", meta["path"], meta["sha256"],
-                 meta["size"], self.actor(), bottle.request.environ["aeordb.request_id"])
+        self.audit("deployed %s sha256=%s size=%d", meta["path"], meta["sha256"], meta["size"])
         return meta
 
     def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
@@ -4444,8 +4448,7 @@ class Api:
         check_segments(db, schema, table, function)
         self.registry.remove(db, schema, table)
         self.activity.removed(f"{db}/{schema}/{table}")
-        log.info("audit: removed %s/%s/%s by=%s request=%s", db, schema, table, self.actor(),
-                 bottle.request.environ["aeordb.request_id"])
+        self.audit("removed %s/%s/%s", db, schema, table)
         return {"removed": True, "path": f"{db}/{schema}/{table}"}
 
 
@@ -5010,7 +5013,7 @@ def command_backup(args: argparse.Namespace) -> int:
         raise CommandError(f"{source} holds no {DATABASE_NAME}: is --data-dir right?")
     with failures_as_command_errors("backup"):
         plugins = _backup(source, destination, progress=not args.json)
-    summary = {"backup": str(destination), "plugins": plugins, "database_bytes": (source / DATABASE_NAME).stat().st_size}
+    summary = {"backup": str(destination), "plugins": plugins, "database_bytes": database.stat().st_size}
     _print(args, summary, lambda s: f"backed up {source} to {s['backup']}: the database and {s['plugins']} plugin(s)")
     return 0
 
@@ -5113,7 +5116,7 @@ def command_restore(args: argparse.Namespace) -> int:
         if not (source / DATABASE_NAME).exists():
             raise CommandError(f"{args.source} is not a backup of aeordb.py (no {DATABASE_NAME})")
         prepare_data_dir(target)
-        for name in ("aeordb.sqlite3-wal", "aeordb.sqlite3-shm"):
+        for name in (DATABASE_NAME + "-wal", DATABASE_NAME + "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 (target / name).unlink()
         snapshot_database(source / DATABASE_NAME, target / DATABASE_NAME)
@@ -5136,7 +5139,7 @@ def command_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aeordb.py", description="aeordb.py's commands. With no command (or "
                                      "'serve'), it serves: python aeordb.py serve --help lists the server's options.")
     commands = parser.add_subparsers(dest="command", required=True)
-    default_dir = dataclasses.fields(Settings)[[f.name for f in dataclasses.fields(Settings)].index("data_dir")].default
+    default_dir = Settings.data_dir   # the field's default
 
     def command(name: str, handler: Callable, text: str, client: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
