@@ -1604,11 +1604,7 @@ class PluginRegistry:
             count = self.changes.value()   # read first: a change made during the scan is taken up next time
             if count == self._synced:
                 return
-            on_disk = {}
-            for meta_file in self.root.glob("*/*/*/plugin.json"):
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    on_disk["/".join(meta_file.parent.relative_to(self.root).parts)] = \
-                        _deployment(json.loads(meta_file.read_bytes()))
+            on_disk = {key: _deployment(meta) for key, meta in self._on_disk().items() if meta is not None}
             for key in set(self._plugins) - set(on_disk):
                 del self._plugins[key]
             for key, deployment in on_disk.items():
@@ -1620,6 +1616,19 @@ class PluginRegistry:
                     else:
                         self._plugins[key] = loaded
             self._synced = count
+
+    def _on_disk(self) -> dict:
+        """Every deployed plugin's plugin.json, by key, as a dict (None where it cannot be read)."""
+        found = {}
+        for meta_file in self.root.glob("*/*/*/plugin.json"):
+            try:
+                meta = json.loads(meta_file.read_bytes())
+            except FileNotFoundError:   # removed meanwhile
+                continue
+            except (OSError, ValueError):
+                meta = None
+            found["/".join(meta_file.parent.relative_to(self.root).parts)] = meta if isinstance(meta, dict) else None
+        return found
 
     def list(self, db: str) -> list:
         return [meta for meta in self.list_all() if meta["path"].split("/", 1)[0] == db]
@@ -1745,16 +1754,17 @@ class PluginRegistry:
                 self._plugins[plugin.key] = plugin
         # Cleaning up waits for a deploy in another process: its new module is not stale.
         with self._changing("cleaning up plugins"):
-            for meta_file in self.root.glob("*/*/*/plugin.json"):
-                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                    self._remove_stale_modules(meta_file.parent, keep=json.loads(meta_file.read_bytes())["sha256"])
+            on_disk = self._on_disk()
+            for key, meta in on_disk.items():
+                if meta is not None and "sha256" in meta:
+                    self._remove_stale_modules(self.root / key, keep=meta["sha256"])
             # A crash or a full disk between a first deploy's module and its
             # plugin.json leaves a module that was never deployed: remove it.
             for folder in {module_file.parent for module_file in self.root.glob("*/*/*/module-*.wasm")}:
                 if not (folder / "plugin.json").exists():
                     self._remove_stale_modules(folder, keep=None)
                     self._remove_empty_folders(folder)
-            self._prune_cache()
+            self._prune_cache(on_disk)
 
     def _load_folder(self, folder: Path) -> Optional[Plugin]:
         """The plugin a folder holds (None, and the reason logged, when it cannot be loaded)."""
@@ -1808,17 +1818,15 @@ class PluginRegistry:
         blob = ARTIFACT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload
         atomic_write(self.cache / f"{sha}-{self.wasm.fingerprint}.cwasm", blob)
 
-    def _prune_cache(self) -> None:
+    def _prune_cache(self, on_disk: Optional[dict] = None) -> None:
         """Drop artifacts no plugin on disk uses any more (whichever process deployed it), and
-        those of other engine settings."""
-        wanted = {f"{p.meta['sha256']}-{self.wasm.fingerprint}.cwasm" for p in self._plugins.values()}
-        for meta_file in self.root.glob("*/*/*/plugin.json"):
-            try:
-                wanted.add(f"{json.loads(meta_file.read_bytes())['sha256']}-{self.wasm.fingerprint}.cwasm")
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, KeyError, TypeError):
+        those of other engine settings. ``on_disk``: _on_disk(), where the caller has it."""
+        metas = [plugin.meta for plugin in self._plugins.values()]
+        for meta in (self._on_disk() if on_disk is None else on_disk).values():
+            if meta is None or "sha256" not in meta:
                 return   # cannot tell what that plugin uses: keep everything
+            metas.append(meta)
+        wanted = {f"{meta['sha256']}-{self.wasm.fingerprint}.cwasm" for meta in metas}
         for artifact in self.cache.glob("*.cwasm"):
             if artifact.name not in wanted:
                 with contextlib.suppress(OSError):
@@ -2859,9 +2867,11 @@ class Activity:
         self.line_bytes -= size
 
     def invocation(self, key: str, outcome: str, seconds: float, request_bytes: int, response_bytes: int,
-                   error: Optional[str]) -> None:
+                   error: Optional[str], host_calls: Optional[collections.Counter] = None) -> None:
         with self._lock:
             activity = self._plugin(key)
+            if host_calls:
+                activity.host_calls.update(host_calls)
             activity.outcomes[outcome] += 1
             activity.durations.append(seconds)
             activity.duration_sum += seconds
@@ -2870,10 +2880,6 @@ class Activity:
             activity.response_bytes += response_bytes
             if error is not None:
                 activity.last_error = {"time": utc_now_iso(), "outcome": outcome, "message": error}
-
-    def host_call(self, key: str, function: str) -> None:
-        with self._lock:
-            self._plugin(key).host_calls[function] += 1
 
     def deployed(self, key: str, compile_seconds: float) -> None:
         with self._lock:
@@ -3006,6 +3012,8 @@ class Invocation:
     response: Optional[dict] = None   # what aeordb_set_response said, for a handle_raw answer
     output: Optional[dict] = None     # WASI stdout/stderr bytes not yet ended by a newline
     wasi_started: float = 0.0         # when its WASI context was made: the origin of WASI's monotonic clock
+    # Host calls by function, counted here (one thread) and handed to Activity once, at the end.
+    host_calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 _TRAP_MESSAGES = {
@@ -3110,14 +3118,15 @@ class WasmRuntime:
         except ApiError as exc:
             self._failed(plugin, invocation, exc, time.perf_counter() - started, len(body))
             raise
-        self.activity.invocation(plugin.key, "ok", time.perf_counter() - started, len(body), len(raw), None)
+        self.activity.invocation(plugin.key, "ok", time.perf_counter() - started, len(body), len(raw), None,
+                                 invocation.host_calls)
         return answer, raw
 
     def _failed(self, plugin: Plugin, invocation: Invocation, error: ApiError, seconds: float,
                 request_bytes: int) -> None:
         outcome = outcome_of(error.status, error.message)
         request_id = invocation.metadata.get("request_id", "-")
-        self.activity.invocation(plugin.key, outcome, seconds, request_bytes, 0, error.message)
+        self.activity.invocation(plugin.key, outcome, seconds, request_bytes, 0, error.message, invocation.host_calls)
         self.activity.line(plugin.key, "ERROR", request_id, f"failed ({error.status}): {error.message}")
         log.warning("invocation failed: plugin=%s function=%s status=%d outcome=%s duration=%.1fms "
                     "request=%s cause=%s", plugin.key, invocation.metadata.get("function_name", "-"),
@@ -3200,7 +3209,7 @@ class WasmRuntime:
             # and re-raise it in whichever thread traps next.
             invocation = self._current.invocation
             try:
-                self.activity.host_call(invocation.plugin_key, name)
+                invocation.host_calls[name] += 1
                 memory = self._guest_memory(caller, invocation)
                 try:
                     try:

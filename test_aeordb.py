@@ -9,6 +9,7 @@ so the suite needs no toolchain.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -5022,8 +5023,7 @@ def test_a_removed_plugins_late_activity_is_not_kept():
     activity.line("db/s/t", "INFO", "r1", "before")
     activity.removed("db/s/t")
     activity.line("db/s/t", "INFO", "r2", "late")   # an invocation that was running at the remove
-    activity.invocation("db/s/t", "ok", 0.01, 1, 1, None)
-    activity.host_call("db/s/t", "aeordb_read_file")
+    activity.invocation("db/s/t", "ok", 0.01, 1, 1, None, collections.Counter({"aeordb_read_file": 1}))
     assert activity.logs("db/s/t", 10) == [] and activity.stats("db/s/t")["invocations"] == 0
     assert activity.line_bytes == 0
     activity.deployed("db/s/t", 0.1)

@@ -643,7 +643,7 @@ class Bench:
         self.row("2 ... whole invoke route with an API key", f"{key:.1f} µs", f"{token:.1f} µs (the token)",
                  key / token)
         activity = app.config["aeordb.activity"]
-        saved = {name: getattr(activity, name) for name in ("invocation", "host_call", "http", "line")}
+        saved = {name: getattr(activity, name) for name in ("invocation", "http", "line")}
         try:
             for name in saved:
                 setattr(activity, name, lambda *args, **kwargs: None)
