@@ -47,6 +47,7 @@ import mmap
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -87,23 +88,26 @@ compact_json = json.JSONEncoder(separators=(",", ":")).encode
 ###############################################################################
 
 def setting(default: Any, help: str, *, maximum: float = math.inf, choices: tuple = (),
-            zero: str = "", command_line: bool = True) -> Any:
+            zero: str = "", zero_word: str = "", command_line: bool = True) -> Any:
     """Declare one setting: its default, its help, and what values it accepts.
 
     The type is the field's annotation. From these come the command-line
     option ``--name-with-dashes``, the environment variable ``AEORDB_NAME``
     and the validation of both. Numbers must be positive, or 0 where
-    ``zero`` says what 0 means. ``command_line=False`` marks a switch that
-    only tests set, through ``Settings(...)``.
+    ``zero`` says what 0 means; ``zero_word`` is a word that also means 0.
+    ``command_line=False`` marks a switch that only tests set, through
+    ``Settings(...)``.
     """
+    said = f"{zero_word} or 0" if zero_word else "0"
     return dataclasses.field(default=default, metadata={
-        "help": help + (f"; 0: {zero}" if zero else ""), "maximum": maximum, "choices": choices,
-        "zero": bool(zero), "command_line": command_line})
+        "help": help + (f"; {said}: {zero}" if zero else ""), "maximum": maximum, "choices": choices,
+        "zero": bool(zero), "zero_word": zero_word, "command_line": command_line})
 
 
 # Each worker thread may run one invocation; a pool has at most 256 slots for
 # instances and memories (see pool_slots), two memories per invocation at most.
 MAX_THREADS = 100
+MAX_WORKERS = 64
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -118,7 +122,10 @@ class Settings:
                              "where plugins, files and the token live")
     token: Optional[str] = setting(None, "bearer token (default: generated on first start, "
                                          "kept in DATA_DIR/token)")
-    threads: int = setting(8, "waitress worker threads", maximum=MAX_THREADS)
+    # Each worker process has its own threads, connections, memory budget and engine.
+    workers: int = setting(1, "worker processes serving the same port and data dir", maximum=MAX_WORKERS,
+                           zero="one per usable core", zero_word="auto")
+    threads: int = setting(8, "waitress worker threads (of each worker process)", maximum=MAX_THREADS)
     connection_limit: int = setting(100, "open connections at most; more wait to be accepted", maximum=10_000)
     header_timeout: float = setting(10.0, "seconds a client has to send a whole request head")
     idle_timeout: float = setting(30.0, "seconds an idle keep-alive connection is kept open")
@@ -170,6 +177,8 @@ def _setting_parser(kind: Any, meta: dict) -> Callable[[str], Any]:
         return choice
     if kind in (int, float):
         def number(text: str) -> Any:
+            if meta["zero_word"] and text.strip().lower() == meta["zero_word"]:
+                return kind(0)
             value = kind(text)
             if value == 0 and meta["zero"]:
                 return value
@@ -1512,6 +1521,11 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
 ARTIFACT_MAGIC = b"AEORDB-CWASM-1\n"
 
 
+def plugin_metadata_files(root: Path) -> list:
+    """The plugin.json of every plugin deployed under ``root`` (DATA_DIR/plugins)."""
+    return sorted(root.glob("*/*/*/plugin.json"))
+
+
 @dataclasses.dataclass
 class Plugin:
     meta: dict
@@ -1620,7 +1634,7 @@ class PluginRegistry:
     def _on_disk(self) -> dict:
         """Every deployed plugin's plugin.json, by key, as a dict (None where it cannot be read)."""
         found = {}
-        for meta_file in self.root.glob("*/*/*/plugin.json"):
+        for meta_file in plugin_metadata_files(self.root):
             try:
                 meta = json.loads(meta_file.read_bytes())
             except FileNotFoundError:   # removed meanwhile
@@ -4517,8 +4531,12 @@ CROWDED = 0.9          # share of --connection-limit from which slow connections
 FILES_BESIDE_CONNECTIONS = 64   # descriptors the server needs besides one per connection
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), not yet listening; StartupError when that cannot be."""
+def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening; StartupError when that cannot be.
+
+    ``reuse_port``: one of a group of sockets on the same port (SO_REUSEPORT),
+    among which the kernel spreads incoming connections.
+    """
     where = f"{host}:{port}"
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -4528,6 +4546,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     listener = socket.socket(family, kind, proto)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind(address)
     except OSError as exc:
         listener.close()
@@ -4536,6 +4556,51 @@ def bind_listener(host: str, port: int) -> socket.socket:
                 errno.EACCES: " (ports below 1024 need privileges)"}.get(exc.errno, "")
         raise StartupError(f"cannot listen on {where}: {exc.strerror}{hint}") from None
     return listener
+
+
+def bind_listeners(host: str, port: int, count: int) -> list:
+    """Sockets for ``count`` worker processes on (host, port): one each where the system
+    has SO_REUSEPORT, so that the kernel spreads connections evenly (a single shared
+    socket tends to hand them all to one worker), else one socket they all share.
+
+    A plain socket is bound first: it fails like a single server would when the
+    port is taken (sockets with SO_REUSEPORT would join another server's group
+    instead), and it picks the port when ``port`` is 0.
+    """
+    shared = bind_listener(host, port)
+    if count == 1:
+        return [shared]
+    if not reuse_port_available():
+        log.info("SO_REUSEPORT is not available: the %d workers share one listening socket", count)
+        return [shared]
+    port = shared.getsockname()[1]
+    shared.close()
+    listeners: list = []
+    try:
+        for _ in range(count):
+            listeners.append(bind_listener(host, port, reuse_port=True))
+    except StartupError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def reuse_port_available() -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except (AttributeError, OSError):   # AttributeError: the platform has no SO_REUSEPORT
+        return False
+    return True
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), as ``--workers auto`` counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def fit_open_files(connections: int) -> int:
@@ -4704,6 +4769,158 @@ class Server:
             for channel in list(self.waitress.active_channels.values())))
 
 
+class Workers:
+    """The parent of ``count`` worker processes, each serving ``app_factory()`` on its socket.
+
+    Each worker builds its app, engine and epoch ticker after the fork: a
+    ticker thread does not survive one. The parent starts no thread and keeps
+    the sockets open, so a worker's pending connections wait for its
+    replacement instead of being reset. A worker that dies is replaced (sooner
+    or later, as it keeps dying soon after starting) and the event is logged;
+    one that could not start (status 2) stops them all. SIGTERM or SIGINT
+    reaches every worker, which stops cleanly; the parent waits for them.
+    """
+
+    QUICK_DEATH = 1.0     # seconds: a worker that dies sooner is restarted after a growing delay
+    MAX_RESTART_DELAY = 10.0
+
+    def __init__(self, settings: Settings, listeners: list, count: int, app_factory: Callable[[], bottle.Bottle]):
+        self.settings = settings
+        self.listeners = listeners
+        self.count = count
+        self.app_factory = app_factory
+        self.running: dict = {}       # pid: (worker number, start time)
+        self.restarts: dict = {}      # worker number: monotonic time of its restart
+        self.quick_deaths = 0
+        self.stopping: Optional[float] = None   # the deadline of a stop once one began
+        self.status = 0
+
+    def listener_of(self, number: int) -> socket.socket:
+        return self.listeners[(number - 1) % len(self.listeners)]
+
+    def run(self) -> int:
+        """Start the workers and supervise them until they stopped; answers the exit status."""
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(wake_write, False)
+        signal.set_wakeup_fd(wake_write)
+        handlers = {signum: signal.signal(signum, self.stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the select below
+        try:
+            for number in range(1, self.count + 1):
+                self._start(number, wake_read, wake_write)
+            while self.running or (self.restarts and self.stopping is None):
+                self._reap()
+                now = time.monotonic()
+                for number, at in list(self.restarts.items()):
+                    if at <= now and self.stopping is None:
+                        del self.restarts[number]
+                        self._start(number, wake_read, wake_write)
+                if self.stopping is not None and now > self.stopping:
+                    for pid in self.running:
+                        log.warning("worker (pid %d) did not stop in time: killing it", pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    self.stopping = math.inf
+                waits = [at - now for at in self.restarts.values()]
+                if self.stopping is not None:
+                    waits.append(0.05)
+                with contextlib.suppress(InterruptedError):
+                    select.select([wake_read], [], [], max(0.0, min(waits, default=GUARD_INTERVAL)))
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_read, 4096)
+        finally:
+            signal.set_wakeup_fd(-1)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            for fd in (wake_read, wake_write):
+                os.close(fd)
+            self._close_listeners()
+        log.info("stopped")
+        return self.status
+
+    def stop(self, *_: Any) -> None:
+        """Begin a stop (also the signal handler): every worker is asked to stop cleanly."""
+        if self.stopping is None:
+            self.stopping = time.monotonic() + self.settings.timeout + SHUTDOWN_GRACE + 5.0
+            log.info("stopping %d worker(s)", len(self.running))
+            for pid in self.running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+
+    def _start(self, number: int, wake_read: int, wake_write: int) -> None:
+        # Signals wait until the new worker is known: a stop must reach it too.
+        blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                status = 1
+                try:
+                    signal.set_wakeup_fd(-1)
+                    for signum in blocked:
+                        signal.signal(signum, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+                    os.close(wake_read)
+                    os.close(wake_write)
+                    status = self._serve(number)
+                except BaseException:   # a worker never returns into the parent's code
+                    log.exception("worker %d failed", number)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(status)
+            self.running[pid] = (number, time.monotonic())
+            log.info("worker %d started (pid %d)", number, pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+
+    def _serve(self, number: int) -> int:
+        listener = self.listener_of(number)
+        for other in self.listeners:
+            if other is not listener:
+                other.close()
+        try:
+            app = self.app_factory()
+            server = Server(app, self.settings, listener)
+        except (StartupError, OSError) as exc:
+            print(f"aeordb.py: worker {number} cannot start: {exc}", file=sys.stderr)
+            return 2
+        server.run()
+        return 0
+
+    def _reap(self) -> None:
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.running.clear()
+                return
+            if pid == 0:
+                return
+            number, started = self.running.pop(pid, (None, 0.0))
+            if number is None or self.stopping is not None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            if code == 2:
+                log.error("worker %d (pid %d) could not start: stopping", number, pid)
+                self.status = 2
+                self.stop()
+                continue
+            lived = time.monotonic() - started
+            self.quick_deaths = self.quick_deaths + 1 if lived < self.QUICK_DEATH else 0
+            delay = min(self.MAX_RESTART_DELAY, 0.1 * 2 ** self.quick_deaths) if self.quick_deaths else 0.0
+            log.warning("worker %d (pid %d) %s after %.1f s; starting another%s", number, pid, how, lived,
+                        f" in {delay:.1f} s" if delay else "")
+            self.restarts[number] = time.monotonic() + delay
+
+
 ###############################################################################
 # Command line #################################################################
 ###############################################################################
@@ -4722,9 +4939,10 @@ class CommandError(Exception):
         self.status = status
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, process_ids: bool = False) -> None:
+    """``process_ids``: each line names its process, as the workers of one server log together."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s"
+                        + ("[%(process)d]" if process_ids else "") + ": %(message)s")
     # Under load waitress warns "Task queue depth is N" on every request.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
@@ -4732,28 +4950,44 @@ def configure_logging(level: str) -> None:
 def serve(argv: list) -> int:
     """Serve until stopped; answers the exit status (2: it could not start, one line on stderr says why)."""
     settings = parse_settings(argv)
-    configure_logging(settings.log_level)
+    workers = settings.workers or usable_cores()
+    configure_logging(settings.log_level, process_ids=workers > 1)
+    listeners: list = []
     try:
-        listener = bind_listener(settings.host, settings.port)
-        app = create_app(settings)
-        server = Server(app, settings, listener)
+        listeners = bind_listeners(settings.host, settings.port, workers)
+        if workers == 1:
+            app = create_app(settings)
+            server = Server(app, settings, listeners[0])
+            token, token_created = app.config["aeordb.token"], app.config["aeordb.token_created"]
+            engine = app.config["aeordb.runtime"].wasm.mode
+        else:   # the workers build their apps; the parent settles what they must agree on
+            prepare_data_dir(settings.data_dir)
+            token, token_created = load_or_create_token(settings)
+            engine = Wasm.choose_mode(settings.engine, settings.memory_limit, settings.table_limit,
+                                      pool_slots(settings.threads))
     except (StartupError, OSError) as exc:
+        for listener in listeners:
+            listener.close()
         print(f"aeordb.py: cannot start: {exc}", file=sys.stderr)
         return 2
-    plugins = len(app.config["aeordb.registry"].list_all())
-    if app.config["aeordb.token_created"]:
+    plugins = len(plugin_metadata_files(settings.data_dir / "plugins"))
+    if token_created:
         # Printed on purpose, once, on the start that created it: the operator needs it.
-        token_line = f"new token: {app.config['aeordb.token']} (kept in {settings.data_dir / 'token'})"
+        token_line = f"new token: {token} (kept in {settings.data_dir / 'token'})"
     elif settings.token:
         token_line = "token:     as configured (--token / AEORDB_TOKEN)"
     else:
         token_line = f"token:     in {settings.data_dir / 'token'}"
-    print(f"aeordb.py {__version__} listening on http://{settings.host}:{settings.port}\n"
+    sockets = "a socket each" if len(listeners) > 1 else "one shared socket"
+    print(f"aeordb.py {__version__} listening on http://{settings.host}:{listeners[0].getsockname()[1]}\n"
           f"  data dir:  {settings.data_dir} ({plugins} plugin(s))\n"
-          f"  engine:    {app.config['aeordb.runtime'].wasm.mode}\n"
-          f"  {token_line}", flush=True)
-    server.run()
-    return 0
+          f"  engine:    {engine}\n"
+          + (f"  workers:   {workers} processes ({sockets})\n" if workers > 1 else "")
+          + f"  {token_line}", flush=True)
+    if workers == 1:
+        server.run()
+        return 0
+    return Workers(settings, listeners, workers, lambda: create_app(settings)).run()
 
 
 class Client:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import random
@@ -474,10 +475,13 @@ def wait_until_healthy(port: int, timeout: float = 20.0, process=None) -> None:
 
 
 @contextlib.contextmanager
-def server_process(data_dir: Path, *extra_args: str, env: dict | None = None, address_space: int | None = None):
+def server_process(data_dir: Path, *extra_args: str, env: dict | None = None, address_space: int | None = None,
+                   token: bool = True, python: tuple = ()):
     """``python aeordb.py`` as a real process on 127.0.0.1; yields (process, port).
 
-    ``address_space`` sets the process's RLIMIT_AS (bytes), as ``ulimit -v`` would.
+    ``address_space`` sets the process's RLIMIT_AS (bytes), as ``ulimit -v`` would;
+    ``token=False`` leaves the token to the server; ``python``: arguments for
+    Python itself instead of the script's path (e.g. ``-c``, a script, ``aeordb.py``).
     """
     port = free_port()
 
@@ -485,8 +489,8 @@ def server_process(data_dir: Path, *extra_args: str, env: dict | None = None, ad
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "aeordb.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "--token", TOKEN, *extra_args],
+        [sys.executable, *(python or (str(HERE / "aeordb.py"),)), "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir), *(("--token", TOKEN) if token else ()), *extra_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         preexec_fn=limit if address_space else None)
     try:
@@ -3865,6 +3869,191 @@ def test_service_unit_runs_hardened_with_real_options():
     assert command[1].endswith("aeordb.py")
     parsed = aeordb.parse_settings(command[2:], environ={})
     assert str(parsed.data_dir) in settings["ReadWritePaths"].split()
+
+
+# -- worker processes ------------------------------------------------------------
+
+def worker_pids(server) -> set:
+    """The pids of a ``--workers`` server's worker processes (its children)."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def worker_of(headers: dict) -> str:
+    """Which process answered: a request id is that process's prefix and a number."""
+    return headers["x-request-id"].rsplit("-", 1)[0]
+
+
+def invoke_answers(port: int, path: str, count: int) -> tuple:
+    """``count`` invocations of ``path``, each on a new connection: (set of (status, body), workers that answered)."""
+    answers, workers = set(), set()
+    for _ in range(count):
+        status, headers, body = http_request(port, "POST", f"/{path}/f/_invoke", b"")
+        answers.add((status, body if status == 200 else json.loads(body)["error"].split(":")[0]))
+        workers.add(worker_of(headers))
+    return answers, workers
+
+
+def test_workers_setting_takes_a_number_or_auto():
+    assert aeordb.parse_settings(["--workers", "3"]).workers == 3
+    assert aeordb.parse_settings(["--workers", "auto"]).workers == 0
+    assert aeordb.parse_settings([], {"AEORDB_WORKERS": "AUTO"}).workers == 0
+    assert aeordb.parse_settings([]).workers == 1
+    for bad in ("-1", "many", "65"):
+        with pytest.raises(SystemExit):
+            aeordb.parse_settings(["--workers", bad])
+    assert "auto or 0: one per usable core" in help_text()
+    assert aeordb.usable_cores() == len(os.sched_getaffinity(0))
+
+
+def test_each_worker_gets_its_own_socket_on_the_port_or_all_share_one(monkeypatch):
+    group = aeordb.bind_listeners("127.0.0.1", 0, 3)
+    try:
+        assert len(group) == 3 and len({s.getsockname() for s in group}) == 1
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in group)
+        for s in group:
+            s.listen()
+        # The port is taken: a second server fails like a single one would, not joins the group.
+        with pytest.raises(aeordb.StartupError, match="in use"):
+            aeordb.bind_listeners("127.0.0.1", group[0].getsockname()[1], 2)
+    finally:
+        for s in group:
+            s.close()
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    shared = aeordb.bind_listeners("127.0.0.1", 0, 3)
+    assert len(shared) == 1
+    shared[0].close()
+
+
+def test_every_worker_serves_each_change_on_the_very_next_request(tmp_path):
+    with server_process(tmp_path, "--workers", "2") as (process, port):
+        assert len(worker_pids(process)) == 2
+        put = functools.partial(http_request, port, "PUT")
+        assert put("/db/s/t/_deploy", answer_module(b"one"))[0] == 200
+        answers, workers = invoke_answers(port, "db/s/t", 50)
+        assert answers == {(200, b"one")} and len(workers) == 2
+        assert put("/db/s/t/_deploy", answer_module(b"two"))[0] == 200
+        answers, workers = invoke_answers(port, "db/s/t", 50)
+        assert answers == {(200, b"two")} and len(workers) == 2
+        listings = {http_request(port, "GET", "/db/_plugins")[2] for _ in range(20)}
+        assert len(listings) == 1 and b'"db/s/t"' in listings.pop()
+        assert http_request(port, "DELETE", "/db/s/t/f/_remove")[0] == 200
+        answers, workers = invoke_answers(port, "db/s/t", 50)
+        assert answers == {(404, "no plugin deployed at db/s/t")} and len(workers) == 2
+        assert {http_request(port, "GET", "/db/_plugins")[2] for _ in range(20)} == {b"[]"}
+
+
+def test_a_killed_worker_is_replaced_and_no_acknowledged_change_is_lost(tmp_path):
+    with server_process(tmp_path, "--workers", "2") as (process, port):
+        assert http_request(port, "PUT", "/db/s/t/_deploy", answer_module(b"kept"))[0] == 200
+        acknowledged, stop = {}, threading.Event()
+
+        def writer(number: int) -> None:
+            for n in itertools.count():
+                if stop.is_set():
+                    return
+                path = f"/db/_files/w{number}/{n}.txt"
+                with contextlib.suppress(OSError):   # a connection the killed worker held
+                    if http_request(port, "PUT", path, f"{number}-{n}".encode())[0] == 201:
+                        acknowledged[path] = f"{number}-{n}".encode()
+        writers = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+        for thread in writers:
+            thread.start()
+        try:
+            wait_for(lambda: len(acknowledged) >= 30, what="acknowledged writes")
+            before = worker_pids(process)
+            victim = min(before)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: len(worker_pids(process)) == 2 and victim not in worker_pids(process),
+                     what="a replacement worker")
+            count = len(acknowledged)
+            wait_for(lambda: len(acknowledged) >= count + 30, what="writes after the replacement")
+        finally:
+            stop.set()
+            for thread in writers:
+                thread.join()
+        replaced = worker_pids(process)
+        assert len(replaced - before) == 1
+        for path, data in acknowledged.items():
+            assert http_request(port, "GET", path)[2] == data, path
+        answers, workers = invoke_answers(port, "db/s/t", 30)
+        assert answers == {(200, b"kept")} and len(workers) == 2
+    log = process.stdout.read().decode()
+    assert f"(pid {victim}) was killed by SIGKILL" in log and "starting another" in log
+    assert process.returncode == 0
+
+
+def test_a_looping_plugin_is_stopped_at_its_limit_in_every_worker(tmp_path):
+    with server_process(tmp_path, "--workers", "2", "--timeout", "0.3") as (process, port):
+        assert http_request(port, "PUT", "/db/s/loop/_deploy", wat(LOOP_WAT))[0] == 200
+        workers, statuses = set(), set()
+        for _ in range(30):   # until both workers answered (each connection lands on either)
+            if len(workers) == 2:
+                break
+            started = time.monotonic()
+            status, headers, body = http_request(port, "POST", "/db/s/loop/f/_invoke", b"")
+            assert time.monotonic() - started < 5, "the time limit did not stop the plugin"
+            statuses.add((status, "time limit" in json.loads(body)["error"]))
+            workers.add(worker_of(headers))
+        assert statuses == {(504, True)} and len(workers) == 2
+
+
+def test_several_workers_on_a_fresh_data_dir_agree_on_one_token(tmp_path):
+    data_dir = tmp_path / "fresh"
+    with server_process(data_dir, "--workers", "3", token=False) as (process, port):
+        token = (data_dir / "token").read_text().strip()
+        workers = set()
+        for _ in range(40):
+            status, headers, _ = http_request(port, "GET", "/db/_plugins",
+                                              headers={"Authorization": f"Bearer {token}"})
+            assert status == 200
+            workers.add(worker_of(headers))
+        assert len(workers) == 3
+    out = process.stdout.read().decode()
+    assert out.count(f"new token: {token}") == 1 and "workers:   3 processes (a socket each)" in out
+
+
+def test_concurrent_deploys_through_different_workers_leave_one_consistent_plugin(tmp_path):
+    with server_process(tmp_path, "--workers", "2") as (process, port):
+        modules = {f"v{n}".encode(): answer_module(f"v{n}".encode()) for n in range(12)}
+        barrier = threading.Barrier(len(modules))
+        results = {}
+
+        def deploy_one(answer: bytes) -> None:
+            barrier.wait()
+            status, headers, body = http_request(port, "PUT", "/db/s/t/_deploy", modules[answer])
+            results[answer] = (status, worker_of(headers), json.loads(body))
+        threads = [threading.Thread(target=deploy_one, args=(answer,)) for answer in modules]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {status for status, _, _ in results.values()} == {200}
+        assert len({worker for _, worker, _ in results.values()}) == 2
+        answers, workers = invoke_answers(port, "db/s/t", 40)
+        assert len(answers) == 1 and len(workers) == 2
+        (status, winner), = answers
+        listed = {http_request(port, "GET", "/db/_plugins")[2] for _ in range(10)}
+        assert len(listed) == 1
+        meta, = json.loads(listed.pop())
+        assert meta["sha256"] == hashlib.sha256(modules[winner]).hexdigest()
+        folder = tmp_path / "plugins" / "db" / "s" / "t"
+        assert sorted(p.name for p in folder.iterdir()) == ["module-" + meta["sha256"] + ".wasm", "plugin.json"]
+
+
+def test_workers_stop_together_on_sigterm_and_fall_back_to_one_shared_socket(tmp_path):
+    without_reuse_port = ("-c", "import socket, sys; del socket.SO_REUSEPORT; sys.argv[0] = 'aeordb.py'; "
+                                "import aeordb; sys.exit(aeordb.main(sys.argv[1:]))")
+    with server_process(tmp_path, "--workers", "2", python=without_reuse_port) as (process, port):
+        workers = worker_pids(process)
+        assert len(workers) == 2
+        assert http_request(port, "PUT", "/db/s/t/_deploy", answer_module(b"shared"))[0] == 200
+        answers, _ = invoke_answers(port, "db/s/t", 10)
+        assert answers == {(200, b"shared")}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert "workers:   2 processes (one shared socket)" in process.stdout.read().decode()
 
 
 # -- a plugin or a client costs only itself -------------------------------------

@@ -18,6 +18,9 @@ Parts (issue 5 items 1-5, issue 3's query figures):
   memory   resident size of the server idle and after 10,000 (and 20,000) invocations.
   query    filtered query and grouped aggregate over 10,000 JSON documents vs a
            naive read + json.loads + filter loop over the same data.
+  workers  HTTP invoke with --workers 1 and 2 at 16 clients (and 1 at 4) vs the
+           bare app in one process; the load generator's CPU; deploy-to-visible
+           latency in every worker; resident size of each worker.
 
 Everything it measures it starts itself, on 127.0.0.1, in temporary data
 directories, and stops at the end. The load generator is wrk when it is on
@@ -57,7 +60,7 @@ import aeordb  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PARTS = ("http", "invoke", "restart", "echo", "raw", "memory", "query")
+PARTS = ("http", "invoke", "restart", "echo", "raw", "memory", "query", "workers")
 MiB = 1024 * 1024
 
 
@@ -220,6 +223,17 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's finished children (the load generator runs)."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_kib(pid: int) -> int:
@@ -487,11 +501,11 @@ class Bench:
         for process in list(self.processes):
             self.stop(process)
 
-    def aeordb_server(self, data_dir: Path, name: str, threads: int | None = None) -> tuple:
+    def aeordb_server(self, data_dir: Path, name: str, threads: int | None = None, workers: int = 1) -> tuple:
         port = free_port()
         process = self.start([sys.executable, str(AEORDB), "--host", "127.0.0.1", "--port", str(port),
                               "--data-dir", str(data_dir), "--token", TOKEN, "--log-level", "WARNING",
-                              "--threads", str(threads or self.args.threads)], name)
+                              "--threads", str(threads or self.args.threads), "--workers", str(workers)], name)
         return process, port
 
     def bare_server(self) -> tuple:
@@ -566,6 +580,96 @@ class Bench:
                      f"{base['cpu'] * 1e6:.0f} µs", ours["cpu"] / base["cpu"])
         self.stop(aeordb_proc)
         self.stop(bare_proc)
+
+    # -- W. worker processes ---------------------------------------------------------
+
+    def part_workers(self) -> None:
+        body = b"hello"
+        answer = b'{"status_code":200,"body":[104,101,108,108,111]}'
+        invoke_headers = {**AUTH, "Content-Type": "application/octet-stream"}
+        servers = {}
+        for workers in (1, 2):
+            process, port = self.aeordb_server(self.data_dir(f"workers-{workers}"), f"aeordb-w{workers}",
+                                               workers=workers)
+            wait_healthy(port, "/_health", process)
+            self.deploy(port, "bench/s/min", answer_module(answer))
+            servers[f"aeordb x{workers}"] = (process, port, "/bench/s/min/run/_invoke", invoke_headers)
+        bare_proc, bare_port = self.bare_server()
+        servers["bare"] = (bare_proc, bare_port, "/echo", {"Content-Type": "application/octet-stream"})
+
+        def server_cpu(process: subprocess.Popen) -> float:
+            return sum(cpu_seconds(pid) for pid in [process.pid, *child_pids(process.pid)])
+
+        duration, rounds = (2, 1) if self.quick else (4, 3)
+        for _, port, path, headers in servers.values():   # warm every worker up
+            self.loadgen.run(port, path, body, headers, 16, 1)
+        runs: dict = {}
+        for _ in range(rounds):   # alternate the servers, so a change in the machine's load hits all alike
+            for clients, labels in ((16, ("aeordb x1", "aeordb x2", "bare")), (4, ("aeordb x1", "bare"))):
+                for label in labels:
+                    process, port, path, headers = servers[label]
+                    cpu, loadgen_cpu = server_cpu(process), children_cpu()
+                    result = self.loadgen.run(port, path, body, headers, clients, duration)
+                    result["cpu"] = server_cpu(process) - cpu
+                    result["loadgen_cpu"] = children_cpu() - loadgen_cpu
+                    runs.setdefault((label, clients), []).append(result)
+                    if result["errors"]:
+                        self.notes.append(f"workers c={clients} {label}: {result['errors']} errors")
+
+        def median(label: str, clients: int, key: str) -> float:
+            return statistics.median(r[key] for r in runs[(label, clients)])
+
+        def ratio(label: str, clients: int) -> float:
+            return statistics.median(a["rps"] / b["rps"] for a, b in zip(runs[(label, clients)], runs[("bare", clients)]))
+
+        for label, clients, goal, wanted in (("aeordb x1", 4, ">=0.85x (0.95x stretch)", 0.85),
+                                             ("aeordb x1", 16, ">=0.85x (0.95x stretch)", 0.85),
+                                             ("aeordb x2", 16, ">=1.3x", 1.3)):
+            r = ratio(label, clients)
+            self.row(f"W HTTP invoke, --workers {label[-1]}, {clients} clients",
+                     f"{median(label, clients, 'rps'):,.0f} req/s", f"{median('bare', clients, 'rps'):,.0f} req/s "
+                     "(bare, 1 process)", r, goal, r >= wanted)
+        for label in ("aeordb x1", "aeordb x2", "bare"):
+            seconds = duration
+            self.row(f"W ... CPU at 16 clients, {label}", f"server {median(label, 16, 'cpu') / seconds:.2f} cores",
+                     f"load generator {median(label, 16, 'loadgen_cpu') / seconds:.2f} cores", None)
+        process, port, path, headers = servers["aeordb x2"]
+        self.row("W ... resident size after the runs, --workers 2",
+                 " + ".join(f"{rss_kib(pid) / 1024:.0f}" for pid in child_pids(process.pid))
+                 + f" MiB (parent {rss_kib(process.pid) / 1024:.0f} MiB)",
+                 f"{rss_kib(servers['aeordb x1'][0].pid) / 1024:.0f} MiB (--workers 1), "
+                 f"{rss_kib(bare_proc.pid) / 1024:.0f} MiB (bare)", None)
+        self._deploy_to_visible(port)
+        for process, *_ in servers.values():
+            self.stop(process)
+
+    def _deploy_to_visible(self, port: int) -> None:
+        """After each redeploy, new connections until every worker answered: all must answer the new
+        plugin; the time to the last worker's first answer beside a request that follows no deploy."""
+        def one_request(path: str) -> tuple:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                conn.request("POST", path, b"", AUTH)
+                response = conn.getresponse()
+                return response.read(), response.getheader("X-Request-Id").rsplit("-", 1)[0]
+            finally:
+                conn.close()
+
+        visible, plain = [], []
+        for version in range(5 if self.quick else 15):
+            self.deploy(port, "bench/s/flip", answer_module(f"v{version}".encode()))
+            acknowledged, seen = time.perf_counter(), set()
+            while len(seen) < 2:
+                got, worker = one_request("/bench/s/flip/run/_invoke")
+                if got != f"v{version}".encode():
+                    raise RuntimeError(f"a worker answered {got!r} after v{version} was deployed")
+                seen.add(worker)
+            visible.append(time.perf_counter() - acknowledged)
+            started = time.perf_counter()
+            one_request("/bench/s/flip/run/_invoke")
+            plain.append(time.perf_counter() - started)
+        self.row("W ... deploy to visible in both workers (median)", f"{statistics.median(visible) * 1e3:.1f} ms",
+                 f"{statistics.median(plain) * 1e3:.1f} ms (one request, no deploy before it)", None)
 
     # -- 2. in-process invocation vs wasmtime floor ---------------------------------
 
@@ -956,12 +1060,12 @@ class Bench:
         widths = [max(len(str(r[i])) for r in [header] + self.rows) for i in range(6)]
         line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
         out = [line, "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |", line]
-        order = "12345RQ"   # issue 5 items 1-5, the raw entry point (R), issue 3's queries (Q)
+        order = "12345RQW"   # issue 5 items 1-5, the raw entry point (R), issue 3's queries (Q), workers (W)
         for r in sorted(self.rows, key=lambda r: order.index(r[0][0]) if r[0][0] in order else 9):
             out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
         out.append(line)
         out.append("rows 1-5: issue 5 items 1-5; Q: issue 3's query figures; '...' rows detail the row above; "
-                   "ratio = aeordb.py / baseline (3: restart / compile)")
+                   "W: issue 15's worker processes; ratio = aeordb.py / baseline (3: restart / compile)")
         return "\n".join(out)
 
 
@@ -1044,7 +1148,7 @@ def main() -> None:
                 % os.getloadavg()]
         print("\n".join(info), flush=True)
         # In-process parts first, then those that start servers; never two at once.
-        order = ["invoke", "raw", "query", "echo", "http", "memory", "restart"]
+        order = ["invoke", "raw", "query", "echo", "http", "workers", "memory", "restart"]
         for name in order:
             if name in only:
                 bench.log(f"part {name}")
