@@ -428,22 +428,28 @@ SQLITE_MAGIC = b"SQLite format 3\0"
 DATABASE_NAME = "aeordb.sqlite3"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    ``durable``: also so that a crash leaves one or the other (fsync); without
+    it, for files that matter only while the server runs, a crash may leave neither.
+    """
     make_dirs(path.parent)
     fd, temp = tempfile.mkstemp(prefix=f"{path.name}{TEMP_MARK}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.chmod(temp, PRIVATE_FILE)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -481,18 +487,20 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _writer_alive(temp_name: str) -> bool:
-    """Whether another live process may still be writing this temporary file (its pid is in the name)."""
-    found = re.search(re.escape(TEMP_MARK) + r"([0-9]+)(?:-|\Z)", temp_name)
-    if found is None or int(found.group(1)) == os.getpid():
-        return False
+def process_alive(pid: int) -> bool:
     try:
-        os.kill(int(found.group(1)), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
         return True   # PermissionError: alive, someone else's; OverflowError: not a pid, keep to be safe
     return True
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """Whether another live process may still be writing this temporary file (its pid is in the name)."""
+    found = re.search(re.escape(TEMP_MARK) + r"([0-9]+)(?:-|\Z)", temp_name)
+    return found is not None and int(found.group(1)) != os.getpid() and process_alive(int(found.group(1)))
 
 
 def remove_temp_files(root: Path) -> int:
@@ -2837,8 +2845,28 @@ class _PluginActivity:
     last_error: Optional[dict] = None
 
 
+def process_gauges() -> dict:
+    """Resident memory and open descriptors of this process (Linux /proc; zeros elsewhere)."""
+    resident = open_fds = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError):
+        open_fds = len(os.listdir("/proc/self/fd"))
+    return {"resident_bytes": resident, "open_fds": open_fds}
+
+
+ACTIVITY_SHARE_INTERVAL = 0.25   # seconds: how far behind a worker may see the others' activity
+
+
 class Activity:
-    """Recent lines, statistics and counters of every plugin, and the server's own counters."""
+    """Recent lines, statistics and counters of every plugin, and the server's own counters.
+
+    Worker processes serving one data dir share theirs (``share``): each
+    publishes a snapshot to FOLDER/<pid>.json when it changed, at most every
+    ACTIVITY_SHARE_INTERVAL (not fsynced: it matters only while the worker
+    lives), and ``view()`` adds up the live workers' snapshots.
+    """
 
     def __init__(self) -> None:
         self._plugins: dict = {}
@@ -2850,6 +2878,10 @@ class Activity:
         self.started = time.time()
         self.line_bytes = 0   # of every ring
         self._removed: set = set()   # keys whose plugin is gone: a late invocation of it records nothing
+        self.changes = 0   # counts every change, so a worker shares its activity only when it changed
+        self.resident_bytes = 0   # of the worker processes besides this one, in a combined view
+        self.shared: Optional[Path] = None   # the folder of the workers' snapshots, once shared
+        self._publishing = threading.Lock()
 
     def _plugin(self, key: str) -> _PluginActivity:
         activity = self._plugins.get(key)
@@ -2868,6 +2900,7 @@ class Activity:
                 return
             activity = self._plugin(key)
             activity.lines.append((entry, size))
+            self.changes += 1
             activity.line_bytes += size
             self.line_bytes += size
             while len(activity.lines) > RING_LINES or activity.line_bytes > RING_BYTES:
@@ -2887,6 +2920,7 @@ class Activity:
             if host_calls:
                 activity.host_calls.update(host_calls)
             activity.outcomes[outcome] += 1
+            self.changes += 1
             activity.durations.append(seconds)
             activity.duration_sum += seconds
             activity.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
@@ -2898,12 +2932,14 @@ class Activity:
     def deployed(self, key: str, compile_seconds: float) -> None:
         with self._lock:
             self._removed.discard(key)
+            self.changes += 1
             self.deploys += 1
             self.compile_seconds += compile_seconds
 
     def removed(self, key: str) -> None:
         with self._lock:
             gone = self._plugins.pop(key, None)
+            self.changes += 1
             self._removed.add(key)
             if gone is not None:
                 self.line_bytes -= gone.line_bytes
@@ -2911,6 +2947,88 @@ class Activity:
     def http(self, route: str, status: int) -> None:
         with self._lock:
             self.http_requests[route, status // 100] += 1
+            self.changes += 1
+
+    def share(self, folder: Path) -> None:
+        """From now on publish this process's activity to ``folder``, and view every live worker's."""
+        make_dirs(folder)
+        for published in folder.glob("*.json"):
+            if not (published.stem.isdigit() and process_alive(int(published.stem))):
+                with contextlib.suppress(OSError):
+                    published.unlink()
+        self.shared = folder
+        threading.Thread(target=self._publish, args=(folder / f"{os.getpid()}.json",), name="aeordb-activity",
+                         daemon=True).start()
+
+    def _publish(self, target: Path) -> None:
+        published = None
+        while self.shared is not None:
+            time.sleep(ACTIVITY_SHARE_INTERVAL)   # a pace, not a wait for anything
+            with self._publishing:
+                if self.shared is not None and self.changes != published:
+                    published = self.changes
+                    with contextlib.suppress(OSError):
+                        atomic_write(target, compact_json(self.snapshot()).encode(), durable=False)
+
+    def stop_sharing(self) -> None:
+        """At a clean stop: this worker's activity leaves the others' view."""
+        with self._publishing:
+            if self.shared is not None:
+                with contextlib.suppress(OSError):
+                    (self.shared / f"{os.getpid()}.json").unlink()
+                self.shared = None
+
+    def view(self) -> "Activity":
+        """This process's activity, or with shared workers, every live worker's added up."""
+        if self.shared is None:
+            return self
+        combined = Activity()
+        combined.add(self.snapshot())
+        combined.resident_bytes = 0   # this process's own comes from process_gauges
+        for published in self.shared.glob("*.json"):
+            if published.stem.isdigit() and int(published.stem) != os.getpid() and process_alive(int(published.stem)):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    combined.add(load_json(published.read_bytes()))
+        return combined
+
+    def snapshot(self) -> dict:
+        """Everything this process counted, as JSON, for the other worker processes to add up."""
+        with self._lock:
+            return {"plugins": {key: {"lines": [entry for entry, _ in a.lines], "outcomes": a.outcomes,
+                                      "durations": list(a.durations), "buckets": a.buckets,
+                                      "duration_sum": a.duration_sum, "request_bytes": a.request_bytes,
+                                      "response_bytes": a.response_bytes, "host_calls": a.host_calls,
+                                      "last_error": a.last_error}
+                                for key, a in self._plugins.items()},
+                    "http_requests": [[route, hundreds, count] for (route, hundreds), count in self.http_requests.items()],
+                    "deploys": self.deploys, "compile_seconds": self.compile_seconds,
+                    "busy_workers": self.busy_workers(), "started": self.started,
+                    "resident_bytes": process_gauges()["resident_bytes"]}
+
+    def add(self, snapshot: dict) -> None:
+        """Count another worker's ``snapshot`` in too (into a combined view, not a live Activity)."""
+        for key, other in snapshot["plugins"].items():
+            a = self._plugin(key)
+            a.lines = collections.deque(sorted([*a.lines, *((entry, 0) for entry in other["lines"])],
+                                               key=lambda line: line[0]["time"])[-RING_LINES:])
+            for outcome, count in other["outcomes"].items():
+                a.outcomes[outcome] = a.outcomes.get(outcome, 0) + count
+            a.durations = collections.deque([*a.durations, *other["durations"]])
+            a.buckets = [mine + theirs for mine, theirs in zip(a.buckets, other["buckets"])]
+            a.duration_sum += other["duration_sum"]
+            a.request_bytes += other["request_bytes"]
+            a.response_bytes += other["response_bytes"]
+            a.host_calls.update(other["host_calls"])
+            if other["last_error"] and (a.last_error is None or other["last_error"]["time"] > a.last_error["time"]):
+                a.last_error = other["last_error"]
+        for route, hundreds, count in snapshot["http_requests"]:
+            self.http_requests[route, hundreds] += count
+        self.deploys += snapshot["deploys"]
+        self.compile_seconds += snapshot["compile_seconds"]
+        busy = self.busy_workers() + snapshot["busy_workers"]
+        self.busy_workers = lambda: busy
+        self.started = min(self.started, snapshot["started"])
+        self.resident_bytes += snapshot["resident_bytes"]
 
     def logs(self, key: str, limit: int) -> list:
         with self._lock:
@@ -2980,8 +3098,8 @@ class Activity:
                 out.append(f"aeordb_http_requests_total{labels} {count}")
             family("aeordb_worker_threads_busy", "gauge", "Worker threads serving a request now.")
             out.append(f"aeordb_worker_threads_busy {self.busy_workers()}")
-        family("process_resident_memory_bytes", "gauge", "Resident memory of the server process.")
-        out.append(f"process_resident_memory_bytes {gauges['resident_bytes']}")
+        family("process_resident_memory_bytes", "gauge", "Resident memory of the server process(es).")
+        out.append(f"process_resident_memory_bytes {gauges['resident_bytes'] + self.resident_bytes}")
         family("process_open_fds", "gauge", "Open file descriptors of the server process.")
         out.append(f"process_open_fds {gauges['open_fds']}")
         family("aeordb_uptime_seconds", "gauge", "Seconds since the server started.")
@@ -2993,17 +3111,6 @@ class Activity:
         for db, stored in sorted(gauges["databases"].items()):
             out.append(f"aeordb_database_bytes{prometheus_labels(db=db)} {stored}")
         return "\n".join(out) + "\n"
-
-
-def process_gauges() -> dict:
-    """Resident memory and open descriptors of this process (Linux /proc; zeros elsewhere)."""
-    resident = open_fds = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/self/statm") as statm:
-            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    with contextlib.suppress(OSError):
-        open_fds = len(os.listdir("/proc/self/fd"))
-    return {"resident_bytes": resident, "open_fds": open_fds}
 
 
 ###############################################################################
@@ -4338,7 +4445,7 @@ class Api:
                   "databases": {db: size for db, size in stored.items() if visible is None or db in visible}}
         keys = [meta["path"] for meta in self.registry.list_all()
                 if visible is None or meta["path"].split("/", 1)[0] in visible]
-        return bottle.HTTPResponse(self.activity.prometheus(gauges, keys), status=200,
+        return bottle.HTTPResponse(self.activity.view().prometheus(gauges, keys), status=200,
                                    headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def plugin_logs(self, db: str, schema: str, table: str) -> dict:
@@ -4347,12 +4454,12 @@ class Api:
         text = bottle.request.query.get("limit", "100")
         if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > RING_LINES:
             raise ApiError(400, f"limit must be a whole number from 0 to {RING_LINES}")
-        return {"path": plugin.key, "lines": self.activity.logs(plugin.key, int(text))}
+        return {"path": plugin.key, "lines": self.activity.view().logs(plugin.key, int(text))}
 
     def plugin_stats(self, db: str, schema: str, table: str) -> dict:
         check_segments(db, schema, table)
         plugin = self.registry.get(f"{db}/{schema}/{table}")
-        return {"path": plugin.key, **self.activity.stats(plugin.key),
+        return {"path": plugin.key, **self.activity.view().stats(plugin.key),
                 "version": {"sha256": plugin.meta["sha256"], "deployed_at": plugin.meta["deployed_at"]}}
 
     # -- system ------------------------------------------------------------------
@@ -4484,6 +4591,8 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
                        fast=settings.fast_calls, slots=pool_slots(settings.threads))
     files = FileStore(settings)
     activity = Activity()
+    if settings.workers != 1:
+        activity.share(settings.data_dir / "activity")
     runtime = WasmRuntime(settings, files, wasm, activity)
     registry = PluginRegistry(settings, wasm, runtime.new_linker)
     keys = KeyStore(settings.data_dir)
@@ -4726,6 +4835,7 @@ class Server:
         server.task_dispatcher.shutdown(timeout=1)
         server.asyncore.close_all(server._map)
         self.app.config["aeordb.files"].checkpoint()
+        self.app.config["aeordb.activity"].stop_sharing()
         log.info("stopped")
 
     def _drop_slow_heads(self, now: float) -> None:

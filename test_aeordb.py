@@ -3884,6 +3884,20 @@ def worker_of(headers: dict) -> str:
     return headers["x-request-id"].rsplit("-", 1)[0]
 
 
+@contextlib.contextmanager
+def workers_server(data_dir: Path, workers: int, *extra_args: str, **options):
+    """server_process with ``--workers``, once every worker serves (each connection lands on any
+    worker that listens, and a worker listens once it has built its app)."""
+    with server_process(data_dir, "--workers", str(workers), *extra_args, **options) as (process, port):
+        seen = set()
+
+        def all_serving() -> bool:
+            seen.add(worker_of(http_request(port, "GET", "/_health")[1]))
+            return len(seen) == workers
+        wait_for(all_serving, timeout=30, what=f"{workers} workers serving")
+        yield process, port
+
+
 def invoke_answers(port: int, path: str, count: int) -> tuple:
     """``count`` invocations of ``path``, each on a new connection: (set of (status, body), workers that answered)."""
     answers, workers = set(), set()
@@ -3926,7 +3940,7 @@ def test_each_worker_gets_its_own_socket_on_the_port_or_all_share_one(monkeypatc
 
 
 def test_every_worker_serves_each_change_on_the_very_next_request(tmp_path):
-    with server_process(tmp_path, "--workers", "2") as (process, port):
+    with workers_server(tmp_path, 2) as (process, port):
         assert len(worker_pids(process)) == 2
         put = functools.partial(http_request, port, "PUT")
         assert put("/db/s/t/_deploy", answer_module(b"one"))[0] == 200
@@ -3943,8 +3957,47 @@ def test_every_worker_serves_each_change_on_the_very_next_request(tmp_path):
         assert {http_request(port, "GET", "/db/_plugins")[2] for _ in range(20)} == {b"[]"}
 
 
+def test_keys_statistics_logs_and_metrics_are_every_workers(tmp_path):
+    with workers_server(tmp_path, 2) as (process, port):
+        status, _, body = http_request(port, "POST", "/_keys", json.dumps({"name": "k", "scopes": ["invoke"], "databases": ["db"]}).encode())
+        assert status == 201
+        key = {"Authorization": f"Bearer {json.loads(body)['key']}"}
+        assert http_request(port, "PUT", "/db/s/t/_deploy", wat(ECHO_WAT))[0] == 200
+        assert http_request(port, "PUT", "/db/s/trap/_deploy", wat(TRAP_WAT))[0] == 200
+        workers = set()
+        for _ in range(30):
+            status, headers, _ = http_request(port, "POST", "/db/s/t/f/_invoke", b"hi", headers=key)
+            assert status == 200
+            workers.add(worker_of(headers))
+        for _ in range(6):
+            status, headers, _ = http_request(port, "POST", "/db/s/trap/f/_invoke", b"")
+            assert status == 500
+            workers.add(worker_of(headers))
+        assert len(workers) == 2
+
+        def stats() -> tuple:
+            _, headers, body = http_request(port, "GET", "/db/s/t/_stats")
+            return json.loads(body)["invocations"], worker_of(headers)
+        def agreed() -> bool:   # each worker publishes what it counted within ACTIVITY_SHARE_INTERVAL
+            answers = {stats() for _ in range(10)}
+            return {count for count, _ in answers} == {30} and len({worker for _, worker in answers}) == 2
+        wait_for(agreed, what="every worker's invocations in every worker's statistics")
+        answers = {stats() for _ in range(20)}
+        assert {count for count, _ in answers} == {30} and len({worker for _, worker in answers}) == 2
+        for _ in range(10):
+            _, headers, body = http_request(port, "GET", "/db/s/trap/_logs")
+            assert len(json.loads(body)["lines"]) == 6
+            _, headers, body = http_request(port, "GET", "/_metrics")
+            assert 'aeordb_invocations_total{db="db",schema="s",table="t",outcome="ok"} 30' in body.decode()
+            assert 'aeordb_deploys_total 2' in body.decode()
+        key_id = json.loads(http_request(port, "GET", "/_keys")[2])[0]["id"]
+        assert http_request(port, "DELETE", f"/_keys/{key_id}")[0] == 200
+        assert {http_request(port, "POST", "/db/s/t/f/_invoke", b"", headers=key)[0] for _ in range(20)} == {401}
+    assert sorted(p.name for p in (tmp_path / "activity").iterdir()) == []
+
+
 def test_a_killed_worker_is_replaced_and_no_acknowledged_change_is_lost(tmp_path):
-    with server_process(tmp_path, "--workers", "2") as (process, port):
+    with workers_server(tmp_path, 2) as (process, port):
         assert http_request(port, "PUT", "/db/s/t/_deploy", answer_module(b"kept"))[0] == 200
         acknowledged, stop = {}, threading.Event()
 
@@ -3984,7 +4037,7 @@ def test_a_killed_worker_is_replaced_and_no_acknowledged_change_is_lost(tmp_path
 
 
 def test_a_looping_plugin_is_stopped_at_its_limit_in_every_worker(tmp_path):
-    with server_process(tmp_path, "--workers", "2", "--timeout", "0.3") as (process, port):
+    with workers_server(tmp_path, 2, "--timeout", "0.3") as (process, port):
         assert http_request(port, "PUT", "/db/s/loop/_deploy", wat(LOOP_WAT))[0] == 200
         workers, statuses = set(), set()
         for _ in range(30):   # until both workers answered (each connection lands on either)
@@ -3995,12 +4048,12 @@ def test_a_looping_plugin_is_stopped_at_its_limit_in_every_worker(tmp_path):
             assert time.monotonic() - started < 5, "the time limit did not stop the plugin"
             statuses.add((status, "time limit" in json.loads(body)["error"]))
             workers.add(worker_of(headers))
-        assert statuses == {(504, True)} and len(workers) == 2
+        assert statuses == {(500, True)} and len(workers) == 2
 
 
 def test_several_workers_on_a_fresh_data_dir_agree_on_one_token(tmp_path):
     data_dir = tmp_path / "fresh"
-    with server_process(data_dir, "--workers", "3", token=False) as (process, port):
+    with workers_server(data_dir, 3, token=False) as (process, port):
         token = (data_dir / "token").read_text().strip()
         workers = set()
         for _ in range(40):
@@ -4014,7 +4067,7 @@ def test_several_workers_on_a_fresh_data_dir_agree_on_one_token(tmp_path):
 
 
 def test_concurrent_deploys_through_different_workers_leave_one_consistent_plugin(tmp_path):
-    with server_process(tmp_path, "--workers", "2") as (process, port):
+    with workers_server(tmp_path, 2) as (process, port):
         modules = {f"v{n}".encode(): answer_module(f"v{n}".encode()) for n in range(12)}
         barrier = threading.Barrier(len(modules))
         results = {}
