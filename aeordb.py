@@ -665,7 +665,7 @@ def pool_slots(threads: int) -> int:
 
 
 def _libc_function(name: str) -> Optional[Callable]:
-    """A function of the C library (glibc's malloc tuning), or None where there is none."""
+    """A function of the C library (glibc's malloc tuning, Linux's prctl), or None where there is none."""
     with contextlib.suppress(OSError, AttributeError):
         return getattr(ctypes.CDLL(None), name)
     return None
@@ -4879,6 +4879,10 @@ class Server:
             for channel in list(self.waitress.active_channels.values())))
 
 
+_prctl = _libc_function("prctl")
+PR_SET_PDEATHSIG = 1   # <sys/prctl.h>
+
+
 class Workers:
     """The parent of ``count`` worker processes, each serving ``app_factory()`` on its socket.
 
@@ -4904,6 +4908,7 @@ class Workers:
         self.quick_deaths = 0
         self.stopping: Optional[float] = None   # the deadline of a stop once one began
         self.status = 0
+        self.parent = os.getpid()
 
     def listener_of(self, number: int) -> socket.socket:
         return self.listeners[(number - 1) % len(self.listeners)]
@@ -4991,6 +4996,10 @@ class Workers:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
     def _serve(self, number: int) -> int:
+        if _prctl is not None:   # Linux: a worker never outlives its parent (SIGKILLed, say)
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != self.parent:   # it died before that took effect
+                return 0
         listener = self.listener_of(number)
         for other in self.listeners:
             if other is not listener:

@@ -3879,6 +3879,14 @@ def worker_pids(server) -> set:
     return {int(pid) for pid in children}
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def worker_of(headers: dict) -> str:
     """Which process answered: a request id is that process's prefix and a number."""
     return headers["x-request-id"].rsplit("-", 1)[0]
@@ -4036,6 +4044,17 @@ def test_a_killed_worker_is_replaced_and_no_acknowledged_change_is_lost(tmp_path
     assert process.returncode == 0
 
 
+def test_workers_stop_when_their_parent_is_killed(tmp_path):
+    with workers_server(tmp_path, 2) as (process, port):
+        workers = worker_pids(process)
+        process.kill()
+        process.wait()
+        wait_for(lambda: not any(running(pid) for pid in workers), what="the workers' exit")
+        # Nothing holds the port: a new server starts on it.
+        with contextlib.closing(aeordb.bind_listener("127.0.0.1", port)) as listener:
+            listener.listen()
+
+
 def test_a_looping_plugin_is_stopped_at_its_limit_in_every_worker(tmp_path):
     with workers_server(tmp_path, 2, "--timeout", "0.3") as (process, port):
         assert http_request(port, "PUT", "/db/s/loop/_deploy", wat(LOOP_WAT))[0] == 200
@@ -4105,7 +4124,7 @@ def test_workers_stop_together_on_sigterm_and_fall_back_to_one_shared_socket(tmp
         assert answers == {(200, b"shared")}
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert not any(running(pid) for pid in workers)
     assert "workers:   2 processes (one shared socket)" in process.stdout.read().decode()
 
 
