@@ -849,7 +849,9 @@ def test_redeploy_replaces(client):
     first = deploy(client, "db/s/t", answer_module(b"one")).json
     assert invoke(client, "db/s/t/f").body == b"one"
     second = deploy(client, "db/s/t", answer_module(b"two")).json
-    assert second["plugin_id"] != first["plugin_id"] and second["sha256"] != first["sha256"]
+    # The same plugin, a new version: its id and creation time are kept (as AeorDB keeps them).
+    assert second["plugin_id"] == first["plugin_id"] and second["sha256"] != first["sha256"]
+    assert second["created_at"] == first["created_at"] and second["updated_at"] >= first["updated_at"]
     assert invoke(client, "db/s/t/f").body == b"two"
     listed = client.get("/db/_plugins", headers=AUTH).json
     assert len(listed) == 1 and listed[0]["sha256"] == second["sha256"]
@@ -1857,42 +1859,157 @@ EXTRACT_TEXT = "line1\nline2 ünï\nline3 日本語\nline4\n"
 
 
 @pytest.mark.parametrize("args, expected", [
-    ({"mode": "lines", "start": 2, "end": 3}, {"text": "line2 ünï\nline3 日本語\n", "truncated": False}),
-    ({"mode": "lines", "start": None, "end": None}, {"text": EXTRACT_TEXT, "truncated": False}),
-    ({"mode": "lines"}, {"text": EXTRACT_TEXT, "truncated": False}),
-    ({}, {"text": EXTRACT_TEXT, "mode": "lines"}),
+    ({"mode": "lines", "start": 2, "end": 3}, {"text": "line2 ünï\nline3 日本語\n", "truncated": False,
+                                               "start": 2, "end": 3}),
+    ({"mode": "lines", "start": None, "end": None}, {"text": EXTRACT_TEXT, "start": 1, "end": None}),
+    ({"mode": "lines"}, {"text": EXTRACT_TEXT, "truncated": False, "start": 1, "end": None}),
     ({"mode": "lines", "start": 4, "end": 99}, {"text": "line4\n"}),
+    ({"mode": "lines", "start": 5, "end": 9}, {"text": ""}),             # past the end: nothing, no error
     ({"mode": "lines", "start": 3, "end": 3}, {"text": "line3 日本語\n"}),
     ({"mode": "chars", "start": 6, "end": 15}, {"text": "line2 ünï"}),       # characters, not bytes
     ({"mode": "chars", "start": 0, "end": 0}, {"text": ""}),
-    ({"mode": "chars", "start": 22, "end": None}, {"text": "日本語\nline4\n"}),
-    ({"mode": "bytes", "start": 0, "end": 5}, {"text": "line1"}),
+    ({"mode": "chars", "start": 22, "end": None}, {"text": "日本語\nline4\n", "start": 22, "end": None}),
+    ({"mode": "chars"}, {"text": EXTRACT_TEXT, "start": 0, "end": None}),
+    ({"mode": "bytes", "start": 0, "end": 5}, {"text": "line1", "start": 0, "end": 5}),
+    ({"mode": "bytes", "start": 24, "end": 27}, {"text": "日"}),
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 7}, {"text": "日本", "truncated": True}),
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 9}, {"text": "日本語", "truncated": False}),
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 2}, {"text": "", "truncated": True}),
-    ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 0}, {"text": "", "truncated": True}),
+    ({"mode": "bytes", "start": 24, "end": 27, "max_bytes": 2}, {"text": "\ufffd", "truncated": True}),
+    ({"mode": "lines", "max_bytes": 16 * 1024 * 1024}, {"text": EXTRACT_TEXT, "truncated": False}),
+    # null, negative, float, boolean and string optional arguments count as absent, not as errors
     ({"mode": "chars", "start": 0, "end": 1, "max_bytes": -5}, {"text": "l", "truncated": False}),
-    ({"mode": "lines", "max_bytes": 1 << 40}, {"text": EXTRACT_TEXT, "truncated": False}),
     ({"mode": "lines", "max_bytes": None}, {"text": EXTRACT_TEXT, "truncated": False}),
+    ({"mode": "lines", "start": "2", "end": 1.0}, {"text": EXTRACT_TEXT, "start": 1, "end": None}),
+    ({"mode": "chars", "start": -3, "end": True, "max_bytes": 2.5}, {"text": EXTRACT_TEXT, "start": 0}),
 ])
 def test_extract_file(client, args, expected):
     data = EXTRACT_TEXT.encode()
     put_file(client, "x", "/t.txt", data, "text/plain")
     answer = call_host(client, "x", "aeordb_extract_file", {"path": "/t.txt", **args})
     assert "error" not in answer, answer
+    assert list(answer) == ["text", "content_type", "source_size", "mode", "start", "end", "pointer",
+                            "truncated"]
     for key, value in expected.items():
         assert answer[key] == value, (key, answer)
     assert answer["source_size"] == len(data) and answer["content_type"] == "text/plain"
-    assert answer["mode"] == args.get("mode", "lines")
-    assert len(answer["text"].encode()) <= max(1, min(args.get("max_bytes") or 4 * 1024 * 1024,
-                                                      16 * 1024 * 1024))
+    assert answer["mode"] == args["mode"] and answer["pointer"] is None
+    limit = args.get("max_bytes")
+    if args["mode"] != "bytes":   # bytes mode cuts raw bytes, and U+FFFD takes three
+        assert len(answer["text"].encode()) <= (limit if isinstance(limit, int) and limit > 0 else 4 * 1024 * 1024)
 
 
-def test_extract_file_errors(client):
+def test_extract_file_examples_of_aeordb(client):
+    """The examples of AEORDB_TODAY.md section 4, each as upstream answers it."""
+    put_file(client, "x", "/mixed.txt", b"one\r\ntwo\nthree\rfour", "text/plain")
+    put_file(client, "x", "/unicode.txt", "aé日b".encode(), "text/plain")
+    put_file(client, "x", "/bin.dat", bytes([0x61, 0x62, 0xFF, 0x63]))
+    put_file(client, "x", "/doc.json", b'{"messages":[{"content":"hello"},{"content":{"nested":true}}]}',
+             "application/json")
+    put_file(client, "x", "/greek.txt", "alpha βeta gamma".encode(), "text/plain")
+    extract = functools.partial(call_host, client, "x", "aeordb_extract_file")
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 2, "end": 3}) == {
+        "text": "two\nthree\r", "content_type": "text/plain", "source_size": 19, "mode": "lines", "start": 2,
+        "end": 3, "pointer": None, "truncated": False}
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 1, "end": 1})["text"] == "one\r\n"
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 4})["text"] == "four"
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 5, "end": 9})["text"] == ""
+    assert extract({"path": "/unicode.txt", "mode": "chars", "start": 1, "end": 3})["text"] == "é日"
+    assert extract({"path": "/bin.dat", "mode": "bytes", "start": 1, "end": 4})["text"] == "b\ufffdc"
+    assert extract({"path": "/bin.dat", "mode": "bytes"})["content_type"] == "application/octet-stream"
+    first = extract({"path": "/doc.json", "mode": "json_pointer", "pointer": "/messages/0/content",
+                     "start": 3, "end": 9})
+    assert first == {"text": "hello", "content_type": "application/json", "source_size": 62,
+                     "mode": "json_pointer", "start": None, "end": None, "pointer": "/messages/0/content",
+                     "truncated": False}
+    assert extract({"path": "/doc.json", "mode": "json_pointer",
+                    "pointer": "/messages/1/content"})["text"] == '{"nested":true}'
+    greek = extract({"path": "/greek.txt", "mode": "chars", "start": 6, "end": 16, "max_bytes": 5})
+    assert (greek["text"], greek["truncated"]) == ("βeta", True)
+
+
+def test_extract_file_line_breaks_are_lf_crlf_and_cr_only(client):
+    """Not str.splitlines: vertical tab, form feed, the separators, NEL and U+2028/2029 are not breaks."""
+    text = "a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g\r\nsecond\n\nfourth\r\rsixth"
+    put_file(client, "x", "/breaks.txt", text.encode(), "text/plain")
+    lines = ["a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g\r\n", "second\n", "\n", "fourth\r", "\r", "sixth"]
+    for number, line in enumerate(lines, 1):
+        answer = call_host(client, "x", "aeordb_extract_file",
+                           {"path": "/breaks.txt", "mode": "lines", "start": number, "end": number})
+        assert answer["text"] == line, (number, answer)
+    whole = call_host(client, "x", "aeordb_extract_file", {"path": "/breaks.txt", "mode": "lines"})
+    assert whole["text"] == text
+
+
+def test_extract_file_json_pointer(client):
+    document = {"b": [10, {"z": 1, "a": [True, None, 1.5]}], "a/b": "slash", "m~n": "tilde", "": "empty key",
+                "text": "ünï 日本", "0": "zero"}
+    put_file(client, "x", "/d.json", json.dumps(document).encode(), "application/json")
+    extract = functools.partial(call_host, client, "x", "aeordb_extract_file")
+    for pointer, text in [("", json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)),
+                          ("/b/1", '{"a":[true,null,1.5],"z":1}'),   # keys sorted, compact
+                          ("/b/0", "10"), ("/b/1/a/1", "null"), ("/b/1/a/0", "true"),
+                          ("/a~1b", "slash"), ("/m~0n", "tilde"), ("/", "empty key"),
+                          ("/text", "ünï 日本"),                           # a string unquoted
+                          ("/0", "zero")]:                               # a digit key of an object
+        answer = extract({"path": "/d.json", "mode": "json_pointer", "pointer": pointer})
+        assert (answer.get("text"), answer.get("pointer")) == (text, pointer), (pointer, answer)
+    for pointer in ("b", "/b/01", "/b/2", "/b/-", "/b/+1", "/nothing", "/text/0", "/b/1/z/x"):
+        answer = extract({"path": "/d.json", "mode": "json_pointer", "pointer": pointer})
+        assert answer == {"error": f"Invalid input: JSON pointer not found: {pointer}"}, (pointer, answer)
+    cut = extract({"path": "/d.json", "mode": "json_pointer", "pointer": "/text", "max_bytes": 7})
+    assert (cut["text"], cut["truncated"]) == ("ünï ", True)
+
+
+@pytest.mark.parametrize("args, error", [
+    ({"mode": "lines"}, "Missing 'path' argument"),
+    ({"path": 7, "mode": "lines"}, "Missing 'path' argument"),
+    ({"path": "/t.txt"}, "Missing 'mode' argument"),
+    ({"path": "/t.txt", "mode": None}, "Missing 'mode' argument"),
+    ({"path": "/t.txt", "mode": "words"},
+     "Unsupported extract mode; expected 'lines', 'chars', 'bytes', or 'json_pointer'"),
+    ({"path": "/t.txt", "mode": "LINES"},
+     "Unsupported extract mode; expected 'lines', 'chars', 'bytes', or 'json_pointer'"),
+    ({"path": "/missing.txt", "mode": "words"},                   # the mode is checked first
+     "Unsupported extract mode; expected 'lines', 'chars', 'bytes', or 'json_pointer'"),
+    ({"path": "/missing.txt", "mode": "lines", "max_bytes": 0}, "Not found: /missing.txt"),
+    ({"path": "/t.txt", "mode": "lines", "max_bytes": 0},
+     "Invalid input: Invalid max_bytes: must be between 1 and 16777216"),
+    ({"path": "/t.txt", "mode": "chars", "max_bytes": 16 * 1024 * 1024 + 1},
+     "Invalid input: Invalid max_bytes: must be between 1 and 16777216"),
+    ({"path": "/t.txt", "mode": "lines", "max_bytes": 1 << 40},
+     "Invalid input: Invalid max_bytes: must be between 1 and 16777216"),
+    ({"path": "/t.txt", "mode": "lines", "start": 0},
+     "Invalid input: Line ranges are 1-based; start must be at least 1"),
+    ({"path": "/t.txt", "mode": "lines", "start": 3, "end": 2},
+     "Invalid input: Range end must be greater than or equal to start"),
+    ({"path": "/t.txt", "mode": "chars", "start": 3, "end": 2},
+     "Invalid input: Range end must be greater than or equal to start"),
+    ({"path": "/t.txt", "mode": "bytes", "start": 3, "end": 2},
+     "Invalid input: Range end must be greater than or equal to start"),
+    ({"path": "/t.txt", "mode": "json_pointer"}, "Invalid input: json_pointer range requires 'pointer'"),
+    ({"path": "/t.txt", "mode": "json_pointer", "pointer": 5}, "Invalid input: json_pointer range requires 'pointer'"),
+])
+def test_extract_file_errors(client, args, error):
     put_file(client, "x", "/t.txt", b"abc\n", "text/plain")
-    for args in ({"path": "/t.txt", "mode": "words"}, {"path": "/t.txt", "mode": "lines", "start": 0},
-                 {"path": "/t.txt", "start": "1"}, {"path": "/missing.txt"}, {"mode": "lines"}):
-        assert "error" in call_host(client, "x", "aeordb_extract_file", args), args
+    assert call_host(client, "x", "aeordb_extract_file", args) == {"error": error}
+
+
+def test_extract_file_errors_on_content(client):
+    put_file(client, "x", "/t.txt", b"abc\n", "text/plain")
+    put_file(client, "x", "/bad.txt", b"one\ntw\xffo\nthree\n", "text/plain")
+    extract = functools.partial(call_host, client, "x", "aeordb_extract_file")
+    answer = extract({"path": "/t.txt", "mode": "json_pointer", "pointer": ""})
+    assert answer["error"].startswith("JSON parse error: Stored file is not valid JSON: "), answer
+    # Invalid UTF-8 is an error once the range reaches it, not before; bytes mode replaces it.
+    assert extract({"path": "/bad.txt", "mode": "lines", "start": 1, "end": 1})["text"] == "one\n"
+    assert extract({"path": "/bad.txt", "mode": "chars", "start": 0, "end": 6})["text"] == "one\ntw"
+    for args in ({"mode": "lines", "start": 2, "end": 2}, {"mode": "lines", "start": 3},
+                 {"mode": "chars", "start": 0, "end": 7}, {"mode": "chars"}):
+        answer = extract({"path": "/bad.txt", **args})
+        assert answer == {"error": "Invalid input: Invalid UTF-8: invalid utf-8 sequence of 1 bytes from index 6"}, \
+            (args, answer)
+    assert extract({"path": "/bad.txt", "mode": "bytes", "start": 4, "end": 8})["text"] == "tw\ufffdo"
 
 
 def test_extract_file_truncation_keeps_utf8_whole(client):
