@@ -1840,7 +1840,7 @@ class PluginRegistry:
             # What an older version deployed lacks the fields added since.
             meta.setdefault("created_at", meta["deployed_at"])
             meta.setdefault("updated_at", meta["deployed_at"])
-            meta.setdefault("checksum", f"sha256:{meta['sha256']}")
+            meta["checksum"] = f"sha256:{meta['sha256']}"   # what the module is, whatever the file says
             module_file = folder / f"module-{meta['sha256']}.wasm"
             module, wasm_bytes = self._load_module(meta["sha256"], module_file)
             shape = inspect_module(module, self.settings, wasm_bytes, self.provided)
@@ -2626,6 +2626,8 @@ def _line_range(data: bytes, start: int, end: Optional[int]) -> str:
     The bytes up to the range's end must be UTF-8; those after it are not read."""
     begin, stop, line = (0 if start == 1 else None), len(data), 1
     for found in _LINE_BREAK.finditer(data):
+        if begin is not None and end is None:
+            break   # the rest of the file is the range
         line += 1   # the number of the line starting after this break
         if end is not None and line > end:
             stop = found.end()

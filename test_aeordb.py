@@ -2942,8 +2942,8 @@ def test_today_routes_answer_todays_errors(client):
 @pytest.mark.parametrize("name", [".hidden", "_reserved", ".", "..", "a" * 129, "a%20b", "%C3%A9t%C3%A9",
                                   "a%00b"])
 def test_today_routes_refuse_bad_names(client, name):
-    for method, path, body in (("PUT", f"/plugins/{name}", bytes(wat(ECHO_WAT))), ("POST", f"/plugins/{name}/invoke", b""),
-                               ("DELETE", f"/plugins/{name}", b"")):
+    for method, path, body in (("PUT", f"/plugins/{name}", bytes(wat(ECHO_WAT))),
+                               ("POST", f"/plugins/{name}/invoke", b""), ("DELETE", f"/plugins/{name}", b"")):
         answer = client.request(path, method=method, body=body, headers=AUTH, expect_errors=True)
         assert answer.status_int == 400 and "invalid plugin name" in error_of(answer), (method, answer.status)
     assert client.get("/plugins", headers=AUTH).json == {"items": []}
