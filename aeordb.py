@@ -146,6 +146,8 @@ class Settings:
     memory_budget: int = setting(32 * MiB, "bytes of large (1 MiB or more) request bodies and plugin answers "
                                            "worked on at once; more are refused with 503")
     query_limit: int = setting(100, "items a query answers when it sets no limit")
+    default_db: str = setting("default", "the database of today's AeorDB plugin routes (/plugins/{name}): "
+                                         "their plugins are kept, and reach files, there")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
     access_log: bool = setting(False, "log one line per request")
     engine: str = setting("auto", "how the engine allocates instances: auto (the fastest that fits "
@@ -285,6 +287,8 @@ def _first_line(exc: BaseException) -> str:
 #            (the ABI's metadata key "path")
 #   path     a file's place inside one database, "/notes/1.json"
 #   segment  one URL name: a database, schema, table or function name
+#   name     a plugin's name on today's AeorDB routes (/plugins/{name}): the
+#            plugin at key "<default db>/plugins/<name>" (see PluginRegistry)
 
 # 1-128 of these characters, not starting with '_' (reserved), and not '.' or '..'.
 _VALID_SEGMENT = re.compile(r"(?!_)(?!\.\.?\Z)[A-Za-z0-9._-]{1,128}")
@@ -305,6 +309,15 @@ def check_segments(*values: str) -> None:
             shown = value if len(value) <= 64 else value[:64] + "..."
             raise ApiError(400, f"invalid {what} {shown!r}: use 1-128 letters, digits, '-', '_' or '.', "
                                 "not starting with '_' (reserved) and not '.' or '..'")
+
+
+def check_plugin_name(name: str) -> None:
+    """Validate the {name} of today's AeorDB plugin routes: a segment (check_segments' rule) that
+    also does not start with '.', since AeorDB's own rule is [A-Za-z0-9._-]+ without a leading dot."""
+    if name.startswith(".") or not _VALID_SEGMENT.fullmatch(name):
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise ApiError(400, f"invalid plugin name {shown!r}: use 1-128 letters, digits, '-', '_' or '.', "
+                            "not starting with '.' or '_'")
 
 
 def normalize_file_path(raw: Any, *, allow_root: bool = False) -> str:
@@ -411,6 +424,15 @@ def _optional_int(args: dict, key: str, default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ApiError(400, f"'{key}' must be an integer or null")
     return value
+
+
+def _lenient_count(args: dict, key: str) -> Optional[int]:
+    """``args[key]`` when it is a JSON integer that fits a u64, else None: AeorDB's host functions
+    take null (what its SDK sends for "absent"), negatives, floats and strings as absent."""
+    value = args.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64:
+        return value
+    return None
 
 
 ###############################################################################
@@ -1525,6 +1547,13 @@ def check_declared_sizes(wasm_bytes: bytes, settings: Settings) -> None:
 # recompiled instead of trusted. A deploy writes the module, then the
 # metadata (rename), then removes the old module: a crash at any moment leaves
 # the old plugin or the new one.
+#
+# A plugin deployed with today's AeorDB routes as /plugins/{name} is the one at
+# key "<--default-db>/plugins/<name>": one registry, one folder layout, and
+# the seed routes reach it too. Its plugin_id and created_at outlive redeploys
+# (both eras), so plugin.json also keeps updated_at, checksum and author.
+
+DEFAULT_DB_PLUGINS = "plugins"   # the schema segment of today's plugins' keys
 
 ARTIFACT_MAGIC = b"AEORDB-CWASM-1\n"
 
@@ -1549,6 +1578,17 @@ class Plugin:
 def _deployment(meta: dict) -> tuple:
     """What tells one deploy of a path from another (file times can be too coarse to)."""
     return meta.get("plugin_id"), meta.get("sha256"), meta.get("deployed_at")
+
+
+def today_meta(meta: dict, default_db: str) -> dict:
+    """A plugin's metadata as today's AeorDB answers it, keys in its order. A plugin of today's
+    routes has its name as its path; another plugin of the default database keeps its key."""
+    db, schema, table = meta["path"].split("/")
+    return {"plugin_id": meta["plugin_id"], "name": meta["name"],
+            "path": table if (db, schema) == (default_db, DEFAULT_DB_PLUGINS) else meta["path"],
+            "plugin_type": meta["plugin_type"], "created_at": meta["created_at"],
+            "version": meta.get("version"), "author": meta.get("author"), "checksum": meta["checksum"],
+            "updated_at": meta["updated_at"]}
 
 
 class ChangeCounter:
@@ -1644,13 +1684,21 @@ class PluginRegistry:
         found = {}
         for meta_file in plugin_metadata_files(self.root):
             try:
-                meta = json.loads(meta_file.read_bytes())
+                found["/".join(meta_file.parent.relative_to(self.root).parts)] = self._meta_in(meta_file)
             except FileNotFoundError:   # removed meanwhile
                 continue
-            except (OSError, ValueError):
-                meta = None
-            found["/".join(meta_file.parent.relative_to(self.root).parts)] = meta if isinstance(meta, dict) else None
         return found
+
+    @staticmethod
+    def _meta_in(meta_file: Path) -> Optional[dict]:
+        """One plugin.json as a dict; None when it cannot be read; FileNotFoundError when absent."""
+        try:
+            meta = json.loads(meta_file.read_bytes())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
 
     def list(self, db: str) -> list:
         return [meta for meta in self.list_all() if meta["path"].split("/", 1)[0] == db]
@@ -1697,14 +1745,22 @@ class PluginRegistry:
         return module, inspect_module(module, self.settings, wasm_bytes, self.provided)
 
     def deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, name: str,
-               plugin_type: str, version: Optional[str] = None) -> dict:
+               plugin_type: str, version: Optional[str] = None, author: Optional[str] = None) -> dict:
+        """Deploy or replace the plugin at db/schema/table: its metadata, as plugin.json keeps it.
+
+        A redeploy keeps plugin_id and created_at; version and author are the
+        ones given now (absent when not given).
+        """
         key = f"{db}/{schema}/{table}"
         module, shape = self.check(wasm_bytes)
         sha = hashlib.sha256(wasm_bytes).hexdigest()
-        meta = {"plugin_id": uuid.uuid4().hex, "name": name, "path": key, "plugin_type": plugin_type,
-                "deployed_at": utc_now_iso(), "sha256": sha, "size": len(wasm_bytes)}
-        if version is not None:
-            meta["version"] = version
+        now = utc_now_iso()
+        meta = {"plugin_id": str(uuid.uuid4()), "name": name, "path": key, "plugin_type": plugin_type,
+                "deployed_at": now, "sha256": sha, "size": len(wasm_bytes), "created_at": now,
+                "updated_at": now, "checksum": f"sha256:{sha}"}
+        for field, value in (("version", version), ("author", author)):
+            if value is not None:
+                meta[field] = value
         folder = self.root / db / schema / table
         try:
             # Everything is written under the lock: a concurrent deploy or remove
@@ -1712,6 +1768,13 @@ class PluginRegistry:
             # plugin.json points at it.
             prepared = self._prepare(meta, module, shape)   # before any write: it may fail
             with self._changing("deploying"):
+                # Read under the lock, so two processes redeploying at once keep the same id.
+                with contextlib.suppress(FileNotFoundError):
+                    previous = self._meta_in(folder / "plugin.json")
+                    if previous is not None and isinstance(previous.get("plugin_id"), str):
+                        meta["plugin_id"] = previous["plugin_id"]
+                        created = previous.get("created_at") or previous.get("deployed_at")
+                        meta["created_at"] = created if isinstance(created, str) else now
                 self._store_artifact(sha, module)
                 atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
                 atomic_write(folder / "plugin.json", json.dumps(meta, indent=2).encode())
@@ -1796,6 +1859,10 @@ class PluginRegistry:
             # The folder, not the recorded path, says where a plugin lives: a
             # folder an operator copied elsewhere must not shadow the original.
             meta["path"] = "/".join(folder.relative_to(self.root).parts)
+            # What an older version deployed lacks the fields added since.
+            meta.setdefault("created_at", meta["deployed_at"])
+            meta.setdefault("updated_at", meta["deployed_at"])
+            meta["checksum"] = f"sha256:{meta['sha256']}"   # what the module is, whatever the file says
             module_file = folder / f"module-{meta['sha256']}.wasm"
             module, wasm_bytes = self._load_module(meta["sha256"], module_file)
             shape = inspect_module(module, self.settings, wasm_bytes, self.provided)
@@ -2430,35 +2497,55 @@ class FileStore:
                 for name, is_dir, size in rows]
 
     def extract(self, db: str, args: dict) -> dict:
-        data, meta = self.read(db, _require(args, "path", str))
-        mode = args.get("mode") or "lines"
-        if mode not in ("lines", "chars", "bytes"):
-            raise ApiError(400, "mode must be 'lines', 'chars' or 'bytes'")
-        max_bytes = _optional_int(args, "max_bytes", 4 * MiB)
-        max_bytes = min(max(max_bytes, 1), 16 * MiB)
-        first = 1 if mode == "lines" else 0
-        start = _optional_int(args, "start", first)
-        if start < first:
-            raise ApiError(400, f"start must be at least {first} in {mode} mode")
-        if mode == "bytes":
-            end = min(_optional_int(args, "end", len(data)), len(data))
-            text, total = data[start:max(end, start)].decode("utf-8", "replace"), len(data)
-        elif mode == "chars":
-            content = data.decode("utf-8", "replace")
-            end = min(_optional_int(args, "end", len(content)), len(content))
-            text, total = content[start:max(end, start)], len(content)
+        """aeordb_extract_file as today's AeorDB answers it: checks in its order, its messages.
+
+        lines: 1-based, inclusive, each line with its terminator (LF, CRLF or a
+        lone CR); chars: 0-based, end-exclusive, in characters; bytes: the
+        same in bytes, decoded with U+FFFD for what is not UTF-8; json_pointer:
+        the value at an RFC 6901 pointer. Text is cut before the first
+        character that would pass max_bytes (bytes mode cuts raw bytes).
+        """
+        path = args.get("path")
+        if not isinstance(path, str):
+            raise ApiError(400, "Missing 'path' argument")
+        path = normalize_file_path(path)
+        mode = args.get("mode")
+        if not isinstance(mode, str):
+            raise ApiError(400, "Missing 'mode' argument")
+        if mode not in EXTRACT_MODES:
+            raise ApiError(400, "Unsupported extract mode; expected 'lines', 'chars', 'bytes', or 'json_pointer'")
+        try:
+            data, meta = self.read(db, path)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise ApiError(404, f"Not found: {path}") from None
+            raise
+        max_bytes = _lenient_count(args, "max_bytes")
+        max_bytes = DEFAULT_EXTRACT_BYTES if max_bytes is None else max_bytes
+        if not 1 <= max_bytes <= MAX_EXTRACT_BYTES:
+            raise ApiError(400, f"Invalid input: Invalid max_bytes: must be between 1 and {MAX_EXTRACT_BYTES}")
+        start, end, pointer = _lenient_count(args, "start"), _lenient_count(args, "end"), None
+        if mode == "json_pointer":
+            pointer = args.get("pointer")
+            if not isinstance(pointer, str):
+                raise ApiError(400, "Invalid input: json_pointer range requires 'pointer'")
+            text, start, end = _json_pointer_text(data, pointer), None, None
         else:
-            lines = data.decode("utf-8", "replace").splitlines(keepends=True)
-            end = min(_optional_int(args, "end", len(lines)), len(lines))
-            text, total = "".join(lines[start - 1:max(end, start - 1)]), len(lines)
+            start = (1 if mode == "lines" else 0) if start is None else start
+            if mode == "lines" and start == 0:
+                raise ApiError(400, "Invalid input: Line ranges are 1-based; start must be at least 1")
+            if end is not None and end < start:
+                raise ApiError(400, "Invalid input: Range end must be greater than or equal to start")
+            if mode == "bytes":
+                taken = data[start:end]
+                return _extracted(taken[:max_bytes].decode("utf-8", "replace"), len(taken) > max_bytes,
+                                  meta, mode, start, end, None)
+            text = _line_range(data, start, end) if mode == "lines" else _char_range(data, start, end)
         encoded = text.encode("utf-8")
-        truncated = len(encoded) > max_bytes
-        if truncated:
-            # Cutting bytes may split a character; 'ignore' drops the partial tail only.
-            text = encoded[:max_bytes].decode("utf-8", "ignore")
-        return {"text": text, "content_type": meta["content_type"], "source_size": meta["size"],
-                "mode": mode, "start": start, "end": max(end, start - 1 if mode == "lines" else start),
-                "total": total, "truncated": truncated}
+        if len(encoded) <= max_bytes:
+            return _extracted(text, False, meta, mode, start, end, pointer)
+        # The text is whole UTF-8: 'ignore' drops only a character the cut split.
+        return _extracted(encoded[:max_bytes].decode("utf-8", "ignore"), True, meta, mode, start, end, pointer)
 
     # -- queries ---------------------------------------------------------------
 
@@ -2532,6 +2619,86 @@ class FileStore:
         for kind in ("sum", "avg", "min", "max"):
             answer[kind] = summary[kind]
         return answer
+
+
+EXTRACT_MODES = ("lines", "chars", "bytes", "json_pointer")
+DEFAULT_EXTRACT_BYTES, MAX_EXTRACT_BYTES = 4 * MiB, 16 * MiB
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")   # not str.splitlines: it also splits on \v, \f, \x1c, U+2028...
+_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
+
+
+def _extracted(text: str, truncated: bool, meta: dict, mode: str, start: Optional[int], end: Optional[int],
+               pointer: Optional[str]) -> dict:
+    """The answer of aeordb_extract_file: always these 8 keys."""
+    return {"text": text, "content_type": meta["content_type"] or DEFAULT_CONTENT_TYPE,
+            "source_size": meta["size"], "mode": mode, "start": start, "end": end, "pointer": pointer,
+            "truncated": truncated}
+
+
+def _invalid_utf8(exc: UnicodeDecodeError) -> ApiError:
+    if exc.end >= len(exc.object) and exc.reason == "unexpected end of data":
+        detail = f"incomplete utf-8 byte sequence from index {exc.start}"
+    else:
+        detail = f"invalid utf-8 sequence of {exc.end - exc.start} bytes from index {exc.start}"
+    return ApiError(400, f"Invalid input: Invalid UTF-8: {detail}")
+
+
+def _line_range(data: bytes, start: int, end: Optional[int]) -> str:
+    """Lines start..end (1-based, inclusive; end None: to the last) with their terminators.
+    The bytes up to the range's end must be UTF-8; those after it are not read."""
+    begin, stop, line = (0 if start == 1 else None), len(data), 1
+    for found in _LINE_BREAK.finditer(data):
+        if begin is not None and end is None:
+            break   # the rest of the file is the range
+        line += 1   # the number of the line starting after this break
+        if end is not None and line > end:
+            stop = found.end()
+            break
+        if line == start:
+            begin = found.end()
+    try:
+        data[:stop].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _invalid_utf8(exc) from None
+    return "" if begin is None else data[begin:stop].decode("utf-8")
+
+
+def _char_range(data: bytes, start: int, end: Optional[int]) -> str:
+    """Characters start..end (0-based, end-exclusive; end None: to the last). The bytes up to
+    the range's end must be UTF-8; those after it are not read."""
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        content = data[:exc.start].decode("utf-8")
+        if end is None or end > len(content):
+            raise _invalid_utf8(exc) from None
+    return content[start:end]
+
+
+def _json_pointer_text(data: bytes, pointer: str) -> str:
+    """The value at an RFC 6901 pointer ('' is the whole document): a string as it is, anything
+    else as compact JSON with its object keys sorted (as serde_json writes it)."""
+    try:
+        value = load_json(data)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"JSON parse error: Stored file is not valid JSON: {exc}") from None
+    if pointer and not pointer.startswith("/"):
+        raise ApiError(400, f"Invalid input: JSON pointer not found: {pointer}")
+    for token in pointer.split("/")[1:]:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict) and token in value:
+            value = value[token]
+        elif isinstance(value, list) and _ARRAY_INDEX.fullmatch(token) and int(token) < len(value):
+            value = value[int(token)]
+        else:
+            raise ApiError(400, f"Invalid input: JSON pointer not found: {pointer}")
+    try:
+        text = value if isinstance(value, str) else json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:   # NaN, or a lone surrogate: JSON to serde_json neither
+        raise ApiError(400, f"JSON parse error: Stored file is not valid JSON: {exc}") from None
+    return text
 
 
 def _file_meta(row: tuple) -> dict:
@@ -3766,6 +3933,11 @@ _COUNT = {"type": "integer", "minimum": 0}
 _MS = {"type": "integer", "description": "milliseconds since the epoch"}
 _ISO_TIME = {"type": "string", "format": "date-time"}
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_PLUGIN_ID = {"type": "string", "description": "kept across redeploys: a UUIDv4 (32 hex digits for a "
+                                               "plugin first deployed by an older version)"}
+_CHECKSUM = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$",
+             "description": "SHA-256 of the module (AeorDB itself answers blake3:...)"}
+_FREE_TEXT = {"type": "string", "maxLength": 128, "description": "as given at deploy"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _FIELDS = {"type": "array", "items": _STRING, "description": "dotted JSON paths, such as address.city"}
 _BY_FIELD = {"type": "object", "additionalProperties": _NUMBER_OR_NULL,
@@ -3782,15 +3954,31 @@ _KEY_PROPERTIES = {
 OPENAPI_SCHEMAS = {
     "Error": _object({"error": {"type": "string", "minLength": 1, "description": "what was wrong"}}),
     "PluginMeta": _object({
-        "plugin_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "plugin_id": _PLUGIN_ID,
         "name": _STRING,
         "path": {"type": "string", "description": "the plugin's place, db/schema/table"},
         "plugin_type": {"enum": ["wasm"]},
-        "deployed_at": _ISO_TIME,
+        "deployed_at": {**_ISO_TIME, "description": "when this version was deployed (as updated_at)"},
         "sha256": _SHA256,
         "size": {"type": "integer", "minimum": 1, "description": "the module's size in bytes"},
-        "version": {"type": "string", "maxLength": 128, "description": "as given at deploy"},
-    }, optional=("version",)),
+        "version": _FREE_TEXT,
+        "author": _FREE_TEXT,
+        "created_at": {**_ISO_TIME, "description": "the first deploy at this path"},
+        "updated_at": {**_ISO_TIME, "description": "the latest deploy at this path"},
+        "checksum": _CHECKSUM,
+    }, optional=("version", "author")),
+    "TodayPluginMeta": _object({
+        "plugin_id": _PLUGIN_ID,
+        "name": _STRING,
+        "path": {"type": "string", "description": "the {name} of /plugins/{name}; for another plugin of "
+                                                  "the default database, its db/schema/table"},
+        "plugin_type": {"enum": ["wasm"]},
+        "created_at": {**_ISO_TIME, "description": "the first deploy"},
+        "version": {"type": ["string", "null"], "maxLength": 128},
+        "author": {"type": ["string", "null"], "maxLength": 128},
+        "checksum": _CHECKSUM,
+        "updated_at": {**_ISO_TIME, "description": "the latest deploy"},
+    }),
     "FileMeta": _object({
         "path": _STRING, "size": _COUNT, "content_type": _STRING, "created_at": _MS, "updated_at": _MS,
         "etag": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
@@ -3887,7 +4075,10 @@ PATH_PARAMETERS = {
     "db": ("the database", _SEGMENT),
     "schema": ("the plugin's schema", _SEGMENT),
     "table": ("the plugin's table", _SEGMENT),
-    "function": ("the function name, passed to the plugin as metadata.function_name", _SEGMENT),
+    "function": ("the function name, passed to the plugin as metadata.function_name (and name)", _SEGMENT),
+    "name": ("the plugin's name on today's AeorDB routes: the plugin at <default db>/plugins/<name>",
+             {"type": "string", "pattern": r"^(?![._])[A-Za-z0-9._-]{1,128}$",
+              "description": "1-128 letters, digits, '-', '_' or '.', not starting with '.' or '_'"}),
     "path": ("the file's path inside the database; it may contain '/' (a/b/c.json), sent unescaped. "
              "Ending in '/' it names a directory", {"type": "string", "maxLength": 1024}),
     "key_id": ("the API key's id", {"type": "string"}),
@@ -3986,6 +4177,8 @@ ROUTE_DOCS = {
              "schema": {"enum": ["wasm"], "default": "wasm"}},
             {"name": "version", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
              "description": "free text, kept in the plugin's metadata"},
+            {"name": "author", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+             "description": "free text, kept in the plugin's metadata"},
         ],
         "requestBody": {"required": True, "description": "the module's bytes (WebAssembly binary format)",
                         "content": {"application/wasm": {"schema": {}}, **_ANY_BYTES}},
@@ -4015,6 +4208,50 @@ ROUTE_DOCS = {
         "tag": "plugins", "summary": "Remove a plugin",
         "responses": {"200": _json("removed", _object({"removed": {"const": True}, "path": _STRING}))},
         "errors": {400: None, 404: "no plugin deployed there", 503: None},
+    },
+    # -- today's AeorDB plugin routes (in the default database)
+    "today_deploy": {
+        "tag": "plugins", "summary": "Deploy a plugin by name, as today's AeorDB (replacing the one there)",
+        "description": "The plugin at <default db>/plugins/{name}: checked, stored and served as a seed-era "
+                       "deploy there. A redeploy keeps plugin_id and created_at.",
+        "parameters": [
+            {"name": "name", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+             "description": "the display name; defaults to {name}"},
+            {"name": "plugin_type", "in": "query", "required": False,
+             "schema": {"enum": ["wasm", "native", "rule"], "default": "wasm"},
+             "description": "only wasm plugins run here: native and rule are a 400"},
+            {"name": "version", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+             "description": "free text; null when not given"},
+            {"name": "author", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+             "description": "free text; null when not given"},
+        ],
+        "requestBody": {"required": True, "description": "the module's bytes (WebAssembly binary format)",
+                        "content": {"application/wasm": {"schema": {}}, **_ANY_BYTES}},
+        "responses": {"200": _json("deployed", _schema("TodayPluginMeta"))},
+        "errors": {400: "a bad name, plugin_type, an empty body or an invalid plugin", 413: None,
+                   503: "no memory left to compile it, or storage unavailable: retry"},
+    },
+    "today_invoke": {
+        "tag": "plugins", "summary": "Invoke a plugin by name, as today's AeorDB",
+        "description": "As the seed's invoke, with the envelope's metadata name={name}, path=/plugins/{name}, "
+                       "plugin_path={name} and function_name={name}; host functions reach the default "
+                       "database's files.",
+        "requestBody": {"required": False, "description": "any bytes, passed to the plugin", "content": _ANY_BYTES},
+        "responses": {"200": {"description": "the plugin's answer (its own status when it sets one)",
+                              "content": _ANY_BYTES}},
+        "errors": {400: None, 404: "Plugin not found: {name}", 413: None,
+                   500: "the invocation failed (a trap, its time or memory limit, a bad answer): the reason",
+                   503: None},
+    },
+    "today_list": {
+        "tag": "plugins", "summary": "List the default database's plugins, as today's AeorDB",
+        "responses": {"200": _json("the plugins, sorted by path", _object({
+            "items": {"type": "array", "items": _schema("TodayPluginMeta")}}))},
+    },
+    "today_remove": {
+        "tag": "plugins", "summary": "Remove a plugin by name, as today's AeorDB",
+        "responses": {"200": _json("removed", _object({"removed": {"const": True}, "path": _STRING}))},
+        "errors": {400: None, 404: "Plugin not found: {name}", 503: None},
     },
     "plugin_logs": {
         "tag": "observing", "summary": "A plugin's recent log lines, newest last",
@@ -4237,7 +4474,8 @@ class ApiPlugin:
     results to JSON, the memory budget given back, and the request counted.
 
     It replaces bottle's JSONPlugin: one wrapper per request instead of two.
-    A route's ``scope`` config says what a credential needs (None: public).
+    A route's ``scope`` config says what a credential needs (None: public),
+    and its ``db`` config the database of a route that names none in its path.
     """
 
     name = "aeordb-api"
@@ -4272,7 +4510,7 @@ class ApiPlugin:
             self._refused, self._refused_logged = 0, now
 
     def apply(self, callback: Callable, route: bottle.Route) -> Callable:
-        scope = route.config.get("scope")
+        scope, route_db = route.config.get("scope"), route.config.get("db")
         rule = route.rule
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -4286,7 +4524,7 @@ class ApiPlugin:
                         self.refused(environ)
                         raise ApiError(401, "missing or invalid bearer token",
                                        {"WWW-Authenticate": 'Bearer realm="aeordb"'})
-                    refusal = principal.refusal(scope, kwargs.get("db"))
+                    refusal = principal.refusal(scope, kwargs.get("db", route_db))
                     if refusal:
                         raise ApiError(403, refusal)
                     environ["aeordb.principal"] = principal
@@ -4378,10 +4616,15 @@ class Api:
         self.keys = keys
         self.activity = activity
         self.app: Optional[bottle.Bottle] = None   # set by mount; the OpenAPI document reads its routes
+        try:
+            check_segments(settings.default_db)
+        except ApiError as exc:
+            raise StartupError(f"--default-db / AEORDB_DEFAULT_DB: {exc.message}") from None
 
     def mount(self, app: bottle.Bottle) -> None:
         """Every route with the scope a credential needs for it, in matching order: the file
-        routes come before the plugin routes, since '/db/_files/a/b/_deploy' is a file path."""
+        routes come before the plugin routes, since '/db/_files/a/b/_deploy' is a file path.
+        Today's AeorDB plugin routes name no database: theirs is --default-db."""
         self.app = app
         files = ("/<db>/_files", "/<db>/_files/", "/<db>/_files/<path:path>")
         routes = [
@@ -4405,6 +4648,14 @@ class Api:
         for method, route, callback, scope in routes:
             assert (scope is None) == (route in self.PUBLIC_ROUTES), route
             app.route(route, method, callback, scope=scope)
+        today = [
+            ("PUT", "/plugins/<name>", self.today_deploy, "deploy"),
+            ("POST", "/plugins/<name>/invoke", self.today_invoke, "invoke"),
+            ("GET", "/plugins", self.today_list, "deploy"),
+            ("DELETE", "/plugins/<name>", self.today_remove, "deploy"),
+        ]
+        for method, route, callback, scope in today:
+            app.route(route, method, callback, scope=scope, db=self.settings.default_db)
 
     @staticmethod
     def actor() -> str:
@@ -4521,23 +4772,33 @@ class Api:
 
     def deploy(self, db: str, schema: str, table: str) -> dict:
         check_segments(db, schema, table)
-        query = bottle.request.query
-        for key in ("name", "plugin_type", "version"):
-            if key in query and query.getunicode(key) is None:   # bottle answers None for bad UTF-8
-                raise ApiError(400, f"{key} is not valid UTF-8")
-        name = query.getunicode("name") or table
-        plugin_type = query.getunicode("plugin_type") or "wasm"
-        version = query.getunicode("version") or None
-        for what, value in (("name", name), ("version", version or "v")):
-            if len(value) > 128 or any(ord(ch) < 32 for ch in value):
-                raise ApiError(400, f"{what} must be 1-128 printable characters")
+        name, plugin_type, version, author = self._deploy_options(default_name=table)
         if plugin_type != "wasm":
             raise ApiError(400, f"unsupported plugin_type {plugin_type!r}: only 'wasm'")
         wasm_bytes = read_body(self.settings.max_module_size, "module", self.budget)
         if not wasm_bytes:
             raise ApiError(400, "empty body: send the module's bytes")
+        return self._deploy(db, schema, table, wasm_bytes, name, plugin_type, version, author)
+
+    @staticmethod
+    def _deploy_options(default_name: str) -> tuple:
+        """(name, plugin_type, version, author) from a deploy's query string, as both eras take it."""
+        query = bottle.request.query
+        for key in ("name", "plugin_type", "version", "author"):
+            if key in query and query.getunicode(key) is None:   # bottle answers None for bad UTF-8
+                raise ApiError(400, f"{key} is not valid UTF-8")
+        name = query.getunicode("name") or default_name
+        plugin_type = query.getunicode("plugin_type") or "wasm"
+        version = query.getunicode("version") or None
+        author = query.getunicode("author") or None
+        for what, value in (("name", name), ("version", version or "v"), ("author", author or "a")):
+            if len(value) > 128 or any(ord(ch) < 32 for ch in value):
+                raise ApiError(400, f"{what} must be 1-128 printable characters")
+        return name, plugin_type, version, author
+
+    def _deploy(self, db: str, schema: str, table: str, wasm_bytes: bytes, *options: Optional[str]) -> dict:
         started = time.perf_counter()
-        meta = self.registry.deploy(db, schema, table, wasm_bytes, name, plugin_type, version)
+        meta = self.registry.deploy(db, schema, table, wasm_bytes, *options)
         self.activity.deployed(meta["path"], time.perf_counter() - started)
         self.audit("deployed %s sha256=%s size=%d", meta["path"], meta["sha256"], meta["size"])
         return meta
@@ -4545,10 +4806,15 @@ class Api:
     def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
         check_segments(db, schema, table, function)
         plugin = self.registry.get(f"{db}/{schema}/{table}")
+        return self.run_plugin(plugin, db, {"name": function, "function_name": function,
+                                            "path": f"/{db}/{schema}/{table}/{function}", "plugin_path": plugin.key})
+
+    def run_plugin(self, plugin: Plugin, db: str, route_metadata: dict) -> bytes:
+        """The one invocation sequence of both eras' invoke routes: the body, the envelope's
+        metadata (the route's, then the request's), the runtime, the plugin's answer as the response."""
         body = read_body(self.settings.max_request_size, "request body", self.budget)
         environ = bottle.request.environ
-        metadata = {"function_name": function, "path": f"/{db}/{schema}/{table}/{function}",
-                    "plugin_path": plugin.key, "method": environ["REQUEST_METHOD"],
+        metadata = {**route_metadata, "method": environ["REQUEST_METHOD"],
                     "query_string": environ.get("QUERY_STRING", ""),
                     "content_type": environ.get("CONTENT_TYPE", ""),
                     "request_id": environ["aeordb.request_id"]}
@@ -4576,10 +4842,65 @@ class Api:
 
     def remove(self, db: str, schema: str, table: str, function: str) -> dict:
         check_segments(db, schema, table, function)
+        self._remove(db, schema, table)
+        return {"removed": True, "path": f"{db}/{schema}/{table}"}
+
+    def _remove(self, db: str, schema: str, table: str) -> None:
         self.registry.remove(db, schema, table)
         self.activity.removed(f"{db}/{schema}/{table}")
         self.audit("removed %s/%s/%s", db, schema, table)
-        return {"removed": True, "path": f"{db}/{schema}/{table}"}
+
+    # -- today's AeorDB plugin routes ----------------------------------------------
+    # /plugins/{name} is the plugin at key "<default db>/plugins/<name>" (see
+    # PluginRegistry): the seed routes' checks, limits and guarantees, with
+    # today's answers and messages.
+
+    @contextlib.contextmanager
+    def _today_plugin(self, name: str) -> Iterator[None]:
+        """A missing plugin said as today's AeorDB says it."""
+        try:
+            yield
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise ApiError(404, f"Plugin not found: {name}") from None
+
+    def today_deploy(self, name: str) -> dict:
+        check_plugin_name(name)
+        display_name, plugin_type, version, author = self._deploy_options(default_name=name)
+        if plugin_type not in ("wasm", "native", "rule"):
+            raise ApiError(400, f"Invalid plugin type: unknown plugin type: {plugin_type}")
+        if plugin_type != "wasm":
+            raise ApiError(400, f"Invalid plugin type: only wasm plugins run here, not {plugin_type}")
+        wasm_bytes = read_body(self.settings.max_module_size, "module", self.budget)
+        if not wasm_bytes:
+            raise ApiError(400, "Plugin body must not be empty")
+        try:
+            meta = self._deploy(self.settings.default_db, DEFAULT_DB_PLUGINS, name, wasm_bytes,
+                                display_name, plugin_type, version, author)
+        except ApiError as exc:
+            if exc.status != 400:
+                raise
+            raise ApiError(400, f"Invalid plugin: {exc.message}") from None
+        return today_meta(meta, self.settings.default_db)
+
+    def today_invoke(self, name: str) -> bytes:
+        check_plugin_name(name)
+        with self._today_plugin(name):
+            plugin = self.registry.get(f"{self.settings.default_db}/{DEFAULT_DB_PLUGINS}/{name}")
+        return self.run_plugin(plugin, self.settings.default_db, {"name": name, "function_name": name,
+                                                                  "path": f"/plugins/{name}", "plugin_path": name})
+
+    def today_list(self) -> dict:
+        default_db = self.settings.default_db
+        return {"items": sorted((today_meta(meta, default_db) for meta in self.registry.list(default_db)),
+                                key=lambda meta: meta["path"])}
+
+    def today_remove(self, name: str) -> dict:
+        check_plugin_name(name)
+        with self._today_plugin(name):
+            self._remove(self.settings.default_db, DEFAULT_DB_PLUGINS, name)
+        return {"removed": True, "path": name}
 
 
 def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:

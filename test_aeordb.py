@@ -853,7 +853,9 @@ def test_redeploy_replaces(client):
     first = deploy(client, "db/s/t", answer_module(b"one")).json
     assert invoke(client, "db/s/t/f").body == b"one"
     second = deploy(client, "db/s/t", answer_module(b"two")).json
-    assert second["plugin_id"] != first["plugin_id"] and second["sha256"] != first["sha256"]
+    # The same plugin, a new version: its id and creation time are kept (as AeorDB keeps them).
+    assert second["plugin_id"] == first["plugin_id"] and second["sha256"] != first["sha256"]
+    assert second["created_at"] == first["created_at"] and second["updated_at"] >= first["updated_at"]
     assert invoke(client, "db/s/t/f").body == b"two"
     listed = client.get("/db/_plugins", headers=AUTH).json
     assert len(listed) == 1 and listed[0]["sha256"] == second["sha256"]
@@ -1861,42 +1863,157 @@ EXTRACT_TEXT = "line1\nline2 ünï\nline3 日本語\nline4\n"
 
 
 @pytest.mark.parametrize("args, expected", [
-    ({"mode": "lines", "start": 2, "end": 3}, {"text": "line2 ünï\nline3 日本語\n", "truncated": False}),
-    ({"mode": "lines", "start": None, "end": None}, {"text": EXTRACT_TEXT, "truncated": False}),
-    ({"mode": "lines"}, {"text": EXTRACT_TEXT, "truncated": False}),
-    ({}, {"text": EXTRACT_TEXT, "mode": "lines"}),
+    ({"mode": "lines", "start": 2, "end": 3}, {"text": "line2 ünï\nline3 日本語\n", "truncated": False,
+                                               "start": 2, "end": 3}),
+    ({"mode": "lines", "start": None, "end": None}, {"text": EXTRACT_TEXT, "start": 1, "end": None}),
+    ({"mode": "lines"}, {"text": EXTRACT_TEXT, "truncated": False, "start": 1, "end": None}),
     ({"mode": "lines", "start": 4, "end": 99}, {"text": "line4\n"}),
+    ({"mode": "lines", "start": 5, "end": 9}, {"text": ""}),             # past the end: nothing, no error
     ({"mode": "lines", "start": 3, "end": 3}, {"text": "line3 日本語\n"}),
     ({"mode": "chars", "start": 6, "end": 15}, {"text": "line2 ünï"}),       # characters, not bytes
     ({"mode": "chars", "start": 0, "end": 0}, {"text": ""}),
-    ({"mode": "chars", "start": 22, "end": None}, {"text": "日本語\nline4\n"}),
-    ({"mode": "bytes", "start": 0, "end": 5}, {"text": "line1"}),
+    ({"mode": "chars", "start": 22, "end": None}, {"text": "日本語\nline4\n", "start": 22, "end": None}),
+    ({"mode": "chars"}, {"text": EXTRACT_TEXT, "start": 0, "end": None}),
+    ({"mode": "bytes", "start": 0, "end": 5}, {"text": "line1", "start": 0, "end": 5}),
+    ({"mode": "bytes", "start": 24, "end": 27}, {"text": "日"}),
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 7}, {"text": "日本", "truncated": True}),
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 9}, {"text": "日本語", "truncated": False}),
     ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 2}, {"text": "", "truncated": True}),
-    ({"mode": "chars", "start": 22, "end": 25, "max_bytes": 0}, {"text": "", "truncated": True}),
+    ({"mode": "bytes", "start": 24, "end": 27, "max_bytes": 2}, {"text": "\ufffd", "truncated": True}),
+    ({"mode": "lines", "max_bytes": 16 * 1024 * 1024}, {"text": EXTRACT_TEXT, "truncated": False}),
+    # null, negative, float, boolean and string optional arguments count as absent, not as errors
     ({"mode": "chars", "start": 0, "end": 1, "max_bytes": -5}, {"text": "l", "truncated": False}),
-    ({"mode": "lines", "max_bytes": 1 << 40}, {"text": EXTRACT_TEXT, "truncated": False}),
     ({"mode": "lines", "max_bytes": None}, {"text": EXTRACT_TEXT, "truncated": False}),
+    ({"mode": "lines", "start": "2", "end": 1.0}, {"text": EXTRACT_TEXT, "start": 1, "end": None}),
+    ({"mode": "chars", "start": -3, "end": True, "max_bytes": 2.5}, {"text": EXTRACT_TEXT, "start": 0}),
 ])
 def test_extract_file(client, args, expected):
     data = EXTRACT_TEXT.encode()
     put_file(client, "x", "/t.txt", data, "text/plain")
     answer = call_host(client, "x", "aeordb_extract_file", {"path": "/t.txt", **args})
     assert "error" not in answer, answer
+    assert list(answer) == ["text", "content_type", "source_size", "mode", "start", "end", "pointer",
+                            "truncated"]
     for key, value in expected.items():
         assert answer[key] == value, (key, answer)
     assert answer["source_size"] == len(data) and answer["content_type"] == "text/plain"
-    assert answer["mode"] == args.get("mode", "lines")
-    assert len(answer["text"].encode()) <= max(1, min(args.get("max_bytes") or 4 * 1024 * 1024,
-                                                      16 * 1024 * 1024))
+    assert answer["mode"] == args["mode"] and answer["pointer"] is None
+    limit = args.get("max_bytes")
+    if args["mode"] != "bytes":   # bytes mode cuts raw bytes, and U+FFFD takes three
+        assert len(answer["text"].encode()) <= (limit if isinstance(limit, int) and limit > 0 else 4 * 1024 * 1024)
 
 
-def test_extract_file_errors(client):
+def test_extract_file_examples_of_aeordb(client):
+    """The examples of AEORDB_TODAY.md section 4, each as upstream answers it."""
+    put_file(client, "x", "/mixed.txt", b"one\r\ntwo\nthree\rfour", "text/plain")
+    put_file(client, "x", "/unicode.txt", "aé日b".encode(), "text/plain")
+    put_file(client, "x", "/bin.dat", bytes([0x61, 0x62, 0xFF, 0x63]))
+    put_file(client, "x", "/doc.json", b'{"messages":[{"content":"hello"},{"content":{"nested":true}}]}',
+             "application/json")
+    put_file(client, "x", "/greek.txt", "alpha βeta gamma".encode(), "text/plain")
+    extract = functools.partial(call_host, client, "x", "aeordb_extract_file")
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 2, "end": 3}) == {
+        "text": "two\nthree\r", "content_type": "text/plain", "source_size": 19, "mode": "lines", "start": 2,
+        "end": 3, "pointer": None, "truncated": False}
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 1, "end": 1})["text"] == "one\r\n"
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 4})["text"] == "four"
+    assert extract({"path": "/mixed.txt", "mode": "lines", "start": 5, "end": 9})["text"] == ""
+    assert extract({"path": "/unicode.txt", "mode": "chars", "start": 1, "end": 3})["text"] == "é日"
+    assert extract({"path": "/bin.dat", "mode": "bytes", "start": 1, "end": 4})["text"] == "b\ufffdc"
+    assert extract({"path": "/bin.dat", "mode": "bytes"})["content_type"] == "application/octet-stream"
+    first = extract({"path": "/doc.json", "mode": "json_pointer", "pointer": "/messages/0/content",
+                     "start": 3, "end": 9})
+    assert first == {"text": "hello", "content_type": "application/json", "source_size": 62,
+                     "mode": "json_pointer", "start": None, "end": None, "pointer": "/messages/0/content",
+                     "truncated": False}
+    assert extract({"path": "/doc.json", "mode": "json_pointer",
+                    "pointer": "/messages/1/content"})["text"] == '{"nested":true}'
+    greek = extract({"path": "/greek.txt", "mode": "chars", "start": 6, "end": 16, "max_bytes": 5})
+    assert (greek["text"], greek["truncated"]) == ("βeta", True)
+
+
+def test_extract_file_line_breaks_are_lf_crlf_and_cr_only(client):
+    """Not str.splitlines: vertical tab, form feed, the separators, NEL and U+2028/2029 are not breaks."""
+    text = "a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g\r\nsecond\n\nfourth\r\rsixth"
+    put_file(client, "x", "/breaks.txt", text.encode(), "text/plain")
+    lines = ["a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g\r\n", "second\n", "\n", "fourth\r", "\r", "sixth"]
+    for number, line in enumerate(lines, 1):
+        answer = call_host(client, "x", "aeordb_extract_file",
+                           {"path": "/breaks.txt", "mode": "lines", "start": number, "end": number})
+        assert answer["text"] == line, (number, answer)
+    whole = call_host(client, "x", "aeordb_extract_file", {"path": "/breaks.txt", "mode": "lines"})
+    assert whole["text"] == text
+
+
+def test_extract_file_json_pointer(client):
+    document = {"b": [10, {"z": 1, "a": [True, None, 1.5]}], "a/b": "slash", "m~n": "tilde", "": "empty key",
+                "text": "ünï 日本", "0": "zero"}
+    put_file(client, "x", "/d.json", json.dumps(document).encode(), "application/json")
+    extract = functools.partial(call_host, client, "x", "aeordb_extract_file")
+    for pointer, text in [("", json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)),
+                          ("/b/1", '{"a":[true,null,1.5],"z":1}'),   # keys sorted, compact
+                          ("/b/0", "10"), ("/b/1/a/1", "null"), ("/b/1/a/0", "true"),
+                          ("/a~1b", "slash"), ("/m~0n", "tilde"), ("/", "empty key"),
+                          ("/text", "ünï 日本"),                           # a string unquoted
+                          ("/0", "zero")]:                               # a digit key of an object
+        answer = extract({"path": "/d.json", "mode": "json_pointer", "pointer": pointer})
+        assert (answer.get("text"), answer.get("pointer")) == (text, pointer), (pointer, answer)
+    for pointer in ("b", "/b/01", "/b/2", "/b/-", "/b/+1", "/nothing", "/text/0", "/b/1/z/x"):
+        answer = extract({"path": "/d.json", "mode": "json_pointer", "pointer": pointer})
+        assert answer == {"error": f"Invalid input: JSON pointer not found: {pointer}"}, (pointer, answer)
+    cut = extract({"path": "/d.json", "mode": "json_pointer", "pointer": "/text", "max_bytes": 7})
+    assert (cut["text"], cut["truncated"]) == ("ünï ", True)
+
+
+@pytest.mark.parametrize("args, error", [
+    ({"mode": "lines"}, "Missing 'path' argument"),
+    ({"path": 7, "mode": "lines"}, "Missing 'path' argument"),
+    ({"path": "/t.txt"}, "Missing 'mode' argument"),
+    ({"path": "/t.txt", "mode": None}, "Missing 'mode' argument"),
+    ({"path": "/t.txt", "mode": "words"},
+     "Unsupported extract mode; expected 'lines', 'chars', 'bytes', or 'json_pointer'"),
+    ({"path": "/t.txt", "mode": "LINES"},
+     "Unsupported extract mode; expected 'lines', 'chars', 'bytes', or 'json_pointer'"),
+    ({"path": "/missing.txt", "mode": "words"},                   # the mode is checked first
+     "Unsupported extract mode; expected 'lines', 'chars', 'bytes', or 'json_pointer'"),
+    ({"path": "/missing.txt", "mode": "lines", "max_bytes": 0}, "Not found: /missing.txt"),
+    ({"path": "/t.txt", "mode": "lines", "max_bytes": 0},
+     "Invalid input: Invalid max_bytes: must be between 1 and 16777216"),
+    ({"path": "/t.txt", "mode": "chars", "max_bytes": 16 * 1024 * 1024 + 1},
+     "Invalid input: Invalid max_bytes: must be between 1 and 16777216"),
+    ({"path": "/t.txt", "mode": "lines", "max_bytes": 1 << 40},
+     "Invalid input: Invalid max_bytes: must be between 1 and 16777216"),
+    ({"path": "/t.txt", "mode": "lines", "start": 0},
+     "Invalid input: Line ranges are 1-based; start must be at least 1"),
+    ({"path": "/t.txt", "mode": "lines", "start": 3, "end": 2},
+     "Invalid input: Range end must be greater than or equal to start"),
+    ({"path": "/t.txt", "mode": "chars", "start": 3, "end": 2},
+     "Invalid input: Range end must be greater than or equal to start"),
+    ({"path": "/t.txt", "mode": "bytes", "start": 3, "end": 2},
+     "Invalid input: Range end must be greater than or equal to start"),
+    ({"path": "/t.txt", "mode": "json_pointer"}, "Invalid input: json_pointer range requires 'pointer'"),
+    ({"path": "/t.txt", "mode": "json_pointer", "pointer": 5}, "Invalid input: json_pointer range requires 'pointer'"),
+])
+def test_extract_file_errors(client, args, error):
     put_file(client, "x", "/t.txt", b"abc\n", "text/plain")
-    for args in ({"path": "/t.txt", "mode": "words"}, {"path": "/t.txt", "mode": "lines", "start": 0},
-                 {"path": "/t.txt", "start": "1"}, {"path": "/missing.txt"}, {"mode": "lines"}):
-        assert "error" in call_host(client, "x", "aeordb_extract_file", args), args
+    assert call_host(client, "x", "aeordb_extract_file", args) == {"error": error}
+
+
+def test_extract_file_errors_on_content(client):
+    put_file(client, "x", "/t.txt", b"abc\n", "text/plain")
+    put_file(client, "x", "/bad.txt", b"one\ntw\xffo\nthree\n", "text/plain")
+    extract = functools.partial(call_host, client, "x", "aeordb_extract_file")
+    answer = extract({"path": "/t.txt", "mode": "json_pointer", "pointer": ""})
+    assert answer["error"].startswith("JSON parse error: Stored file is not valid JSON: "), answer
+    # Invalid UTF-8 is an error once the range reaches it, not before; bytes mode replaces it.
+    assert extract({"path": "/bad.txt", "mode": "lines", "start": 1, "end": 1})["text"] == "one\n"
+    assert extract({"path": "/bad.txt", "mode": "chars", "start": 0, "end": 6})["text"] == "one\ntw"
+    for args in ({"mode": "lines", "start": 2, "end": 2}, {"mode": "lines", "start": 3},
+                 {"mode": "chars", "start": 0, "end": 7}, {"mode": "chars"}):
+        answer = extract({"path": "/bad.txt", **args})
+        assert answer == {"error": "Invalid input: Invalid UTF-8: invalid utf-8 sequence of 1 bytes from index 6"}, \
+            (args, answer)
+    assert extract({"path": "/bad.txt", "mode": "bytes", "start": 4, "end": 8})["text"] == "tw\ufffdo"
 
 
 def test_extract_file_truncation_keeps_utf8_whole(client):
@@ -2685,6 +2802,303 @@ def test_help_shows_no_none_default_and_the_query_limit():
     assert "AEORDB_TOKEN" in help_text()
     assert "default: None" not in help_text()
     assert "invoke or query body" in " ".join(help_text().split())
+
+
+# Today's AeorDB routes ########################################################
+# PUT/DELETE /plugins/{name}, POST /plugins/{name}/invoke and GET /plugins, as
+# today's AeorDB serves them (AEORDB_TODAY.md section 1): the plugin at
+# <default db>/plugins/{name}, with every guarantee of the seed routes.
+
+TODAY_META_KEYS = ["plugin_id", "name", "path", "plugin_type", "created_at", "version", "author", "checksum",
+                   "updated_at"]
+
+
+def today_deploy(client, plugin: str, module: bytes, status=200, headers=None, **params):
+    """PUT /plugins/{plugin}; ``params`` (name, plugin_type, version, author) go in the query string."""
+    from urllib.parse import urlencode
+    query = urlencode(params)
+    return client.put(f"/plugins/{plugin}" + (f"?{query}" if query else ""), module,
+                      headers=AUTH if headers is None else headers, status=status)
+
+
+def today_invoke(client, name: str, body: bytes = b"", status=200, headers=None):
+    return client.post(f"/plugins/{name}/invoke", body, headers=AUTH if headers is None else headers,
+                       status=status)
+
+
+def rfc3339_utc(text: str):
+    import datetime
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", text), text
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def today_schema(client, name: str) -> jsonschema.Draft202012Validator:
+    document = openapi_of(client)
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
+                                            "components": document["components"]})
+
+
+def test_today_deploy_answers_todays_metadata(client):
+    import datetime
+    import uuid
+    module = wat(ECHO_WAT)
+    meta = today_deploy(client, "with-meta", module, name="With Meta", version="1.2.3",
+                        author="Plugin Author").json
+    assert list(meta) == TODAY_META_KEYS   # upstream's key order
+    assert uuid.UUID(meta["plugin_id"]).version == 4 and str(uuid.UUID(meta["plugin_id"])) == meta["plugin_id"]
+    assert (meta["name"], meta["path"], meta["plugin_type"]) == ("With Meta", "with-meta", "wasm")
+    assert (meta["version"], meta["author"]) == ("1.2.3", "Plugin Author")
+    assert meta["checksum"] == "sha256:" + sha256_hex(module)
+    assert meta["created_at"] == meta["updated_at"]
+    assert abs(rfc3339_utc(meta["created_at"]) - datetime.datetime.now(datetime.timezone.utc)) \
+        < datetime.timedelta(seconds=60)
+    today_schema(client, "TodayPluginMeta").validate(meta)
+    # Without version and author, both are null; the display name defaults to {name}.
+    plain = today_deploy(client, "plain", module).json
+    assert (plain["name"], plain["version"], plain["author"]) == ("plain", None, None)
+
+
+def test_today_redeploy_keeps_id_and_creation(client):
+    first = today_deploy(client, "calc", answer_module(b"one"), version="1", author="Ada").json
+    assert today_invoke(client, "calc").body == b"one"
+    second = today_deploy(client, "calc", answer_module(b"two"), name="Calculator").json
+    assert (second["plugin_id"], second["created_at"]) == (first["plugin_id"], first["created_at"])
+    assert rfc3339_utc(second["updated_at"]) > rfc3339_utc(first["updated_at"])
+    assert second["checksum"] == "sha256:" + sha256_hex(answer_module(b"two")) != first["checksum"]
+    # Replaced: the name, and version and author (omitted now, so null).
+    assert (second["name"], second["version"], second["author"]) == ("Calculator", None, None)
+    assert today_invoke(client, "calc").body == b"two"
+    assert client.get("/plugins", headers=AUTH).json == {"items": [second]}
+
+
+def test_today_list_is_items_sorted_by_path(client):
+    assert client.get("/plugins", headers=AUTH).json == {"items": []}
+    for name in ("zeta", "alpha", "m.id-1"):
+        today_deploy(client, name, wat(ECHO_WAT))
+    deploy(client, "default/s/t", wat(ECHO_WAT), name="seed-era")   # also in the default database
+    deploy(client, "other/s/t", wat(ECHO_WAT))                      # another database: not listed
+    listed = client.get("/plugins", headers=AUTH).json
+    assert list(listed) == ["items"]
+    assert [item["path"] for item in listed["items"]] == ["alpha", "default/s/t", "m.id-1", "zeta"]
+    assert all(list(item) == TODAY_META_KEYS for item in listed["items"])
+    check_answer(openapi_of(client), client.get("/plugins", headers=AUTH), "/plugins", "GET")
+
+
+def test_today_invoke_envelope_carries_todays_metadata(client):
+    today_deploy(client, "echo", wat(ECHO_WAT))
+    answer = client.post("/plugins/echo/invoke?a=1", b"hi", headers={**AUTH, "Content-Type": "text/plain",
+                                                                      "X-Request-Id": "req-1"}, status=200)
+    envelope = json.loads(answer.body)
+    assert envelope["arguments"] == [104, 105]
+    assert envelope["metadata"] == {"name": "echo", "function_name": "echo", "path": "/plugins/echo",
+                                    "plugin_path": "echo", "method": "POST", "query_string": "a=1",
+                                    "content_type": "text/plain", "request_id": "req-1"}
+    assert json.loads(today_invoke(client, "echo").body)["arguments"] == []
+
+
+def test_seed_invoke_envelope_carries_both_eras_keys(client):
+    """The same plugin through the seed route: name is the function, as function_name."""
+    today_deploy(client, "echo", wat(ECHO_WAT))
+    metadata = json.loads(invoke(client, "default/plugins/echo/run", b"x").body)["metadata"]
+    assert {key: metadata[key] for key in ("name", "function_name", "path", "plugin_path")} == {
+        "name": "run", "function_name": "run", "path": "/default/plugins/echo/run",
+        "plugin_path": "default/plugins/echo"}
+    assert envelope_of(client, b"", "db/s/t", "compute")["metadata"]["name"] == "compute"
+
+
+def test_today_invoke_answers_as_the_plugin_says(client):
+    today_deploy(client, "made", answer_module(b'{"status_code":201,"body":[111,107],"content_type":"text/plain",'
+                                               b'"headers":{"x-made":"yes","set-cookie":"no"}}'))
+    answer = today_invoke(client, "made", status=201)
+    assert (answer.body, answer.content_type, answer.headers["x-made"]) == (b"ok", "text/plain", "yes")
+    assert "set-cookie" not in answer.headers
+    today_deploy(client, "trap", wat(TRAP_WAT))
+    assert "unreachable" in error_of(today_invoke(client, "trap", b"x", status=500))
+
+
+def test_today_delete(client):
+    today_deploy(client, "gone", wat(ECHO_WAT))
+    assert client.delete("/plugins/gone", headers=AUTH, status=200).json == {"removed": True, "path": "gone"}
+    assert client.get("/plugins", headers=AUTH).json == {"items": []}
+    assert client.get("/default/_plugins", headers=AUTH).json == []
+    assert error_of(today_invoke(client, "gone", status=404)) == "Plugin not found: gone"
+    assert error_of(client.delete("/plugins/gone", headers=AUTH, status=404)) == "Plugin not found: gone"
+
+
+def test_today_routes_answer_todays_errors(client):
+    assert error_of(today_invoke(client, "nope", status=404)) == "Plugin not found: nope"
+    assert error_of(today_deploy(client, "p", b"", status=400)) == "Plugin body must not be empty"
+    assert error_of(today_deploy(client, "p", wat(ECHO_WAT), status=400, plugin_type="WASM")) == \
+        "Invalid plugin type: unknown plugin type: WASM"
+    for plugin_type in ("native", "rule"):   # upstream's types, which do not run here
+        assert error_of(today_deploy(client, "p", b"\x7fELF", status=400, plugin_type=plugin_type)) \
+            .startswith("Invalid plugin type: ")
+    assert error_of(today_deploy(client, "p", b"not a module", status=400)).startswith(
+        "Invalid plugin: not a valid WebAssembly module")
+    assert "imports" in error_of(today_deploy(client, "p", host_call_module("aeordb_nothing", b"{}"), status=400))
+    assert "exceeds the limit" in error_of(client.put("/plugins/p", b"\0" * (16 * 1024 * 1024 + 1),
+                                                      headers=AUTH, status=413))
+    assert "version" in error_of(today_deploy(client, "p", wat(ECHO_WAT), status=400, version="v" * 129))
+    assert client.get("/plugins", headers=AUTH).json == {"items": []}   # nothing was deployed
+    assert error_of(client.get("/plugins/p", headers=AUTH, status=405))   # not a route upstream either
+
+
+@pytest.mark.parametrize("name", [".hidden", "_reserved", ".", "..", "a" * 129, "a%20b", "%C3%A9t%C3%A9",
+                                  "a%00b"])
+def test_today_routes_refuse_bad_names(client, name):
+    for method, path, body in (("PUT", f"/plugins/{name}", bytes(wat(ECHO_WAT))),
+                               ("POST", f"/plugins/{name}/invoke", b""), ("DELETE", f"/plugins/{name}", b"")):
+        answer = client.request(path, method=method, body=body, headers=AUTH, expect_errors=True)
+        assert answer.status_int == 400 and "invalid plugin name" in error_of(answer), (method, answer.status)
+    assert client.get("/plugins", headers=AUTH).json == {"items": []}
+    assert client.get("/default/_plugins", headers=AUTH).json == []
+
+
+def test_today_routes_need_credentials_and_scopes(client):
+    today_deploy(client, "p", answer_module(b"original"))
+    routes = [("PUT", "/plugins/p", bytes(wat(ECHO_WAT))), ("POST", "/plugins/p/invoke", b""), ("GET", "/plugins", b""),
+              ("DELETE", "/plugins/p", b"")]
+    for method, path, body in routes:
+        answer = client.request(path, method=method, body=body, expect_errors=True)
+        assert answer.status_int == 401 and answer.headers["WWW-Authenticate"].startswith("Bearer"), path
+    assert today_invoke(client, "p").body == b"original"   # nothing changed behind the refusals
+
+    def key(scopes, databases):
+        made = client.post_json("/_keys", {"name": "k", "scopes": scopes, "databases": databases},
+                                headers=AUTH, status=201)
+        return {"Authorization": f"Bearer {made.json['key']}"}
+
+    invoker = key(["invoke"], ["default"])
+    assert today_invoke(client, "p", headers=invoker).body == b"original"
+    for method, path, body in routes[:1] + routes[2:]:
+        answer = client.request(path, method=method, body=body, headers=invoker, expect_errors=True)
+        assert answer.status_int == 403 and "lacks the scope 'deploy'" in error_of(answer), path
+    elsewhere = key(["invoke", "deploy"], ["other"])   # the right scopes, not the default database
+    for method, path, body in routes:
+        answer = client.request(path, method=method, body=body, headers=elsewhere, expect_errors=True)
+        assert answer.status_int == 403 and "database 'default'" in error_of(answer), path
+    assert today_invoke(client, "p").body == b"original"
+    deployer = key(["deploy"], ["default", "other"])
+    assert today_deploy(client, "q", wat(ECHO_WAT), headers=deployer).json["path"] == "q"
+    assert [item["path"] for item in client.get("/plugins", headers=deployer).json["items"]] == ["p", "q"]
+    assert client.delete("/plugins/q", headers=deployer, status=200).json["removed"] is True
+    everywhere = key(["invoke"], ["*"])
+    assert today_invoke(client, "p", headers=everywhere).body == b"original"
+
+
+def test_today_plugins_live_in_the_default_database(client):
+    """Seen in the seed listing of the default database, and reaching its files both ways."""
+    meta = today_deploy(client, "notes", host_call_module("aeordb_write_file", json.dumps(
+        {"path": "/notes/1.json", "data": base64.b64encode(b'{"n": 1}').decode()}).encode()),
+        version="3", author="Ada").json
+    seed = client.get("/default/_plugins", headers=AUTH).json
+    assert len(seed) == 1 and seed[0]["path"] == "default/plugins/notes"
+    assert {key: seed[0][key] for key in ("plugin_id", "name", "created_at", "updated_at", "checksum", "version",
+                                          "author")} == {key: meta[key] for key in ("plugin_id", "name",
+                                          "created_at", "updated_at", "checksum", "version", "author")}
+    assert seed[0]["sha256"] == meta["checksum"].removeprefix("sha256:") and seed[0]["deployed_at"]
+    assert json.loads(today_invoke(client, "notes").body) == {"ok": True, "size": 8}
+    assert client.get("/default/_files/notes/1.json", headers=AUTH).json == {"n": 1}
+    found = client.post_json("/default/_query", {"path": "/notes", "where": {"field": "n", "op": "eq", "value": 1}},
+                             headers=AUTH).json
+    assert [item["path"] for item in found["items"]] == ["/notes/1.json"]
+    put_file(client, "default", "/in.txt", b"from http", "text/plain")
+    today_deploy(client, "reader", host_call_module("aeordb_read_file", b'{"path": "/in.txt"}'))
+    assert base64.b64decode(json.loads(today_invoke(client, "reader").body)["data"]) == b"from http"
+    # The seed routes reach it as default/plugins/<name>, and a seed deploy there is the same plugin.
+    assert client.get("/default/plugins/notes/_stats", headers=AUTH).json["invocations"] == 1
+    again = deploy(client, "default/plugins/notes", answer_module(b"seed"), name="Notes").json
+    assert again["plugin_id"] == meta["plugin_id"] and today_invoke(client, "notes").body == b"seed"
+    assert client.delete("/default/plugins/notes/f/_remove", headers=AUTH).json["removed"] is True
+    today_invoke(client, "notes", status=404)
+
+
+def test_today_default_db_setting(tmp_path, capsys):
+    assert aeordb.Settings().default_db == "default"
+    assert aeordb.parse_settings([], {"AEORDB_DEFAULT_DB": "main"}).default_db == "main"
+    assert aeordb.parse_settings(["--default-db", "cli"], {"AEORDB_DEFAULT_DB": "main"}).default_db == "cli"
+    assert "AEORDB_DEFAULT_DB" in help_text()
+    client, _ = make_app(tmp_path, default_db="main")
+    today_deploy(client, "w", host_call_module("aeordb_write_file", b'{"path": "/x", "data": "aGk="}'))
+    assert [p["path"] for p in client.get("/main/_plugins", headers=AUTH).json] == ["main/plugins/w"]
+    assert client.get("/default/_plugins", headers=AUTH).json == []
+    today_invoke(client, "w")
+    assert client.get("/main/_files/x", headers=AUTH).body == b"hi"
+    client.get("/default/_files/x", headers=AUTH, status=404)
+    for bad in ("_system", "a/b", "..", ""):
+        with pytest.raises(aeordb.StartupError, match="--default-db"):
+            make_app(tmp_path / "bad", default_db=bad)
+
+
+def test_seed_deploy_takes_version_and_author_and_keeps_its_id(client):
+    first = deploy(client, "db/s/t", wat(ECHO_WAT), version="2.0", author="Ada%20L").json
+    assert (first["version"], first["author"]) == ("2.0", "Ada L")
+    assert first["checksum"] == "sha256:" + first["sha256"] and first["created_at"] == first["updated_at"]
+    assert {"plugin_id", "name", "path", "plugin_type", "deployed_at", "sha256", "size"} <= set(first)
+    jsonschema.Draft202012Validator({"$ref": "#/components/schemas/PluginMeta",
+                                     "components": openapi_of(client)["components"]}).validate(first)
+    second = deploy(client, "db/s/t", answer_module(b"v3")).json
+    assert (second["plugin_id"], second["created_at"]) == (first["plugin_id"], first["created_at"])
+    assert "version" not in second and "author" not in second   # the seed answer omits what was not given
+    assert second["deployed_at"] == second["updated_at"] != first["updated_at"]
+    assert "author" in error_of(deploy(client, "db/s/t", wat(ECHO_WAT), status=400, author="x" * 129))
+
+
+def test_plugin_id_survives_restarts_and_other_processes(tmp_path):
+    """Two apps on one data dir (as two processes): a redeploy in either keeps the id and creation."""
+    one, _ = make_app(tmp_path)
+    two, _ = make_app(tmp_path)
+    first = today_deploy(one, "shared", answer_module(b"one")).json
+    second = today_deploy(two, "shared", answer_module(b"two")).json
+    assert (second["plugin_id"], second["created_at"]) == (first["plugin_id"], first["created_at"])
+    assert today_invoke(one, "shared").body == b"two"
+    assert one.get("/plugins", headers=AUTH).json == {"items": [second]}
+    restarted, _ = make_app(tmp_path)
+    assert restarted.get("/plugins", headers=AUTH).json == {"items": [second]}
+
+
+def test_a_plugin_deployed_by_an_older_version_gains_todays_fields(tmp_path):
+    client, _ = make_app(tmp_path)
+    deploy(client, "default/plugins/old", answer_module(b"old"))
+    meta_file = tmp_path / "plugins" / "default" / "plugins" / "old" / "plugin.json"
+    meta = json.loads(meta_file.read_text())
+    older = {key: meta[key] for key in ("name", "path", "plugin_type", "deployed_at", "sha256", "size")}
+    meta_file.write_text(json.dumps({**older, "plugin_id": "0123456789abcdef0123456789abcdef"}))
+    again, _ = make_app(tmp_path)
+    [item] = again.get("/plugins", headers=AUTH).json["items"]
+    assert item == {"plugin_id": "0123456789abcdef0123456789abcdef", "name": "old", "path": "old",
+                    "plugin_type": "wasm", "created_at": older["deployed_at"], "version": None, "author": None,
+                    "checksum": "sha256:" + older["sha256"], "updated_at": older["deployed_at"]}
+    redeployed = today_deploy(again, "old", answer_module(b"new")).json
+    assert (redeployed["plugin_id"], redeployed["created_at"]) == (item["plugin_id"], older["deployed_at"])
+
+
+def test_today_routes_match_the_openapi_document(client):
+    document = openapi_of(client)
+    check_answer(document, today_deploy(client, "p", wat(ECHO_WAT), version="1"), "/plugins/{name}", "PUT")
+    check_answer(document, today_deploy(client, "q", b"", status=400), "/plugins/{name}", "PUT")
+    check_answer(document, today_deploy(client, "_q", wat(ECHO_WAT), status=400), "/plugins/{name}", "PUT")
+    check_answer(document, client.get("/plugins", headers=AUTH), "/plugins", "GET")
+    check_answer(document, client.get("/plugins", status=401), "/plugins", "GET")
+    check_answer(document, today_invoke(client, "nothing", status=404), "/plugins/{name}/invoke", "POST")
+    check_answer(document, client.delete("/plugins/p", headers=AUTH), "/plugins/{name}", "DELETE")
+    check_answer(document, client.delete("/plugins/p", headers=AUTH, status=404), "/plugins/{name}", "DELETE")
+
+
+def test_today_routes_on_a_real_server(real_server):
+    """As README's curl examples: deploy, invoke, list, remove over real HTTP; no token, no entry."""
+    _, port = real_server
+    module = (HERE / "examples" / "hello.wasm").read_bytes()
+    status, _, body = http_request(port, "PUT", "/plugins/hello?version=1.0.0&author=Ada", module)
+    assert status == 200 and json.loads(body)["path"] == "hello"
+    status, headers, body = http_request(port, "POST", "/plugins/hello/invoke", b'{"input": "hello"}')
+    assert (status, json.loads(body), headers["x-plugin"]) == (200, {"hello": "world"}, "hello")
+    status, _, body = http_request(port, "GET", "/plugins")
+    assert status == 200 and [item["version"] for item in json.loads(body)["items"]] == ["1.0.0"]
+    status, _, _ = http_request(port, "DELETE", "/plugins/hello", headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    status, _, body = http_request(port, "DELETE", "/plugins/hello")
+    assert (status, json.loads(body)) == (200, {"removed": True, "path": "hello"})
 
 
 # Hardening ####################################################################
