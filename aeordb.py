@@ -1647,6 +1647,8 @@ class PluginRegistry:
         self._linker = linker_factory()
         self._plugins: dict = {}
         self._lock = threading.Lock()
+        # Called with a key where a plugin came, went or was replaced by another (see _install).
+        self.forgotten: Callable[[str], None] = lambda key: None
         self.load_all()
 
     # -- reading ---------------------------------------------------------------
@@ -1668,16 +1670,22 @@ class PluginRegistry:
                 return
             on_disk = {key: _deployment(meta) for key, meta in self._on_disk().items() if meta is not None}
             for key in set(self._plugins) - set(on_disk):
-                del self._plugins[key]
+                self._install(key, None)
             for key, deployment in on_disk.items():
                 plugin = self._plugins.get(key)
                 if plugin is None or _deployment(plugin.meta) != deployment:
-                    loaded = self._load_folder(self.root / key)
-                    if loaded is None:   # what this process had is no longer deployed: do not serve it
-                        self._plugins.pop(key, None)
-                    else:
-                        self._plugins[key] = loaded
+                    # None: what this process had is no longer deployed: do not serve it
+                    self._install(key, self._load_folder(self.root / key))
             self._synced = count
+
+    def _install(self, key: str, plugin: Optional[Plugin]) -> None:
+        """Serve ``plugin`` at ``key`` (None: nothing). Anything but a redeploy (which keeps
+        plugin_id) starts the count of what the plugin at ``key`` did afresh."""
+        old = self._plugins.pop(key, None)
+        if plugin is not None:
+            self._plugins[key] = plugin
+        if old is None or plugin is None or plugin.meta["plugin_id"] != old.meta["plugin_id"]:
+            self.forgotten(key)
 
     def _on_disk(self) -> dict:
         """Every deployed plugin's plugin.json, by key, as a dict (None where it cannot be read)."""
@@ -1778,7 +1786,7 @@ class PluginRegistry:
                 self._store_artifact(sha, module)
                 atomic_write(folder / f"module-{sha}.wasm", wasm_bytes)
                 atomic_write(folder / "plugin.json", json.dumps(meta, indent=2).encode())
-                self._plugins[key] = prepared
+                self._install(key, prepared)
                 self._changed()
                 self._remove_stale_modules(folder, keep=sha)
                 self._prune_cache()
@@ -1801,7 +1809,7 @@ class PluginRegistry:
                 pass
             except OSError as exc:
                 raise storage_error("removing", exc) from None
-            self._plugins.pop(key, None)
+            self._install(key, None)
             self._changed()
             self._remove_stale_modules(folder, keep=None)
             self._prune_cache()
@@ -3000,6 +3008,7 @@ def prometheus_labels(**labels: str) -> str:
 
 @dataclasses.dataclass
 class _PluginActivity:
+    since: str = dataclasses.field(default_factory=utc_now_iso)   # when counting began
     lines: collections.deque = dataclasses.field(default_factory=collections.deque)
     line_bytes: int = 0
     outcomes: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
@@ -3104,10 +3113,17 @@ class Activity:
             self.compile_seconds += compile_seconds
 
     def removed(self, key: str) -> None:
+        """The plugin at ``key`` was removed here: an invocation of it still in flight counts nothing."""
+        self.forget(key)
         with self._lock:
+            self._removed.add(key)
+
+    def forget(self, key: str) -> None:
+        """Drop what was counted of the plugin at ``key``: it is gone, or another one is there."""
+        with self._lock:
+            self._removed.discard(key)
             gone = self._plugins.pop(key, None)
             self.changes += 1
-            self._removed.add(key)
             if gone is not None:
                 self.line_bytes -= gone.line_bytes
 
@@ -3145,23 +3161,28 @@ class Activity:
                     (self.shared / f"{os.getpid()}.json").unlink()
                 self.shared = None
 
-    def view(self) -> "Activity":
-        """This process's activity, or with shared workers, every live worker's added up."""
+    def view(self, created: dict) -> "Activity":
+        """This process's activity, or with shared workers, every live worker's added up.
+
+        ``created``: when each plugin of interest was created (its key: its
+        created_at), so that what a worker counted of an older plugin at the
+        same key, before it noticed the change, is left out.
+        """
         if self.shared is None:
             return self
         combined = Activity()
-        combined.add(self.snapshot())
+        combined.add(self.snapshot(), created)
         combined.resident_bytes = 0   # this process's own comes from process_gauges
         for published in self.shared.glob("*.json"):
             if published.stem.isdigit() and int(published.stem) != os.getpid() and process_alive(int(published.stem)):
                 with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                    combined.add(load_json(published.read_bytes()))
+                    combined.add(load_json(published.read_bytes()), created)
         return combined
 
     def snapshot(self) -> dict:
         """Everything this process counted, as JSON, for the other worker processes to add up."""
         with self._lock:
-            return {"plugins": {key: {"lines": [entry for entry, _ in a.lines], "outcomes": a.outcomes,
+            return {"plugins": {key: {"since": a.since, "lines": [entry for entry, _ in a.lines], "outcomes": a.outcomes,
                                       "durations": list(a.durations), "buckets": a.buckets,
                                       "duration_sum": a.duration_sum, "request_bytes": a.request_bytes,
                                       "response_bytes": a.response_bytes, "host_calls": a.host_calls,
@@ -3172,9 +3193,12 @@ class Activity:
                     "busy_workers": self.busy_workers(), "started": self.started,
                     "resident_bytes": process_gauges()["resident_bytes"]}
 
-    def add(self, snapshot: dict) -> None:
-        """Count another worker's ``snapshot`` in too (into a combined view, not a live Activity)."""
+    def add(self, snapshot: dict, created: dict) -> None:
+        """Count a worker's ``snapshot`` in too (into a combined view, not a live Activity): of the
+        plugins in ``created``, what it counted since they were created."""
         for key, other in snapshot["plugins"].items():
+            if key not in created or other["since"] < created[key]:   # both UTC, one format
+                continue
             a = self._plugin(key)
             a.lines = collections.deque(sorted([*a.lines, *((entry, 0) for entry in other["lines"])],
                                                key=lambda line: line[0]["time"])[-RING_LINES:])
@@ -4694,9 +4718,10 @@ class Api:
         stored = {} if self.files.unavailable else self.files.stored_bytes()
         gauges = {**process_gauges(), "engine": self.runtime.wasm.mode,
                   "databases": {db: size for db, size in stored.items() if visible is None or db in visible}}
-        keys = [meta["path"] for meta in self.registry.list_all()
-                if visible is None or meta["path"].split("/", 1)[0] in visible]
-        return bottle.HTTPResponse(self.activity.view().prometheus(gauges, keys), status=200,
+        metas = [meta for meta in self.registry.list_all()
+                 if visible is None or meta["path"].split("/", 1)[0] in visible]
+        created = {meta["path"]: meta["created_at"] for meta in metas}
+        return bottle.HTTPResponse(self.activity.view(created).prometheus(gauges, list(created)), status=200,
                                    headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def plugin_logs(self, db: str, schema: str, table: str) -> dict:
@@ -4705,12 +4730,12 @@ class Api:
         text = bottle.request.query.get("limit", "100")
         if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > RING_LINES:
             raise ApiError(400, f"limit must be a whole number from 0 to {RING_LINES}")
-        return {"path": plugin.key, "lines": self.activity.view().logs(plugin.key, int(text))}
+        return {"path": plugin.key, "lines": self.activity.view({plugin.key: plugin.meta["created_at"]}).logs(plugin.key, int(text))}
 
     def plugin_stats(self, db: str, schema: str, table: str) -> dict:
         check_segments(db, schema, table)
         plugin = self.registry.get(f"{db}/{schema}/{table}")
-        return {"path": plugin.key, **self.activity.view().stats(plugin.key),
+        return {"path": plugin.key, **self.activity.view({plugin.key: plugin.meta["created_at"]}).stats(plugin.key),
                 "version": {"sha256": plugin.meta["sha256"], "deployed_at": plugin.meta["deployed_at"]}}
 
     # -- system ------------------------------------------------------------------
@@ -4916,6 +4941,7 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
         activity.share(settings.data_dir / "activity")
     runtime = WasmRuntime(settings, files, wasm, activity)
     registry = PluginRegistry(settings, wasm, runtime.new_linker)
+    registry.forgotten = activity.forget
     keys = KeyStore(settings.data_dir)
     tune_malloc()
     budget = MemoryBudget(settings.memory_budget)

@@ -4400,10 +4400,11 @@ def test_keys_statistics_logs_and_metrics_are_every_workers(tmp_path):
         def stats() -> tuple:
             _, headers, body = http_request(port, "GET", "/db/s/t/_stats")
             return json.loads(body)["invocations"], worker_of(headers)
-        def agreed() -> bool:   # each worker publishes what it counted within ACTIVITY_SHARE_INTERVAL
+
+        def agreed(count: int) -> bool:   # each worker publishes what it counted within ACTIVITY_SHARE_INTERVAL
             answers = {stats() for _ in range(10)}
-            return {count for count, _ in answers} == {30} and len({worker for _, worker in answers}) == 2
-        wait_for(agreed, what="every worker's invocations in every worker's statistics")
+            return {n for n, _ in answers} == {count} and len({worker for _, worker in answers}) == 2
+        wait_for(lambda: agreed(30), what="every worker's invocations in every worker's statistics")
         answers = {stats() for _ in range(20)}
         assert {count for count, _ in answers} == {30} and len({worker for _, worker in answers}) == 2
         for _ in range(10):
@@ -4412,6 +4413,12 @@ def test_keys_statistics_logs_and_metrics_are_every_workers(tmp_path):
             _, headers, body = http_request(port, "GET", "/_metrics")
             assert 'aeordb_invocations_total{db="db",schema="s",table="t",outcome="ok"} 30' in body.decode()
             assert 'aeordb_deploys_total 2' in body.decode()
+        # Removed and deployed again, it is a new plugin: what was counted of the old one is gone everywhere.
+        assert http_request(port, "DELETE", "/db/s/t/f/_remove")[0] == 200
+        assert http_request(port, "PUT", "/db/s/t/_deploy", wat(ECHO_WAT))[0] == 200
+        for _ in range(3):
+            assert http_request(port, "POST", "/db/s/t/f/_invoke", b"hi", headers=key)[0] == 200
+        wait_for(lambda: agreed(3), what="the new plugin's statistics in every worker")
         key_id = json.loads(http_request(port, "GET", "/_keys")[2])[0]["id"]
         assert http_request(port, "DELETE", f"/_keys/{key_id}")[0] == 200
         assert {http_request(port, "POST", "/db/s/t/f/_invoke", b"", headers=key)[0] for _ in range(20)} == {401}
