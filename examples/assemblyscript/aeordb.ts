@@ -337,7 +337,7 @@ export function listDirectory(path: string): Entry[] | null {
 /** Part of a file as text: mode "lines" (1-based, inclusive), "chars" or
  *  "bytes" (0-based, end-exclusive); -1 / 0 leave start, end, maxBytes out.
  *  Answers the JSON text {"text", "content_type", "source_size", "mode",
- *  "start", "end", "total", "truncated"}: jsonGetString(a, "text"). */
+ *  "start", "end", "pointer", "truncated"}: jsonGetString(a, "text"). */
 export function extractFile(path: string, mode: string, start: i64 = -1, end: i64 = -1,
                             maxBytes: i64 = 0): string | null {
   let args = '{"path":' + jsonString(path) + ',"mode":' + jsonString(mode);
