@@ -4113,6 +4113,17 @@ _ANY_BYTES = {"*/*": {"schema": {}}}
 # What each route means, by the name of the Api method serving it. "errors" are
 # the route's own; 401/403 (routes that need a credential) and 500 are added to
 # every route they apply to.
+def _free_text_parameters(description: str) -> list:
+    return [{"name": name, "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
+             "description": description} for name in ("version", "author")]
+
+
+_MODULE_BODY = {"required": True, "description": "the module's bytes (WebAssembly binary format)",
+                "content": {"application/wasm": {"schema": {}}, **_ANY_BYTES}}
+_INVOKE_BODY = {"required": False, "description": "any bytes, passed to the plugin", "content": _ANY_BYTES}
+_PLUGIN_ANSWER = {"200": {"description": "the plugin's answer (its own status when it sets one)", "content": _ANY_BYTES}}
+_INVOKE_FAILED = "the invocation failed (a trap, its time or memory limit, a bad answer): the reason"
+
 ROUTE_DOCS = {
     # -- system
     "health": {
@@ -4199,13 +4210,9 @@ ROUTE_DOCS = {
              "description": "the plugin's name; defaults to the table"},
             {"name": "plugin_type", "in": "query", "required": False,
              "schema": {"enum": ["wasm"], "default": "wasm"}},
-            {"name": "version", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
-             "description": "free text, kept in the plugin's metadata"},
-            {"name": "author", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
-             "description": "free text, kept in the plugin's metadata"},
+            *_free_text_parameters("free text, kept in the plugin's metadata"),
         ],
-        "requestBody": {"required": True, "description": "the module's bytes (WebAssembly binary format)",
-                        "content": {"application/wasm": {"schema": {}}, **_ANY_BYTES}},
+        "requestBody": _MODULE_BODY,
         "responses": {"200": _json("deployed", _schema("PluginMeta"))},
         "errors": {400: "empty body, not a module, an unsupported plugin_type, a missing handle export or "
                         "memory, or imports the server does not provide", 413: None,
@@ -4216,11 +4223,10 @@ ROUTE_DOCS = {
         "description": "Runs the plugin's handle with the request envelope (the body, and metadata such as "
                        "the function name, query string, content type and request id). The plugin's answer "
                        "is sent as it gave it: its status, headers and content type.",
-        "requestBody": {"required": False, "description": "any bytes, passed to the plugin", "content": _ANY_BYTES},
-        "responses": {"200": {"description": "the plugin's answer (its own status when it sets one)",
-                              "content": _ANY_BYTES}},
+        "requestBody": _INVOKE_BODY,
+        "responses": _PLUGIN_ANSWER,
         "errors": {400: None, 404: "no plugin deployed there", 413: None,
-                   500: "the invocation failed (a trap, its time or memory limit, a bad answer): the reason",
+                   500: _INVOKE_FAILED,
                    503: None},
     },
     "list_plugins": {
@@ -4244,13 +4250,9 @@ ROUTE_DOCS = {
             {"name": "plugin_type", "in": "query", "required": False,
              "schema": {"enum": ["wasm", "native", "rule"], "default": "wasm"},
              "description": "only wasm plugins run here: native and rule are a 400"},
-            {"name": "version", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
-             "description": "free text; null when not given"},
-            {"name": "author", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 128},
-             "description": "free text; null when not given"},
+            *_free_text_parameters("free text; null when not given"),
         ],
-        "requestBody": {"required": True, "description": "the module's bytes (WebAssembly binary format)",
-                        "content": {"application/wasm": {"schema": {}}, **_ANY_BYTES}},
+        "requestBody": _MODULE_BODY,
         "responses": {"200": _json("deployed", _schema("TodayPluginMeta"))},
         "errors": {400: "a bad name, plugin_type, an empty body or an invalid plugin", 413: None,
                    503: "no memory left to compile it, or storage unavailable: retry"},
@@ -4260,11 +4262,10 @@ ROUTE_DOCS = {
         "description": "As the seed's invoke, with the envelope's metadata name={name}, path=/plugins/{name}, "
                        "plugin_path={name} and function_name={name}; host functions reach the default "
                        "database's files.",
-        "requestBody": {"required": False, "description": "any bytes, passed to the plugin", "content": _ANY_BYTES},
-        "responses": {"200": {"description": "the plugin's answer (its own status when it sets one)",
-                              "content": _ANY_BYTES}},
+        "requestBody": _INVOKE_BODY,
+        "responses": _PLUGIN_ANSWER,
         "errors": {400: None, 404: "Plugin not found: {name}", 413: None,
-                   500: "the invocation failed (a trap, its time or memory limit, a bad answer): the reason",
+                   500: _INVOKE_FAILED,
                    503: None},
     },
     "today_list": {
