@@ -2368,8 +2368,8 @@ def test_query_body_that_is_not_json_is_400(populated):
 
 
 @pytest.mark.parametrize("spec, words", [
-    ({"path": "/users", "where": cond("name", "fuzzy", "Alise")}, ["unsupported operator", "fuzzy"]),
-    ({"path": "/users", "where": cond("name", "similar", "Alise")}, ["similar"]),
+    ({"path": "/users", "where": cond("name", "ne", "Alise")}, ["Unknown operation", "'ne'"]),
+    ({"path": "/users", "where": cond("name", "similar", 5)}, ["similar"]),
     ({"path": "/users", "where": 5}, []),
     ({"path": "/users", "where": "name = 'Alice'"}, []),
     ({"path": "/users", "where": cond('na"me', "eq", "Alice")}, ["field"]),
