@@ -2176,7 +2176,10 @@ _METAPHONE_SOURCES = {"A": "AEIOUWY", "P": "BP", "X": "CST", "S": "CSXZ", "K": "
                       "T": "DT", "F": "FPV", "0": "T", "H": "H", "L": "L", "M": "M", "N": "N", "R": "R"}
 _SOUNDEX_SOURCES = {digit: "".join(sorted(k for k, d in _SOUNDEX_DIGITS.items() if d == digit))
                     for digit in set(_SOUNDEX_DIGITS.values())}
-_NON_ASCII = "length(v) <> length(CAST(v AS BLOB))"   # SQLite's lower()/upper() fold ASCII only
+# SQLite folds the case of ASCII only; Python's str.upper() also makes ASCII letters of these
+# (so they count as those letters for phonetic codes), and str.lower() of these two.
+_UPPER_TO_ASCII = "ßıŉſǰẖẗẘẙẚﬀﬁﬂﬃﬄﬅﬆ"
+_LOWER_TO_ASCII = {"\u0130": "i", "\u212a": "k"}   # İ, Kelvin sign
 
 
 def json_path(field: Any) -> str:
@@ -2246,7 +2249,7 @@ class TextLeaf:
             return _jaro_winkler_prefilter(self.query, self.setting[1])
         if self.op == "fuzzy":
             return _edit_prefilter(self.query, self.setting)
-        parts = [(f"(lower(v) = ? OR {_NON_ASCII})", [self.query.lower()]), _trigram_prefilter(self.query, DEFAULT_SIMILARITY),
+        parts = [_exact_prefilter(self.query), _trigram_prefilter(self.query, DEFAULT_SIMILARITY),
                  _phonetic_prefilter(self.query), _edit_prefilter(self.query, auto_fuzziness(self.query))]
         return "(" + " OR ".join(sql for sql, _ in parts) + ")", [p for _, params in parts for p in params]
 
@@ -2257,7 +2260,8 @@ def _shared_characters(query: str) -> tuple:
     counts = collections.Counter(query)
     chosen = list(counts)[:MAX_PREFILTER_TERMS]
     unchecked = len(query) - sum(counts[char] for char in chosen)
-    terms = " + ".join(f"min({counts[char]}, length(v) - length(replace(v, ?, '')))" for char in chosen)
+    terms = " + ".join("(instr(v, ?) > 0)" if counts[char] == 1 else
+                       f"min({counts[char]}, length(v) - length(replace(v, ?, '')))" for char in chosen)
     return f"({terms or '0'} + {unchecked})", chosen
 
 
@@ -2265,54 +2269,82 @@ def _edit_prefilter(query: str, allowed: int) -> tuple:
     """Within ``allowed`` edits the lengths differ by at most that, and all but ``allowed`` of the
     query's characters are in the value (an edit removes at most one)."""
     shared, params = _shared_characters(query)
-    return (f"(abs(length(v) - ?) <= ? AND {shared} >= ?)",
+    return (f"abs(length(v) - ?) <= ? AND {shared} >= ?",
             [len(query), allowed, *params, len(query) - allowed])
 
 
 def _jaro_winkler_prefilter(query: str, threshold: float) -> tuple:
-    """Jaro-Winkler is at most 0.6 * jaro + 0.4, and jaro at most (c/|q| + c/|v| + 1) / 3 for c shared characters."""
+    """Jaro is at most j = (c/|q| + c/|v| + 1) / 3 for c shared characters, so Jaro-Winkler is at most
+    j + 0.1 * l * (1 - j) for l, the common prefix (up to 4)."""
     if not query:
         return "v = ''", []
     shared, params = _shared_characters(query)
-    needed = 3 * (threshold - 0.4) / 0.6 - 1
-    if needed <= 0:
-        return f"{shared} >= 1", params
-    return f"{shared} * (? + 1.0 / length(v)) >= ?", [*params, 1 / len(query), needed - 1e-9]
+    prefix = " + ".join("(substr(v, 1, ?) = ?)" for _ in query[:4])
+    return (f"(SELECT j + 0.1 * l * (1 - j) >= ? AND c >= 1 FROM (SELECT (c * (? + 1.0 / length(v)) + 1) / 3 AS j,"
+            f" c, l FROM (SELECT {shared} AS c, {prefix} AS l)))",
+            [threshold - 1e-9, 1 / len(query), *params,
+             *(p for size in range(1, min(4, len(query)) + 1) for p in (size, query[:size]))])
 
 
 def _trigram_prefilter(query: str, threshold: float) -> tuple:
     """A similarity of ``threshold`` needs ``threshold * |Q| / (2 - threshold)`` shared trigrams, and a
-    value holding a trigram holds its letters: count the query trigrams whose letters ``v`` holds."""
+    value holding a trigram holds its letters: count the query trigrams whose letters ``v`` holds.
+    Trigrams past ASCII count as held (SQLite's lower() would not fold the value's letters)."""
     grams = sorted(trigrams(query))
     if not grams or threshold > 1:
         return "0", []
     needed = max(1, math.ceil(threshold * len(grams) / (2 - threshold) - 1e-9))
-    chosen = grams[:MAX_PREFILTER_TERMS]
+    chosen = [gram for gram in grams if gram.isascii()][:MAX_PREFILTER_TERMS]
     needed -= len(grams) - len(chosen)
     if needed <= 0:
         return "1", []
-    present = " + ".join("(instr(lower(v), ?) > 0)" for _ in chosen)
-    return f"({_NON_ASCII} OR {present} >= ?)", [*(gram.strip() for gram in chosen), needed]
+    folded = "lower(" + "replace(" * len(_LOWER_TO_ASCII) + "v" + ", ?, ?)" * len(_LOWER_TO_ASCII) + ")"
+    present = " + ".join("(instr(folded, ?) > 0)" for _ in chosen)
+    return (f"(SELECT {present} FROM (SELECT {folded} AS folded)) >= ?",
+            [gram.strip() for gram in chosen] + [text for pair in _LOWER_TO_ASCII.items() for text in pair]
+            + [needed])
+
+
+def _exact_prefilter(query: str) -> tuple:
+    """Equal ignoring case: implied by the trigram pre-filter when the query has trigrams."""
+    if trigrams(query):
+        return "0", []
+    if not query.lower().isascii():
+        return "1", []
+    return "lower(replace(v, ?, ?)) = ?", ["\u212a", "k", query.lower()]
+
+
+def _letters(code_letters: str) -> str:
+    """A GLOB class of the characters that upper-case to any of ``code_letters``."""
+    extra = "".join(char for char in _UPPER_TO_ASCII if set(char.upper()) & set(code_letters))
+    return f"[{code_letters}{code_letters.lower()}{extra}]"
 
 
 def _phonetic_prefilter(query: str) -> tuple:
-    """A value sharing a code with the query holds, for every character of that code, a letter it comes from."""
+    """A value sharing a code with the query holds, for every character of that code, a letter it
+    comes from; a Soundex code's first letter begins a word (first in v, or after a non-letter)."""
     patterns = set()
     for word in phonetic_words(query):
         sound, primary, alternate = word_codes(word)
         if sound:
-            sources = [sound[0]] + [_SOUNDEX_SOURCES[digit] for digit in sound[1:] if digit != "0"]
-            patterns.add(tuple(sorted(set(sources))))
+            first = _letters(sound[0])
+            digits = sorted({_SOUNDEX_SOURCES[digit] for digit in sound[1:] if digit != "0"})
+            patterns.add(((f"{first}*", f"*[^A-Za-z]{first}*"), *(f"*{_letters(d)}*" for d in digits)))
         for code in (primary, alternate):
             if code:
-                patterns.add(tuple(sorted({_METAPHONE_SOURCES[char] for char in code})))
+                patterns.add(tuple(f"*{_letters(sources)}*"
+                                   for sources in sorted({_METAPHONE_SOURCES[char] for char in code})))
     if not patterns:
         return "0", []
     alternatives, params = [], []
-    for sources in sorted(patterns):
-        alternatives.append("(" + " AND ".join("v GLOB ?" for _ in sources) + ")")
-        params += [f"*[{letters}{letters.lower()}]*" for letters in sources]
-    return f"({_NON_ASCII} OR {' OR '.join(alternatives)})", params
+    for globs in sorted(patterns, key=str):   # all must match; a tuple: any of its patterns
+        terms = []
+        for glob in globs:
+            choices = glob if isinstance(glob, tuple) else (glob,)
+            terms.append("(" + " OR ".join("v GLOB ?" for _ in choices) + ")")
+            params += choices
+        alternatives.append("(" + " AND ".join(terms) + ")")
+    return "(" + " OR ".join(alternatives) + ")", params
 
 
 def _text_function(score: Callable) -> Callable:
@@ -2488,9 +2520,11 @@ class QueryPlan:
         self.text_leaves.append((leaf, operand))
         prefilter, prefilter_params = leaf.prefilter()
         call, call_params = leaf.call()
-        self.where_params += [*prefilter_params, *call_params, *operand.params, *operand.params]
-        return (f"coalesce((SELECT {prefilter} AND {call} IS NOT NULL FROM (SELECT {operand.value} AS v)"
-                f" WHERE {operand.kind} = 'text'), 0)")
+        # In a WHERE clause SQLite stops at the first false term, so the Python function
+        # only sees what the type check and the pre-filter let through.
+        self.where_params += [*call_params, *operand.params, *operand.params, *prefilter_params]
+        return (f"coalesce((SELECT {call} IS NOT NULL FROM (SELECT {operand.value} AS v)"
+                f" WHERE {operand.kind} = 'text' AND {prefilter}), 0)")
 
     def _equals(self, operand: _Operand, value: Any) -> str:
         if value is None:
@@ -2755,7 +2789,7 @@ class FileStore:
             # SQLite's lower() folds ASCII only; 'contains' is case-insensitive for every script.
             conn.create_function("aeordb_lower", 1, _sql_lower, deterministic=True)
             for name, (arity, function) in QUERY_FUNCTIONS.items():
-                conn.create_function(name, arity, function, deterministic=True)
+                conn.create_function(name, arity, self._within_deadline(conn, function), deterministic=True)
             # Statements check this thread's deadline as they run (SQLite's
             # progress handler), so no query outlives its time limit.
             conn.set_progress_handler(self._past_deadline, PROGRESS_STEPS)
@@ -2769,6 +2803,16 @@ class FileStore:
         it was part of rolls back.
         """
         self._local.deadline = at
+
+    def _within_deadline(self, conn: sqlite3.Connection, function: Callable) -> Callable:
+        """``function`` for SQL that first checks the deadline: the progress handler only runs
+        between SQLite's own steps, and a query may spend its time in these functions."""
+        def call(*args: Any) -> Any:
+            if self._past_deadline():
+                conn.interrupt()
+                return None
+            return function(*args)
+        return call
 
     def _past_deadline(self) -> bool:
         deadline = getattr(self._local, "deadline", None)
