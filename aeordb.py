@@ -1872,6 +1872,13 @@ def _balanced(parts: list, word: str) -> str:
     return f"({_balanced(parts[:middle], word)} {word} {_balanced(parts[middle:], word)})"
 
 
+def _greatest(parts: list) -> str:
+    """SQL of the largest of ``parts``: SQLite's max() takes at most 127 arguments."""
+    while len(parts) > 100:
+        parts = [f"max({', '.join(parts[i:i + 100])})" for i in range(0, len(parts), 100)]
+    return f"max({', '.join(parts)})" if len(parts) > 1 else parts[0]
+
+
 def _sql_text(value: str) -> str:
     """A string for SQLite, which cannot take JSON's lone surrogates ("\\ud800")."""
     try:
@@ -2584,7 +2591,7 @@ class QueryPlan:
             params += [*call_params, *operand.params, *operand.params]
         # An item's score is the best of the text conditions it met; 1.0 when it met none.
         score = ("1.0" if not scores else f"coalesce({scores[0]}, 1.0)" if len(scores) == 1 else
-                 f"coalesce(nullif(max({', '.join(f'coalesce({s}, -1.0)' for s in scores)}), -1.0), 1.0)")
+                 f"coalesce(nullif({_greatest([f'coalesce({s}, -1.0)' for s in scores])}, -1.0), 1.0)")
         values = [f", (SELECT v FROM (SELECT {operand.value} AS v) WHERE {operand.kind} = 'text') AS v{i}"
                   for i, (_, operand) in enumerate(self.text_leaves)]
         value_params = [p for _, operand in self.text_leaves for p in (*operand.params, *operand.params)]
