@@ -2129,7 +2129,7 @@ def fuzzy_score(value: str, query: str, allowed: int) -> Optional[float]:
     distance = osa_distance(query, value, allowed)
     if distance > allowed:
         return None
-    return 1 - distance / max(len(query.encode("utf-8")), len(value.encode("utf-8")), 1)
+    return 1 - distance / max(len(query.encode("utf-8")), len(value.encode("utf-8", "surrogatepass")), 1)
 
 
 def jaro_winkler_score(value: str, query: str, threshold: float) -> Optional[float]:
@@ -2205,7 +2205,7 @@ class _Operand:
 
     @classmethod
     def of(cls, field: Any) -> "_Operand":
-        if field in VIRTUAL_FIELDS:
+        if isinstance(field, str) and field in VIRTUAL_FIELDS:
             kind, value = VIRTUAL_FIELDS[field]
             return cls(f"'{kind}'", value, ())
         path = json_path(field)
@@ -2241,10 +2241,10 @@ class TextLeaf:
     def call(self) -> tuple:
         """SQL of the exact function over the value ``v`` (NULL: no match), and its parameters."""
         if self.op in ("phonetic", "match"):
-            return f"aeordb_{self.op}(v, ?)", [self.query]
+            return f"aeordb_{self.op}(CAST(v AS BLOB), ?)", [self.query]
         if isinstance(self.setting, tuple):
-            return "aeordb_jaro_winkler(v, ?, ?)", [self.query, self.setting[1]]
-        return f"aeordb_{self.op}(v, ?, ?)", [self.query, self.setting]
+            return "aeordb_jaro_winkler(CAST(v AS BLOB), ?, ?)", [self.query, self.setting[1]]
+        return f"aeordb_{self.op}(CAST(v AS BLOB), ?, ?)", [self.query, self.setting]
 
     def prefilter(self) -> tuple:
         """SQL over ``v`` true for every value the exact function could accept, and its parameters."""
@@ -2354,8 +2354,19 @@ def _phonetic_prefilter(query: str) -> tuple:
     return "(" + " OR ".join(alternatives) + ")", params
 
 
+def sql_string(value: Optional[bytes]) -> Optional[str]:
+    """A string SQLite hands over as bytes: its JSON functions keep a lone surrogate ("\\ud800"),
+    which the sqlite3 module cannot decode, so query functions take their text as a BLOB."""
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "replace")
+
+
 def _text_function(score: Callable) -> Callable:
-    return lambda value, *args: score(value, *args) if isinstance(value, str) else None
+    return lambda value, *args: score(sql_string(value), *args) if isinstance(value, bytes) else None
 
 
 def _extension(path: str) -> str:
@@ -2368,8 +2379,14 @@ def cursor_hash(path: str) -> str:
     return hashlib.sha256(f"file:{path}".encode("utf-8")).hexdigest()
 
 
+def _lower(value: Any) -> Any:
+    """Lower case for every script (SQLite's lower() folds ASCII only), as bytes SQLite reads as text."""
+    return sql_string(value).lower().encode("utf-8", "surrogatepass") if isinstance(value, bytes) else None
+
+
 # The functions a query's SQL calls; FileStore registers them on each connection.
 QUERY_FUNCTIONS = {
+    "aeordb_lower": (1, _lower),
     "aeordb_similar": (3, _text_function(similar_score)),
     "aeordb_phonetic": (2, _text_function(lambda value, query: 1.0 if phonetic_labels(value, query) else None)),
     "aeordb_fuzzy": (3, _text_function(fuzzy_score)),
@@ -2497,7 +2514,7 @@ class QueryPlan:
         if not isinstance(value, str):   # contains
             raise ApiError(400, f"'contains' requires string value for field '{field}'")
         self.where_params += [*operand.params, *operand.params, _sql_text(value.lower())]
-        return f"({operand.kind} = 'text' AND instr(aeordb_lower({operand.value}), ?) > 0)"
+        return f"({operand.kind} = 'text' AND instr(aeordb_lower(CAST({operand.value} AS BLOB)), ?) > 0)"
 
     @staticmethod
     def _text_leaf(node: dict, op: str, field: str, operand: _Operand) -> TextLeaf:
@@ -2574,7 +2591,7 @@ class QueryPlan:
                 (item.get("field"), item.get("direction", "asc")) if isinstance(item, dict) else (None, None)
             if not isinstance(direction, str) or direction.lower() not in ("asc", "desc"):
                 raise ApiError(400, "order_by direction must be 'asc' or 'desc'")
-            if field == "@score" or field in VIRTUAL_FIELDS:
+            if isinstance(field, str) and (field == "@score" or field in VIRTUAL_FIELDS):
                 self.cursor_fields.append(field)
                 parts.append(f"{'score' if field == '@score' else VIRTUAL_FIELDS[field][1]} {direction.upper()}")
             else:
@@ -2592,7 +2609,7 @@ class QueryPlan:
         # An item's score is the best of the text conditions it met; 1.0 when it met none.
         score = ("1.0" if not scores else f"coalesce({scores[0]}, 1.0)" if len(scores) == 1 else
                  f"coalesce(nullif({_greatest([f'coalesce({s}, -1.0)' for s in scores])}, -1.0), 1.0)")
-        values = [f", (SELECT v FROM (SELECT {operand.value} AS v) WHERE {operand.kind} = 'text') AS v{i}"
+        values = [f", (SELECT CAST(v AS BLOB) FROM (SELECT {operand.value} AS v) WHERE {operand.kind} = 'text') AS v{i}"
                   for i, (_, operand) in enumerate(self.text_leaves)]
         value_params = [p for _, operand in self.text_leaves for p in (*operand.params, *operand.params)]
         sql = (f"(SELECT files.*, {score} AS score{''.join(values)} FROM files"
@@ -2642,7 +2659,7 @@ class QueryPlan:
     def _item(self, row: tuple) -> dict:
         path, size, content_type, created_at, updated_at, _, score, *values = row
         matched_by = list(self.fields)
-        for (leaf, _), value in zip(self.text_leaves, values):
+        for (leaf, _), value in zip(self.text_leaves, map(sql_string, values)):
             if value is not None and leaf.score(value) is not None:
                 matched_by += [label for label in leaf.labels(value) if label not in matched_by]
         return {"path": path, "size": size, "score": score, "total_size": size, "content_type": content_type,
@@ -2793,8 +2810,6 @@ class FileStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            # SQLite's lower() folds ASCII only; 'contains' is case-insensitive for every script.
-            conn.create_function("aeordb_lower", 1, _sql_lower, deterministic=True)
             for name, (arity, function) in QUERY_FUNCTIONS.items():
                 conn.create_function(name, arity, self._within_deadline(conn, function), deterministic=True)
             # Statements check this thread's deadline as they run (SQLite's
@@ -3171,10 +3186,6 @@ def _json_object_text(data: bytes, conn: sqlite3.Connection) -> Optional[str]:
         return None
     kind = conn.execute("SELECT CASE WHEN json_valid(?1) THEN json_type(?1) END", (text,)).fetchone()[0]
     return text if kind == "object" else None
-
-
-def _sql_lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
 
 
 def _sql_json_value(json_type: Optional[str], value: Any) -> Any:

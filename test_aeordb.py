@@ -2680,7 +2680,7 @@ def ref_auto(query: str) -> int:
 
 def ref_dl_score(value: str, query: str, allowed: int):
     d = ref_osa(query, value)
-    return 1 - d / max(len(query.encode()), len(value.encode()), 1) if d <= allowed else None
+    return 1 - d / max(len(query.encode()), len(value.encode(errors="surrogatepass")), 1) if d <= allowed else None
 
 
 def ref_match(value: str, query: str) -> tuple:
@@ -2721,7 +2721,7 @@ FACT_WORDS = ["Smith", "Smythe", "Smyth", "Schmidt", "smith", "smith john", "Mar
               "restaurant", "Ashcraft", "Pfister", "cabin", "cab", "abc", "Item 20", "Johnson", "Knight", "Thompson",
               "Xavier", "Jackson", "Eggert", "Aeon", "Edge", "Nation", "Session", "Caesar", "Schwarz", "Smidt",
               # past ASCII: upper-cased or lower-cased into ASCII letters, or not at all
-              "straße", "ﬁsh", "\u212aate", "İstanbul", "Zoë", "Ölaf", "123", "!!"]
+              "straße", "ﬁsh", "\u212aate", "İstanbul", "Zoë", "Ölaf", "123", "!!", "lone \ud800 Smith"]
 
 
 def generated_words(count: int, seed: int = 16) -> list:
@@ -2869,6 +2869,10 @@ def test_the_facts_examples_through_the_server(wordy):
     assert "ﬁsh" in scored(cond("name", "phonetic", "FISH"))
     assert "\u212aate" in scored(cond("name", "similar", "kate"))
     assert "İstanbul" in scored(cond("name", "similar", "istanbul"))
+    # A lone surrogate (JSON allows "\ud800"; SQLite keeps it) breaks no query.
+    for op in ("contains", "similar", "phonetic", "match", "fuzzy"):
+        assert "lone \ud800 Smith" in scored(cond("name", op, "lone \u00e9 Smith" if op != "contains" else "SMITH",
+                                                   **({"fuzziness": 1} if op == "fuzzy" else {})))
 
 
 def test_the_sql_pre_filters_know_every_character_that_folds_into_ascii():
@@ -2957,6 +2961,7 @@ def test_virtual_fields_filter_and_order(client):
     (cond("name", "fuzzy", 3), "'fuzzy' requires string value for field 'name'"),
     (cond("name", "match", True), "'match' requires string value for field 'name'"),
     (cond("name", "similar", "x", threshold="high"), "'threshold' of 'similar' on field 'name' must be a number"),
+    (cond(["name"], "fuzzy", "x"), "invalid field ['name']"),
     (functools.reduce(lambda inner, _: {"not": inner}, range(40), cond("n", "eq", 1)),
      "Query nesting too deep (max 32 levels). Simplify the where clause"),
 ])
