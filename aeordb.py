@@ -2305,11 +2305,12 @@ def _trigram_prefilter(query: str, threshold: float) -> tuple:
     needed -= len(grams) - len(chosen)
     if needed <= 0:
         return "1", []
-    folded = "lower(" + "replace(" * len(_LOWER_TO_ASCII) + "v" + ", ?, ?)" * len(_LOWER_TO_ASCII) + ")"
-    present = " + ".join("(instr(folded, ?) > 0)" for _ in chosen)
+    cores = collections.Counter(gram.strip() for gram in chosen)
+    folds = [(char, ascii) for char, ascii in _LOWER_TO_ASCII.items() if any(ascii in core for core in cores)]
+    folded = "lower(" + "replace(" * len(folds) + "v" + ", ?, ?)" * len(folds) + ")"
+    present = " + ".join(f"{count} * (instr(folded, ?) > 0)" for count in cores.values())
     return (f"(SELECT {present} FROM (SELECT {folded} AS folded)) >= ?",
-            [gram.strip() for gram in chosen] + [text for pair in _LOWER_TO_ASCII.items() for text in pair]
-            + [needed])
+            [*cores, *(text for pair in folds for text in pair), needed])
 
 
 def _exact_prefilter(query: str) -> tuple:
@@ -2335,12 +2336,12 @@ def _phonetic_prefilter(query: str) -> tuple:
         sound, primary, alternate = word_codes(word)
         if sound:
             first = _letters(sound[0])
-            digits = sorted({_SOUNDEX_SOURCES[digit] for digit in sound[1:] if digit != "0"})
+            digits = sorted({_SOUNDEX_SOURCES[digit] for digit in sound[1:] if digit != "0"}, key=lambda s: (len(s), s))
             patterns.add(((f"{first}*", f"*[^A-Za-z]{first}*"), *(f"*{_letters(d)}*" for d in digits)))
         for code in (primary, alternate):
-            if code:
-                patterns.add(tuple(f"*{_letters(sources)}*"
-                                   for sources in sorted({_METAPHONE_SOURCES[char] for char in code})))
+            if code:   # the fewest letters first: the likeliest to fail, so SQLite stops there
+                patterns.add(tuple(f"*{_letters(sources)}*" for sources in
+                                   sorted({_METAPHONE_SOURCES[char] for char in code}, key=lambda s: (len(s), s))))
     if not patterns:
         return "0", []
     alternatives, params = [], []
