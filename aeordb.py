@@ -1918,8 +1918,17 @@ def trigrams(text: str) -> set:
 
 def trigram_similarity(first: str, second: str) -> float:
     """Dice coefficient of the trigram sets; 0 when both are empty."""
-    a, b = trigrams(first), trigrams(second)
+    return _dice(trigrams(first), trigrams(second))
+
+
+def _dice(a: Any, b: Any) -> float:
     return 2 * len(a & b) / (len(a) + len(b)) if a or b else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _query_trigrams(query: str) -> frozenset:
+    """A query's trigrams, computed once for the rows it is compared with."""
+    return frozenset(trigrams(query))
 
 
 def osa_distance(a: str, b: str, bound: Optional[int] = None) -> int:
@@ -2101,14 +2110,18 @@ def word_codes(word: str) -> tuple:
     return (soundex(word), *double_metaphone(word))
 
 
+@functools.lru_cache(maxsize=256)
+def _query_codes(query: str) -> tuple:
+    return tuple(word_codes(word) for word in phonetic_words(query))
+
+
 def phonetic_labels(value: str, query: str) -> list:
     """Which phonetic codes some query word shares with some value word: soundex, dmetaphone, dmetaphone_alt."""
     value_codes = [word_codes(word) for word in phonetic_words(value)]
     sounds = {codes[0] for codes in value_codes}
     metaphones = {code for codes in value_codes for code in codes[1:] if code}
     fired = set()
-    for word in phonetic_words(query):
-        sound, primary, alternate = word_codes(word)
+    for sound, primary, alternate in _query_codes(query):
         if sound and sound in sounds:
             fired.add("soundex")
         if primary and primary in metaphones:
@@ -2138,7 +2151,7 @@ def jaro_winkler_score(value: str, query: str, threshold: float) -> Optional[flo
 
 
 def similar_score(value: str, query: str, threshold: float) -> Optional[float]:
-    score = trigram_similarity(query, value)
+    score = _dice(_query_trigrams(query), trigrams(value))
     return score if score >= threshold and score > 0 else None
 
 
@@ -2147,7 +2160,7 @@ def match_parts(value: str, query: str) -> tuple:
     parts = []
     if value.lower() == query.lower():
         parts.append(("exact", 1.0))
-    similarity = trigram_similarity(query, value)
+    similarity = _dice(_query_trigrams(query), trigrams(value))
     if similarity > 0.3:
         parts.append(("trigram", similarity))
     labels = phonetic_labels(value, query)
@@ -2165,6 +2178,9 @@ TEXT_OPERATORS = ("similar", "phonetic", "fuzzy", "match")
 OPERATORS = ("eq", "in", "gt", "lt", "between", "contains", *TEXT_OPERATORS)
 DEFAULT_SIMILARITY, DEFAULT_JARO_WINKLER = 0.3, 0.8
 MAX_PREFILTER_TERMS = 64   # SQL terms a pre-filter spends on one query; past them it checks a subset
+MAX_PHONETIC_PATTERNS = 16   # codes a phonetic pre-filter checks; a query with more words goes unfiltered
+# Each takes a column and up to a few hundred parameters: SQLite allows 2,000 and 32,766.
+MAX_TEXT_CONDITIONS = 100
 # File metadata a query names with '@': (JSON type, SQL over a row of `files`).
 VIRTUAL_FIELDS = {
     "@path": ("text", "files.path"),
@@ -2344,6 +2360,8 @@ def _phonetic_prefilter(query: str) -> tuple:
                                    sorted({_METAPHONE_SOURCES[char] for char in code}, key=lambda s: (len(s), s))))
     if not patterns:
         return "0", []
+    if len(patterns) > MAX_PHONETIC_PATTERNS:
+        return "1", []
     alternatives, params = [], []
     for globs in sorted(patterns, key=str):   # all must match; a tuple: any of its patterns
         terms = []
@@ -2542,6 +2560,9 @@ class QueryPlan:
         return TextLeaf(op, value, auto_fuzziness(value) if fixed is None else min(fixed, 2 ** 31))
 
     def _text(self, leaf: TextLeaf, operand: _Operand, field: str) -> str:
+        if len(self.text_leaves) == MAX_TEXT_CONDITIONS:
+            raise ApiError(400, f"query has more than {MAX_TEXT_CONDITIONS} text conditions "
+                                "(similar, phonetic, fuzzy, match)")
         self.text_leaves.append((leaf, operand))
         prefilter, prefilter_params = leaf.prefilter()
         call, call_params = leaf.call()
