@@ -2277,6 +2277,13 @@ class TextLeaf:
         return "(" + " OR ".join(sql for sql, _ in parts) + ")", [p for _, params in parts for p in params]
 
 
+def _once(columns: str) -> str:
+    """A subquery SQLite computes once per row: one it may flatten has each of its expressions
+    copied into every place that names it (a JSON parse per mention), and it never flattens
+    one with an OFFSET."""
+    return f"(SELECT {columns} LIMIT 1 OFFSET 0)"
+
+
 def _shared_characters(query: str) -> tuple:
     """SQL counting the characters ``v`` shares with ``query`` (as multisets), at most overcounting
     characters past MAX_PREFILTER_TERMS; its parameters."""
@@ -2289,11 +2296,16 @@ def _shared_characters(query: str) -> tuple:
 
 
 def _edit_prefilter(query: str, allowed: int) -> tuple:
-    """Within ``allowed`` edits the lengths differ by at most that, and all but ``allowed`` of the
-    query's characters are in the value (an edit removes at most one)."""
+    """Within ``allowed`` edits at most that many of the query's distinct characters are missing from the
+    value (an edit removes at most one), so of ``allowed + 1`` groups of them one is all there (cheap to
+    test: SQLite stops at the first missing one); then the lengths differ by at most ``allowed``, and
+    all but ``allowed`` of the query's characters are in the value."""
+    distinct = list(dict.fromkeys(query))[:MAX_PREFILTER_TERMS]
+    groups = [distinct[i::allowed + 1] for i in range(allowed + 1)] if len(distinct) > allowed else []
+    present = " OR ".join("(" + " AND ".join("instr(v, ?)" for _ in group) + ")" for group in groups)
     shared, params = _shared_characters(query)
-    return (f"abs(length(v) - ?) <= ? AND {shared} >= ?",
-            [len(query), allowed, *params, len(query) - allowed])
+    return (f"({present or '1'}) AND abs(length(v) - ?) <= ? AND {shared} >= ?",
+            [*(char for group in groups for char in group), len(query), allowed, *params, len(query) - allowed])
 
 
 def _jaro_winkler_prefilter(query: str, threshold: float) -> tuple:
@@ -2303,8 +2315,9 @@ def _jaro_winkler_prefilter(query: str, threshold: float) -> tuple:
         return "v = ''", []
     shared, params = _shared_characters(query)
     prefix = " + ".join("(substr(v, 1, ?) = ?)" for _ in query[:4])
-    return (f"(SELECT j + 0.1 * l * (1 - j) >= ? AND c >= 1 FROM (SELECT (c * (? + 1.0 / length(v)) + 1) / 3 AS j,"
-            f" c, l FROM (SELECT {shared} AS c, {prefix} AS l)))",
+    inner = _once(f"{shared} AS c, {prefix} AS l")
+    return (f"(SELECT j + 0.1 * l * (1 - j) >= ? AND c >= 1 FROM"
+            f" {_once(f'(c * (? + 1.0 / length(v)) + 1) / 3 AS j, c, l FROM {inner}')})",
             [threshold - 1e-9, 1 / len(query), *params,
              *(p for size in range(1, min(4, len(query)) + 1) for p in (size, query[:size]))])
 
@@ -2325,7 +2338,7 @@ def _trigram_prefilter(query: str, threshold: float) -> tuple:
     folds = [(char, ascii) for char, ascii in _LOWER_TO_ASCII.items() if any(ascii in core for core in cores)]
     folded = "lower(" + "replace(" * len(folds) + "v" + ", ?, ?)" * len(folds) + ")"
     present = " + ".join(f"{count} * (instr(folded, ?) > 0)" for count in cores.values())
-    return (f"(SELECT {present} FROM (SELECT {folded} AS folded)) >= ?",
+    return (f"(SELECT {present} FROM {_once(f'{folded} AS folded')}) >= ?",
             [*cores, *(text for pair in folds for text in pair), needed])
 
 
@@ -2353,7 +2366,7 @@ def _phonetic_prefilter(query: str) -> tuple:
         if sound:
             first = _letters(sound[0])
             digits = sorted({_SOUNDEX_SOURCES[digit] for digit in sound[1:] if digit != "0"}, key=lambda s: (len(s), s))
-            patterns.add(((f"{first}*", f"*[^A-Za-z]{first}*"), *(f"*{_letters(d)}*" for d in digits)))
+            patterns.add((f"*{first}*", (f"{first}*", f"*[^A-Za-z]{first}*"), *(f"*{_letters(d)}*" for d in digits)))
         for code in (primary, alternate):
             if code:   # the fewest letters first: the likeliest to fail, so SQLite stops there
                 patterns.add(tuple(f"*{_letters(sources)}*" for sources in
@@ -2569,7 +2582,7 @@ class QueryPlan:
         # In a WHERE clause SQLite stops at the first false term, so the Python function
         # only sees what the type check and the pre-filter let through.
         self.where_params += [*call_params, *operand.params, *operand.params, *prefilter_params]
-        return (f"coalesce((SELECT {call} IS NOT NULL FROM (SELECT {operand.value} AS v)"
+        return (f"coalesce((SELECT {call} IS NOT NULL FROM {_once(operand.value + ' AS v')}"
                 f" WHERE {operand.kind} = 'text' AND {prefilter}), 0)")
 
     def _equals(self, operand: _Operand, value: Any) -> str:
@@ -2626,12 +2639,12 @@ class QueryPlan:
         scores, params = [], []
         for leaf, operand in self.text_leaves:
             call, call_params = leaf.call()
-            scores.append(f"(SELECT {call} FROM (SELECT {operand.value} AS v) WHERE {operand.kind} = 'text')")
+            scores.append(f"(SELECT {call} FROM {_once(operand.value + ' AS v')} WHERE {operand.kind} = 'text')")
             params += [*call_params, *operand.params, *operand.params]
         # An item's score is the best of the text conditions it met; 1.0 when it met none.
         score = ("1.0" if not scores else f"coalesce({scores[0]}, 1.0)" if len(scores) == 1 else
                  f"coalesce(nullif({_greatest([f'coalesce({s}, -1.0)' for s in scores])}, -1.0), 1.0)")
-        values = [f", (SELECT CAST(v AS BLOB) FROM (SELECT {operand.value} AS v) WHERE {operand.kind} = 'text') AS v{i}"
+        values = [f", (SELECT CAST(v AS BLOB) FROM {_once(operand.value + ' AS v')} WHERE {operand.kind} = 'text') AS v{i}"
                   for i, (_, operand) in enumerate(self.text_leaves)]
         value_params = [p for _, operand in self.text_leaves for p in (*operand.params, *operand.params)]
         sql = (f"(SELECT files.*, {score} AS score{''.join(values)} FROM files"
