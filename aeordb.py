@@ -2325,7 +2325,7 @@ def _jaro_winkler_prefilter(query: str, threshold: float) -> tuple:
 def _trigram_prefilter(query: str, threshold: float) -> tuple:
     """A similarity of ``threshold`` needs ``threshold * |Q| / (2 - threshold)`` shared trigrams, and a
     value holding a trigram holds its letters: count the query trigrams whose letters ``v`` holds.
-    Trigrams past ASCII count as held (SQLite's lower() would not fold the value's letters)."""
+    Trigrams past ASCII count as held (SQLite folds the case of ASCII only)."""
     grams = sorted(trigrams(query))
     if not grams or threshold > 1:
         return "0", []
@@ -2334,12 +2334,11 @@ def _trigram_prefilter(query: str, threshold: float) -> tuple:
     needed -= len(grams) - len(chosen)
     if needed <= 0:
         return "1", []
-    cores = collections.Counter(gram.strip() for gram in chosen)
-    folds = [(char, ascii) for char, ascii in _LOWER_TO_ASCII.items() if any(ascii in core for core in cores)]
-    folded = "lower(" + "replace(" * len(folds) + "v" + ", ?, ?)" * len(folds) + ")"
-    present = " + ".join(f"{count} * (instr(folded, ?) > 0)" for count in cores.values())
-    return (f"(SELECT {present} FROM {_once(f'{folded} AS folded')}) >= ?",
-            [*cores, *(text for pair in folds for text in pair), needed])
+    cores = collections.Counter(gram.strip() for gram in chosen)   # letters and digits: no LIKE wildcards
+    present = " + ".join(f"{count} * (v LIKE ?)" for count in cores.values())   # LIKE ignores ASCII case
+    folds = [char for char, ascii in _LOWER_TO_ASCII.items() if any(ascii in core for core in cores)]
+    unfolded = "".join("instr(v, ?) OR " for _ in folds)   # LIKE would not see them as their ASCII letter
+    return f"({unfolded}{present} >= ?)", [*folds, *(f"%{core}%" for core in cores), needed]
 
 
 def _exact_prefilter(query: str) -> tuple:
