@@ -1958,15 +1958,6 @@ MAX_QUERY_CONDITIONS = 5_000   # conditions plus 'in' values: SQLite caps bound 
 # Each becomes SQL columns or terms; SQLite refuses past about 2,000 columns.
 MAX_ORDER_FIELDS, MAX_GROUP_FIELDS, MAX_AGGREGATE_FIELDS = 32, 32, 256
 _COMBINATORS = {"and": "AND", "or": "OR", "not": "NOT"}
-SPECIAL_ORDER_FIELDS = {"@path": "path", "@size": "size", "@created_at": "created_at",
-                        "@updated_at": "updated_at"}
-
-
-def json_path(field: Any) -> str:
-    if not isinstance(field, str) or not _FIELD.fullmatch(field):
-        raise ApiError(400, f"invalid field {field!r}: use names of letters, digits, '_', '-', "
-                            "joined by '.'")
-    return "$" + "".join(f'."{part}"' for part in field.split("."))
 
 
 def _balanced(parts: list, word: str) -> str:
@@ -1976,6 +1967,13 @@ def _balanced(parts: list, word: str) -> str:
         return parts[0]
     middle = len(parts) // 2
     return f"({_balanced(parts[:middle], word)} {word} {_balanced(parts[middle:], word)})"
+
+
+def _greatest(parts: list) -> str:
+    """SQL of the largest of ``parts``: SQLite's max() takes at most 127 arguments."""
+    while len(parts) > 100:
+        parts = [f"max({', '.join(parts[i:i + 100])})" for i in range(0, len(parts), 100)]
+    return f"max({', '.join(parts)})" if len(parts) > 1 else parts[0]
 
 
 def _sql_text(value: str) -> str:
@@ -1994,8 +1992,569 @@ def _sql_number(value: Any) -> Any:
     return value
 
 
+# -- text matching: the algorithms of today's AeorDB ---------------------------
+# Exactly as upstream computes them (the facts in AEORDB_TODAY.md 2.5-2.6), so
+# that scores and matches agree; the SQL pre-filters in QueryPlan only ever
+# skip rows these functions would refuse.
+
+_ALNUM_RUN = re.compile(r"[^\W_]+")   # a run of letters and digits
+_VOWELS = frozenset("AEIOU")
+_SOUNDEX_DIGITS = {letter: digit for letters, digit in (("BFPV", "1"), ("CGJKQSXZ", "2"), ("DT", "3"),
+                                                        ("L", "4"), ("MN", "5"), ("R", "6"))
+                   for letter in letters}
+
+
+def trigrams(text: str) -> set:
+    """Lower-cased words (runs of letters and digits), each padded as '  word ', cut in 3-character windows."""
+    grams: set = set()
+    for word in _ALNUM_RUN.findall(text.lower()):
+        padded = f"  {word} "
+        grams.update(padded[i:i + 3] for i in range(len(padded) - 2))
+    return grams
+
+
+def trigram_similarity(first: str, second: str) -> float:
+    """Dice coefficient of the trigram sets; 0 when both are empty."""
+    return _dice(trigrams(first), trigrams(second))
+
+
+def _dice(a: Any, b: Any) -> float:
+    return 2 * len(a & b) / (len(a) + len(b)) if a or b else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _query_trigrams(query: str) -> frozenset:
+    """A query's trigrams, computed once for the rows it is compared with."""
+    return frozenset(trigrams(query))
+
+
+def osa_distance(a: str, b: str, bound: Optional[int] = None) -> int:
+    """Damerau-Levenshtein distance (optimal string alignment) over code points.
+
+    With ``bound`` only cells within ``bound`` of the diagonal are computed and
+    the work stops once a row is past it: a distance over ``bound`` comes back
+    as ``bound + 1``.
+    """
+    n, m = len(a), len(b)
+    limit = max(n, m) if bound is None else min(bound, max(n, m))
+    if abs(n - m) > limit:
+        return limit + 1
+    over = limit + 1
+    before, previous = None, [min(j, over) for j in range(m + 1)]
+    for i in range(1, n + 1):
+        row = [over] * (m + 1)
+        if i <= limit:
+            row[0] = i
+        low, high = max(1, i - limit), min(m, i + limit)
+        char, last = a[i - 1], a[i - 2] if i > 1 else None
+        for j in range(low, high + 1):
+            cost = previous[j - 1] + (char != b[j - 1])
+            cell = min(previous[j] + 1, row[j - 1] + 1, cost)
+            if last is not None and j > 1 and char == b[j - 2] and last == b[j - 1]:
+                cell = min(cell, before[j - 2] + 1)
+            row[j] = min(cell, over)
+        if min(row[low - 1:high + 1]) > limit:
+            return over
+        before, previous = previous, row
+    return previous[m]
+
+
+def jaro_winkler(a: str, b: str) -> float:
+    """Jaro-Winkler similarity over code points: greedy matching in the window, prefix bonus up to 4."""
+    if not a or not b:
+        return 1.0 if a == b else 0.0
+    window = max(max(len(a), len(b)) // 2 - 1, 0)
+    taken = [False] * len(b)
+    matched_a = []
+    for i, char in enumerate(a):
+        for j in range(max(0, i - window), min(i + window + 1, len(b))):
+            if not taken[j] and b[j] == char:
+                taken[j] = True
+                matched_a.append(char)
+                break
+    matches = len(matched_a)
+    if not matches:
+        return 0.0
+    matched_b = [char for char, hit in zip(b, taken) if hit]
+    half_transpositions = sum(x != y for x, y in zip(matched_a, matched_b)) / 2
+    jaro = (matches / len(a) + matches / len(b) + (matches - half_transpositions) / matches) / 3
+    prefix = 0
+    for x, y in zip(a[:4], b[:4]):
+        if x != y:
+            break
+        prefix += 1
+    return jaro + prefix * 0.1 * (1 - jaro)
+
+
+def _ascii_letters(word: str) -> str:
+    return "".join(char for char in word.upper() if "A" <= char <= "Z")
+
+
+def soundex(word: str) -> str:
+    """American Soundex of the word's ASCII letters ('' without any): H and W keep the previous code."""
+    letters = _ascii_letters(word)
+    if not letters:
+        return ""
+    code, previous = letters[0], _SOUNDEX_DIGITS.get(letters[0])
+    for letter in letters[1:]:
+        digit = _SOUNDEX_DIGITS.get(letter)
+        if digit is None:
+            if letter not in "HW":
+                previous = None
+            continue
+        if digit != previous:
+            code += digit
+            if len(code) == 4:
+                break
+        previous = digit
+    return code.ljust(4, "0")
+
+
+def double_metaphone(word: str) -> tuple:
+    """(primary, alternate or None): upstream AeorDB's own simplified Double Metaphone, rule for rule."""
+    letters = _ascii_letters(word)
+    if not letters:
+        return "", None
+    primary = _metaphone(letters)
+    alternate = ("S" + primary[1:])[:4] if letters.startswith("SCH") else primary
+    return primary, alternate if alternate != primary else None
+
+
+def _metaphone(w: str) -> str:
+    out, i = "", 1 if w[:2] in ("GN", "KN", "PN", "AE", "WR") else 0
+
+    def at(k: int) -> str:
+        return w[k] if 0 <= k < len(w) else ""
+
+    def skip_double(letter: str) -> int:
+        return 2 if at(i + 1) == letter else 1
+
+    while i < len(w) and len(out) < 4:
+        char, after, later, before = w[i], at(i + 1), at(i + 2), at(i - 1)
+        if char in _VOWELS:
+            out, step = out + ("A" if i == 0 else ""), 1
+        elif char == "B":
+            out, step = out + "P", skip_double("B")
+        elif char == "C":
+            if after == "H":
+                out, step = out + "X", 2
+            elif after in ("I", "E", "Y"):
+                out, step = out + "S", 2
+            else:
+                out, step = out + "K", 2 if after == "C" and later not in ("I", "E") else 1
+        elif char == "D":
+            if after == "G" and later in ("I", "E", "Y"):
+                out, step = out + "J", 3
+            else:
+                out, step = out + "T", skip_double("D")
+        elif char == "G":
+            if after == "H":
+                out, step = out + ("" if i > 0 and before in _VOWELS else "K"), 2
+            elif after == "N":
+                step = 2
+            elif after in ("I", "E", "Y") and before != "G":
+                out, step = out + "J", 2
+            else:
+                out, step = out + ("" if after == "G" and i != 0 else "K"), 2 if after == "G" else 1
+        elif char == "H":
+            out, step = out + ("H" if after in _VOWELS and before not in _VOWELS else ""), 1
+        elif char == "K":
+            out, step = out + "K", 2 if before == "C" else 1
+        elif char == "P":
+            out, step = (out + "F", 2) if after == "H" else (out + "P", skip_double("P"))
+        elif char == "Q":
+            out, step = out + "K", skip_double("Q")
+        elif char == "S":
+            if after == "H":
+                out, step = out + "X", 2
+            elif after == "C" and later == "H" or after in ("I", "E") and later in ("O", "A"):
+                out, step = out + "X", 3
+            else:
+                out, step = out + "S", 2 if after in ("S", "Z") else 1
+        elif char == "T":
+            if after == "H":
+                out, step = out + "0", 2
+            elif after == "I" and later in ("O", "A"):
+                out, step = out + "X", 3
+            else:
+                out, step = out + "T", skip_double("T")
+        elif char == "V":
+            out, step = out + "F", skip_double("V")
+        elif char in ("W", "Y"):
+            out, step = out + ("A" if after in _VOWELS else ""), 1
+        elif char == "X":
+            out, step = out + ("KS" if len(out) < 3 else "K"), skip_double("X")
+        elif char == "Z":
+            out, step = out + "S", skip_double("Z")
+        else:   # F J L M N R
+            out, step = out + char, skip_double(char)
+        i += step
+    return out[:4]
+
+
+def phonetic_words(text: str) -> list:
+    """The whitespace-separated words that hold a letter, as the phonetic operators see them."""
+    return [word for word in text.split() if any(char.isalpha() for char in word)]
+
+
+@functools.lru_cache(maxsize=65536)
+def word_codes(word: str) -> tuple:
+    """(soundex, metaphone primary, metaphone alternate or None) of one word.
+
+    Cached: names and words repeat across documents, and a query computes the
+    codes of every value it looks at.
+    """
+    return (soundex(word), *double_metaphone(word))
+
+
+@functools.lru_cache(maxsize=256)
+def _query_codes(query: str) -> tuple:
+    return tuple(word_codes(word) for word in phonetic_words(query))
+
+
+def phonetic_labels(value: str, query: str) -> list:
+    """Which phonetic codes some query word shares with some value word: soundex, dmetaphone, dmetaphone_alt."""
+    value_codes = [word_codes(word) for word in phonetic_words(value)]
+    sounds = {codes[0] for codes in value_codes}
+    metaphones = {code for codes in value_codes for code in codes[1:] if code}
+    fired = set()
+    for sound, primary, alternate in _query_codes(query):
+        if sound and sound in sounds:
+            fired.add("soundex")
+        if primary and primary in metaphones:
+            fired.add("dmetaphone")
+        if alternate and alternate in metaphones:
+            fired.add("dmetaphone_alt")
+    return [label for label in ("soundex", "dmetaphone", "dmetaphone_alt") if label in fired]
+
+
+def auto_fuzziness(query: str) -> int:
+    """Edits a fuzzy query allows by default, by the query's UTF-8 length: 0-2 bytes none, 3-5 one, else two."""
+    size = len(query.encode("utf-8"))
+    return 0 if size <= 2 else 1 if size <= 5 else 2
+
+
+def fuzzy_score(value: str, query: str, allowed: int) -> Optional[float]:
+    """1 - distance / longer UTF-8 length when the OSA distance is at most ``allowed``, else None."""
+    distance = osa_distance(query, value, allowed)
+    if distance > allowed:
+        return None
+    return 1 - distance / max(len(query.encode("utf-8")), len(value.encode("utf-8", "surrogatepass")), 1)
+
+
+def jaro_winkler_score(value: str, query: str, threshold: float) -> Optional[float]:
+    score = jaro_winkler(query, value)
+    return score if score >= threshold and score > 0 else None
+
+
+def similar_score(value: str, query: str, threshold: float) -> Optional[float]:
+    score = _dice(_query_trigrams(query), trigrams(value))
+    return score if score >= threshold and score > 0 else None
+
+
+def match_parts(value: str, query: str) -> tuple:
+    """(score, labels) of the 'match' operator: the best of the strategies that fired, and their names."""
+    parts = []
+    if value.lower() == query.lower():
+        parts.append(("exact", 1.0))
+    similarity = _dice(_query_trigrams(query), trigrams(value))
+    if similarity > 0.3:
+        parts.append(("trigram", similarity))
+    labels = phonetic_labels(value, query)
+    parts += [(label, 1.0) for label in labels if label != "dmetaphone_alt"]   # primary codes only
+    fuzzy = fuzzy_score(value, query, auto_fuzziness(query))
+    if fuzzy is not None:
+        parts.append(("fuzzy", fuzzy))
+    score = max((part_score for _, part_score in parts), default=0.0)
+    return (score, [label for label, _ in parts]) if score > 0 else (0.0, [])
+
+
+# -- the query plan ------------------------------------------------------------
+
+TEXT_OPERATORS = ("similar", "phonetic", "fuzzy", "match")
+OPERATORS = ("eq", "in", "gt", "lt", "between", "contains", *TEXT_OPERATORS)
+DEFAULT_SIMILARITY, DEFAULT_JARO_WINKLER = 0.3, 0.8
+MAX_PREFILTER_TERMS = 64   # SQL terms a pre-filter spends on one query; past them it checks a subset
+MAX_PHONETIC_PATTERNS = 16   # codes a phonetic pre-filter checks; a query with more words goes unfiltered
+# Each takes a column and up to a few hundred parameters: SQLite allows 2,000 and 32,766.
+MAX_TEXT_CONDITIONS = 100
+# File metadata a query names with '@': (JSON type, SQL over a row of `files`).
+VIRTUAL_FIELDS = {
+    "@path": ("text", "files.path"),
+    "@filename": ("text", "substr(files.path, length(files.parent) + 2 - (files.parent = '/'))"),
+    "@file_name": ("text", "substr(files.path, length(files.parent) + 2 - (files.parent = '/'))"),
+    "@extension": ("text", "aeordb_extension(files.path)"),
+    "@content_type": ("text", "files.content_type"),
+    "@hash": ("text", "files.etag"),
+    "@size": ("integer", "files.size"),
+    "@created_at": ("integer", "files.created_at"),
+    "@updated_at": ("integer", "files.updated_at"),
+}
+# The letters each Double Metaphone and Soundex code character can come from: a
+# value lacking them cannot have that code (upper-casing past ASCII aside).
+_METAPHONE_SOURCES = {"A": "AEIOUWY", "P": "BP", "X": "CST", "S": "CSXZ", "K": "CGKQX", "J": "DGJ",
+                      "T": "DT", "F": "FPV", "0": "T", "H": "H", "L": "L", "M": "M", "N": "N", "R": "R"}
+_SOUNDEX_SOURCES = {digit: "".join(sorted(k for k, d in _SOUNDEX_DIGITS.items() if d == digit))
+                    for digit in set(_SOUNDEX_DIGITS.values())}
+# SQLite folds the case of ASCII only; Python's str.upper() also makes ASCII letters of these
+# (so they count as those letters for phonetic codes), and str.lower() of these two.
+_UPPER_TO_ASCII = "ßıŉſǰẖẗẘẙẚﬀﬁﬂﬃﬄﬅﬆ"
+_LOWER_TO_ASCII = {"\u0130": "i", "\u212a": "k"}   # İ, Kelvin sign
+
+
+def json_path(field: Any) -> str:
+    if not isinstance(field, str) or not _FIELD.fullmatch(field):
+        raise ApiError(400, f"invalid field {field!r}: use names of letters, digits, '_', '-', "
+                            "joined by '.'")
+    return "$" + "".join(f'."{part}"' for part in field.split("."))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operand:
+    """A field as SQL over a row of `files`: its JSON type name and its value (each with ``params``)."""
+    kind: str
+    value: str
+    params: tuple
+
+    @classmethod
+    def of(cls, field: Any) -> "_Operand":
+        if isinstance(field, str) and field in VIRTUAL_FIELDS:
+            kind, value = VIRTUAL_FIELDS[field]
+            return cls(f"'{kind}'", value, ())
+        path = json_path(field)
+        return cls("json_type(files.doc, ?)", "json_extract(files.doc, ?)", (path,))
+
+
+@dataclasses.dataclass
+class TextLeaf:
+    """One similar/phonetic/fuzzy/match condition: its SQL (a pre-filter in C, then the exact
+    function) and, for the items answered, its score and matched_by labels."""
+    op: str
+    query: str
+    setting: Any = None     # similar: threshold; fuzzy: allowed edits (int) or ("jaro_winkler", threshold)
+
+    def score(self, value: str) -> Optional[float]:
+        if self.op == "similar":
+            return similar_score(value, self.query, self.setting)
+        if self.op == "phonetic":
+            return 1.0 if phonetic_labels(value, self.query) else None
+        if self.op == "match":
+            return match_parts(value, self.query)[0] or None
+        if isinstance(self.setting, tuple):
+            return jaro_winkler_score(value, self.query, self.setting[1])
+        return fuzzy_score(value, self.query, self.setting)
+
+    def labels(self, value: str) -> list:
+        if self.op == "phonetic":
+            return phonetic_labels(value, self.query)
+        if self.op == "match":
+            return match_parts(value, self.query)[1]
+        return ["trigram"]
+
+    def call(self) -> tuple:
+        """SQL of the exact function over the value ``v`` (NULL: no match), and its parameters."""
+        if self.op in ("phonetic", "match"):
+            return f"aeordb_{self.op}(CAST(v AS BLOB), ?)", [self.query]
+        if isinstance(self.setting, tuple):
+            return "aeordb_jaro_winkler(CAST(v AS BLOB), ?, ?)", [self.query, self.setting[1]]
+        return f"aeordb_{self.op}(CAST(v AS BLOB), ?, ?)", [self.query, self.setting]
+
+    def prefilter(self) -> tuple:
+        """SQL over ``v`` true for every value the exact function could accept, and its parameters."""
+        if self.op == "similar":
+            return _trigram_prefilter(self.query, self.setting)
+        if self.op == "phonetic":
+            return _phonetic_prefilter(self.query)
+        if self.op == "fuzzy" and isinstance(self.setting, tuple):
+            return _jaro_winkler_prefilter(self.query, self.setting[1])
+        if self.op == "fuzzy":
+            return _edit_prefilter(self.query, self.setting)
+        parts = [_exact_prefilter(self.query), _trigram_prefilter(self.query, DEFAULT_SIMILARITY),
+                 _phonetic_prefilter(self.query), _edit_prefilter(self.query, auto_fuzziness(self.query))]
+        return "(" + " OR ".join(sql for sql, _ in parts) + ")", [p for _, params in parts for p in params]
+
+
+def _once(columns: str) -> str:
+    """A subquery SQLite computes once per row: one it may flatten has each of its expressions
+    copied into every place that names it (a JSON parse per mention), and it never flattens
+    one with an OFFSET."""
+    return f"(SELECT {columns} LIMIT 1 OFFSET 0)"
+
+
+def _shared_characters(query: str) -> tuple:
+    """SQL counting the characters ``v`` shares with ``query`` (as multisets), at most overcounting
+    characters past MAX_PREFILTER_TERMS; its parameters."""
+    counts = collections.Counter(query)
+    chosen = list(counts)[:MAX_PREFILTER_TERMS]
+    unchecked = len(query) - sum(counts[char] for char in chosen)
+    terms = " + ".join("(instr(v, ?) > 0)" if counts[char] == 1 else
+                       f"min({counts[char]}, length(v) - length(replace(v, ?, '')))" for char in chosen)
+    return f"({terms or '0'} + {unchecked})", chosen
+
+
+def _edit_prefilter(query: str, allowed: int) -> tuple:
+    """Within ``allowed`` edits at most that many of the query's distinct characters are missing from the
+    value (an edit removes at most one), so of ``allowed + 1`` groups of them one is all there (cheap to
+    test: SQLite stops at the first missing one); then the lengths differ by at most ``allowed``, and
+    all but ``allowed`` of the query's characters are in the value."""
+    distinct = list(dict.fromkeys(query))[:MAX_PREFILTER_TERMS]
+    groups = [distinct[i::allowed + 1] for i in range(allowed + 1)] if len(distinct) > allowed else []
+    present = " OR ".join("(" + " AND ".join("instr(v, ?)" for _ in group) + ")" for group in groups)
+    shared, params = _shared_characters(query)
+    return (f"({present or '1'}) AND abs(length(v) - ?) <= ? AND {shared} >= ?",
+            [*(char for group in groups for char in group), len(query), allowed, *params, len(query) - allowed])
+
+
+def _jaro_winkler_prefilter(query: str, threshold: float) -> tuple:
+    """Jaro is at most j = (c/|q| + c/|v| + 1) / 3 for c shared characters, so Jaro-Winkler is at most
+    j + 0.1 * l * (1 - j) for l, the common prefix (up to 4)."""
+    if not query:
+        return "v = ''", []
+    shared, params = _shared_characters(query)
+    prefix = " + ".join("(substr(v, 1, ?) = ?)" for _ in query[:4])
+    inner = _once(f"{shared} AS c, {prefix} AS l")
+    return (f"(SELECT j + 0.1 * l * (1 - j) >= ? AND c >= 1 FROM"
+            f" {_once(f'(c * (? + 1.0 / length(v)) + 1) / 3 AS j, c, l FROM {inner}')})",
+            [threshold - 1e-9, 1 / len(query), *params,
+             *(p for size in range(1, min(4, len(query)) + 1) for p in (size, query[:size]))])
+
+
+def _trigram_prefilter(query: str, threshold: float) -> tuple:
+    """A similarity of ``threshold`` needs ``threshold * |Q| / (2 - threshold)`` shared trigrams, and a
+    value holding a trigram holds its letters: count the query trigrams whose letters ``v`` holds.
+    Trigrams past ASCII count as held (SQLite folds the case of ASCII only)."""
+    grams = sorted(trigrams(query))
+    if not grams or threshold > 1:
+        return "0", []
+    needed = max(1, math.ceil(threshold * len(grams) / (2 - threshold) - 1e-9))
+    chosen = [gram for gram in grams if gram.isascii()][:MAX_PREFILTER_TERMS]
+    needed -= len(grams) - len(chosen)
+    if needed <= 0:
+        return "1", []
+    cores = collections.Counter(gram.strip() for gram in chosen)   # letters and digits: no LIKE wildcards
+    present = " + ".join(f"{count} * (v LIKE ?)" for count in cores.values())   # LIKE ignores ASCII case
+    folds = [char for char, ascii in _LOWER_TO_ASCII.items() if any(ascii in core for core in cores)]
+    unfolded = "".join("instr(v, ?) OR " for _ in folds)   # LIKE would not see them as their ASCII letter
+    return f"({unfolded}{present} >= ?)", [*folds, *(f"%{core}%" for core in cores), needed]
+
+
+def _exact_prefilter(query: str) -> tuple:
+    """Equal ignoring case: implied by the trigram pre-filter when the query has trigrams."""
+    if trigrams(query):
+        return "0", []
+    if not query.lower().isascii():
+        return "1", []
+    return "lower(replace(v, ?, ?)) = ?", ["\u212a", "k", query.lower()]
+
+
+def _letters(code_letters: str) -> str:
+    """A GLOB class of the characters that upper-case to any of ``code_letters``."""
+    extra = "".join(char for char in _UPPER_TO_ASCII if set(char.upper()) & set(code_letters))
+    return f"[{code_letters}{code_letters.lower()}{extra}]"
+
+
+def _phonetic_prefilter(query: str) -> tuple:
+    """A value sharing a code with the query holds, for every character of that code, a letter it
+    comes from; a Soundex code's first letter begins a word (first in v, or after a non-letter)."""
+    patterns = set()
+    for word in phonetic_words(query):
+        sound, primary, alternate = word_codes(word)
+        if sound:
+            first = _letters(sound[0])
+            digits = sorted({_SOUNDEX_SOURCES[digit] for digit in sound[1:] if digit != "0"}, key=lambda s: (len(s), s))
+            patterns.add((f"*{first}*", (f"{first}*", f"*[^A-Za-z]{first}*"), *(f"*{_letters(d)}*" for d in digits)))
+        for code in (primary, alternate):
+            if code:   # the fewest letters first: the likeliest to fail, so SQLite stops there
+                patterns.add(tuple(f"*{_letters(sources)}*" for sources in
+                                   sorted({_METAPHONE_SOURCES[char] for char in code}, key=lambda s: (len(s), s))))
+    if not patterns:
+        return "0", []
+    if len(patterns) > MAX_PHONETIC_PATTERNS:
+        return "1", []
+    alternatives, params = [], []
+    for globs in sorted(patterns, key=str):   # all must match; a tuple: any of its patterns
+        terms = []
+        for glob in globs:
+            choices = glob if isinstance(glob, tuple) else (glob,)
+            terms.append("(" + " OR ".join("v GLOB ?" for _ in choices) + ")")
+            params += choices
+        alternatives.append("(" + " AND ".join(terms) + ")")
+    return "(" + " OR ".join(alternatives) + ")", params
+
+
+def sql_string(value: Optional[bytes]) -> Optional[str]:
+    """A string SQLite hands over as bytes: its JSON functions keep a lone surrogate ("\\ud800"),
+    which the sqlite3 module cannot decode, so query functions take their text as a BLOB."""
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "replace")
+
+
+def _text_function(score: Callable) -> Callable:
+    return lambda value, *args: score(sql_string(value), *args) if isinstance(value, bytes) else None
+
+
+def _extension(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[1] if "." in name else ""
+
+
+def cursor_hash(path: str) -> str:
+    """What a cursor names an item by: SHA-256 (upstream: BLAKE3) of 'file:' and its path, in hex."""
+    return hashlib.sha256(f"file:{path}".encode("utf-8")).hexdigest()
+
+
+def _lower(value: Any) -> Any:
+    """Lower case for every script (SQLite's lower() folds ASCII only), as bytes SQLite reads as text."""
+    return sql_string(value).lower().encode("utf-8", "surrogatepass") if isinstance(value, bytes) else None
+
+
+# The functions a query's SQL calls; FileStore registers them on each connection.
+QUERY_FUNCTIONS = {
+    "aeordb_lower": (1, _lower),
+    "aeordb_similar": (3, _text_function(similar_score)),
+    "aeordb_phonetic": (2, _text_function(lambda value, query: 1.0 if phonetic_labels(value, query) else None)),
+    "aeordb_fuzzy": (3, _text_function(fuzzy_score)),
+    "aeordb_jaro_winkler": (3, _text_function(jaro_winkler_score)),
+    "aeordb_match": (2, _text_function(lambda value, query: match_parts(value, query)[0] or None)),
+    "aeordb_extension": (1, _extension),
+    "aeordb_cursor_hash": (1, cursor_hash),
+}
+
+
+def encode_cursor(values: dict, path: str, etag: str) -> str:
+    """Padded base64 of compact JSON with sorted keys, as upstream: the item's @ sort values, its hash and,
+    as `_version`, its content hash (upstream: the database's head; neither reads it back)."""
+    body = {**values, "_hash": cursor_hash(path), "_version": etag}
+    return base64.b64encode(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                       ensure_ascii=False).encode("utf-8")).decode("ascii")
+
+
+def decode_cursor(cursor: Any, key: str) -> str:
+    """The item hash a cursor names (lower-case hex); 400 with upstream's messages when it is not one."""
+    if not isinstance(cursor, str):
+        raise ApiError(400, f"Invalid cursor: '{key}' must be a string")
+    try:
+        raw = base64.b64decode(cursor, validate=True)
+    except ValueError as exc:
+        raise ApiError(400, f"Invalid cursor: {exc}") from None
+    try:
+        body = load_json(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"Invalid cursor JSON: {exc}") from None
+    digest = body.get("_hash") if isinstance(body, dict) else None
+    if not isinstance(digest, str):
+        raise ApiError(400, "Cursor missing _hash")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise ApiError(400, f"Invalid cursor hash: {digest[:80]!r} is not 64 hex digits")
+    return digest.lower()
+
+
 class QueryPlan:
-    """A query or aggregate JSON (ABI section 5) compiled to SQL over the `files` table."""
+    """A query or aggregate JSON (ABI section 5, AEORDB_TODAY.md section 2) compiled to SQL over the `files` table."""
 
     def __init__(self, spec: Any, default_limit: int):
         if not isinstance(spec, dict):
@@ -2003,8 +2562,10 @@ class QueryPlan:
         self.directory = normalize_file_path(spec.get("path", "/"), allow_root=True)
         self.fields: list = []
         self.where_params: list = []
+        self.text_leaves: list = []         # (TextLeaf, _Operand) in the order of the where clause
         self.conditions = 0
         self.where_sql = self._node(spec.get("where"), depth=0)
+        self.limit_given = spec.get("limit") is not None
         self.limit = _optional_int(spec, "limit", default_limit)
         self.offset = _optional_int(spec, "offset", 0)
         if self.limit < 0 or self.offset < 0:
@@ -2012,12 +2573,17 @@ class QueryPlan:
         self.limit = min(self.limit, MAX_QUERY_LIMIT)
         self.offset = min(self.offset, 2 ** 62)   # past any table; SQLite integers are 64-bit
         self.include_total = bool(spec.get("include_total", False))
+        self.after = decode_cursor(spec["after"], "after") if spec.get("after") is not None else None
+        self.before = decode_cursor(spec["before"], "before") if spec.get("before") is not None else None
+        self.cursor_fields: list = []
         self.order_sql, self.order_params = self._order(spec.get("order_by"))
         self.aggregate = self._aggregate(spec.get("aggregate")) if "aggregate" in spec else None
 
+    # -- where -----------------------------------------------------------------
+
     def _node(self, node: Any, depth: int) -> str:
         if depth > 32:
-            raise ApiError(400, "query nested too deeply")
+            raise ApiError(400, "Query nesting too deep (max 32 levels). Simplify the where clause")
         if node is None or node == {} or node == []:
             return "1"
         if isinstance(node, list):   # legacy form: an implicit AND
@@ -2035,68 +2601,115 @@ class QueryPlan:
             if not isinstance(child, list) or not child:
                 raise ApiError(400, f"{key!r} takes a non-empty list of conditions")
             return _balanced([self._node(c, depth + 1) for c in child], word)
+        if "field" not in node:
+            raise ApiError(400, f"Invalid where clause structure: {compact_json(node)[:200]}")
         return self._condition(node)
 
     def _condition(self, node: dict) -> str:
         op, field = node.get("op"), node.get("field")
-        if "value" not in node and op != "between":
-            raise ApiError(400, "a condition needs 'field', 'op' and 'value'")
-        path = json_path(field)
-        if field not in self.fields:
-            self.fields.append(field)
-        value = node.get("value")
+        operand = _Operand.of(field)
+        if "op" not in node:
+            raise ApiError(400, f"Missing 'op' in where clause for field '{field}'")
+        if op not in OPERATORS:
+            named = op if isinstance(op, str) else compact_json(op)
+            raise ApiError(400, f"Unknown operation: '{named[:80]}' (the operations are {', '.join(OPERATORS)})")
+        if "value" not in node:
+            raise ApiError(400, f"Missing 'value' in where clause for field '{field}'")
+        value = node["value"]
         self.conditions += len(value) if op == "in" and isinstance(value, list) else 1
         if self.conditions > MAX_QUERY_CONDITIONS:
             raise ApiError(400, f"query has more than {MAX_QUERY_CONDITIONS} conditions "
                                 "(counting each value of 'in')")
+        if op in TEXT_OPERATORS:
+            return self._text(self._text_leaf(node, op, field, operand), operand, field)
+        if field not in self.fields:
+            self.fields.append(field)
         if op == "eq":
-            return self._equals(path, value)
+            return self._equals(operand, value)
         if op == "in":
             if not isinstance(value, list):
-                raise ApiError(400, "'in' takes a list value")
+                raise ApiError(400, f"'in' operation requires array value for field '{field}'")
             if not value:
                 return "0"
-            return _balanced([self._equals(path, v) for v in value], "OR")
+            return _balanced([self._equals(operand, v) for v in value], "OR")
         if op in ("gt", "lt"):
-            return self._compare(path, ">" if op == "gt" else "<", value)
+            return self._compare(operand, ">" if op == "gt" else "<", value, field)
         if op == "between":
-            if "value" not in node or "value2" not in node:
-                raise ApiError(400, "'between' needs 'value' and 'value2'")
-            return (f"({self._compare(path, '>=', value)} AND "
-                    f"{self._compare(path, '<=', node['value2'])})")
-        if op == "contains":
-            if not isinstance(value, str):
-                raise ApiError(400, "'contains' takes a string value")
-            self.where_params += [path, path, _sql_text(value.lower())]
-            return "(json_type(doc, ?) = 'text' AND instr(aeordb_lower(json_extract(doc, ?)), ?) > 0)"
-        raise ApiError(400, f"unsupported operator {op!r}: use eq, gt, lt, between, in or contains")
+            if "value2" not in node:
+                raise ApiError(400, f"Missing value2 for 'between' operation on field '{field}'")
+            return (f"({self._compare(operand, '>=', value, field)} AND "
+                    f"{self._compare(operand, '<=', node['value2'], field)})")
+        if not isinstance(value, str):   # contains
+            raise ApiError(400, f"'contains' requires string value for field '{field}'")
+        self.where_params += [*operand.params, *operand.params, _sql_text(value.lower())]
+        return f"({operand.kind} = 'text' AND instr(aeordb_lower(CAST({operand.value} AS BLOB)), ?) > 0)"
 
-    def _equals(self, path: str, value: Any) -> str:
+    @staticmethod
+    def _text_leaf(node: dict, op: str, field: str, operand: _Operand) -> TextLeaf:
+        value = node["value"]
+        if op == "similar" and isinstance(value, dict):   # the SDK's shape: {"text", "threshold"}
+            node, value = value, value.get("text")
+        if not isinstance(value, str):
+            raise ApiError(400, f"'{op}' requires string value for field '{field}'")
+        if VIRTUAL_FIELDS.get(field, ("text",))[0] != "text":
+            raise ApiError(400, f"'{op}' compares text, and {field} is a number")
+        _sql_text(value)
+        if op == "similar":
+            threshold = node.get("threshold", DEFAULT_SIMILARITY)
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+                raise ApiError(400, f"'threshold' of 'similar' on field '{field}' must be a number")
+            return TextLeaf(op, value, float(threshold))
+        if op != "fuzzy":
+            return TextLeaf(op, value)
+        fuzziness = node.get("fuzziness", "auto")
+        fixed = max(fuzziness, 0) if isinstance(fuzziness, int) and not isinstance(fuzziness, bool) else None
+        if node.get("algorithm") == "jaro_winkler":
+            threshold = DEFAULT_JARO_WINKLER if fixed is None else 1 - fixed / max(len(value.encode("utf-8")), 1)
+            return TextLeaf(op, value, ("jaro_winkler", threshold))
+        return TextLeaf(op, value, auto_fuzziness(value) if fixed is None else min(fixed, 2 ** 31))
+
+    def _text(self, leaf: TextLeaf, operand: _Operand, field: str) -> str:
+        if len(self.text_leaves) == MAX_TEXT_CONDITIONS:
+            raise ApiError(400, f"query has more than {MAX_TEXT_CONDITIONS} text conditions "
+                                "(similar, phonetic, fuzzy, match)")
+        self.text_leaves.append((leaf, operand))
+        prefilter, prefilter_params = leaf.prefilter()
+        call, call_params = leaf.call()
+        # In a WHERE clause SQLite stops at the first false term, so the Python function
+        # only sees what the type check and the pre-filter let through.
+        self.where_params += [*call_params, *operand.params, *operand.params, *prefilter_params]
+        return (f"coalesce((SELECT {call} IS NOT NULL FROM {_once(operand.value + ' AS v')}"
+                f" WHERE {operand.kind} = 'text' AND {prefilter}), 0)")
+
+    def _equals(self, operand: _Operand, value: Any) -> str:
         if value is None:
-            self.where_params.append(path)
-            return "(json_type(doc, ?) = 'null')"
+            self.where_params += operand.params
+            return f"({operand.kind} = 'null')"
         if isinstance(value, bool):
-            self.where_params.append(path)
-            return f"(json_type(doc, ?) = '{'true' if value else 'false'}')"
+            self.where_params += operand.params
+            return f"({operand.kind} = '{'true' if value else 'false'}')"
         if isinstance(value, (int, float)):
-            self.where_params += [path, path, _sql_number(value)]
-            return "(json_type(doc, ?) IN ('integer','real') AND json_extract(doc, ?) = ?)"
+            self.where_params += [*operand.params, *operand.params, _sql_number(value)]
+            return f"({operand.kind} IN ('integer','real') AND {operand.value} = ?)"
         if isinstance(value, str):
-            self.where_params += [path, path, _sql_text(value)]
-            return "(json_type(doc, ?) = 'text' AND json_extract(doc, ?) = ?)"
-        self.where_params += [path, path, compact_json(value)]
-        return "(json_type(doc, ?) IN ('object','array') AND json_extract(doc, ?) = json(?))"
+            self.where_params += [*operand.params, *operand.params, _sql_text(value)]
+            return f"({operand.kind} = 'text' AND {operand.value} = ?)"
+        self.where_params += [*operand.params, *operand.params, compact_json(value)]
+        return f"({operand.kind} IN ('object','array') AND {operand.value} = json(?))"
 
-    def _compare(self, path: str, operator: str, value: Any) -> str:
+    def _compare(self, operand: _Operand, operator: str, value: Any, field: str) -> str:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ApiError(400, "gt, lt and between compare numbers or strings")
+            raise ApiError(400, f"Invalid value for field '{field}': gt, lt and between compare numbers or strings")
         kinds = "('integer','real')" if not isinstance(value, str) else "('text')"
-        self.where_params += [path, path, _sql_text(value) if isinstance(value, str) else _sql_number(value)]
-        return f"(json_type(doc, ?) IN {kinds} AND json_extract(doc, ?) {operator} ?)"
+        self.where_params += [*operand.params, *operand.params,
+                              _sql_text(value) if isinstance(value, str) else _sql_number(value)]
+        return f"({operand.kind} IN {kinds} AND {operand.value} {operator} ?)"
+
+    # -- order and paging ------------------------------------------------------
 
     def _order(self, order_by: Any) -> tuple:
         if order_by is None:
-            return "path", []
+            return ("score DESC, files.path" if self.text_leaves else "files.path"), []
         if isinstance(order_by, (str, dict)):
             order_by = [order_by]
         if not isinstance(order_by, list):
@@ -2109,12 +2722,87 @@ class QueryPlan:
                 (item.get("field"), item.get("direction", "asc")) if isinstance(item, dict) else (None, None)
             if not isinstance(direction, str) or direction.lower() not in ("asc", "desc"):
                 raise ApiError(400, "order_by direction must be 'asc' or 'desc'")
-            if isinstance(field, str) and field in SPECIAL_ORDER_FIELDS:
-                parts.append(f"{SPECIAL_ORDER_FIELDS[field]} {direction.upper()}")
+            if isinstance(field, str) and (field == "@score" or field in VIRTUAL_FIELDS):
+                self.cursor_fields.append(field)
+                parts.append(f"{'score' if field == '@score' else VIRTUAL_FIELDS[field][1]} {direction.upper()}")
             else:
-                parts.append(f"json_extract(doc, ?) {direction.upper()}")
+                parts.append(f"json_extract(files.doc, ?) {direction.upper()}")
                 params.append(json_path(field))
-        return ", ".join(parts + ["path"]), params
+        return ", ".join(parts + ["files.path"]), params
+
+    def _matches(self, db: str) -> tuple:
+        """SQL of the matching documents with their score, as a table named `files`; its parameters."""
+        scores, params = [], []
+        for leaf, operand in self.text_leaves:
+            call, call_params = leaf.call()
+            scores.append(f"(SELECT {call} FROM {_once(operand.value + ' AS v')} WHERE {operand.kind} = 'text')")
+            params += [*call_params, *operand.params, *operand.params]
+        # An item's score is the best of the text conditions it met; 1.0 when it met none.
+        score = ("1.0" if not scores else f"coalesce({scores[0]}, 1.0)" if len(scores) == 1 else
+                 f"coalesce(nullif({_greatest([f'coalesce({s}, -1.0)' for s in scores])}, -1.0), 1.0)")
+        values = [f", (SELECT CAST(v AS BLOB) FROM {_once(operand.value + ' AS v')} WHERE {operand.kind} = 'text') AS v{i}"
+                  for i, (_, operand) in enumerate(self.text_leaves)]
+        value_params = [p for _, operand in self.text_leaves for p in (*operand.params, *operand.params)]
+        sql = (f"(SELECT files.*, {score} AS score{''.join(values)} FROM files"
+               f" WHERE db=? AND parent=? AND doc IS NOT NULL AND ({self.where_sql})) AS files")
+        return sql, [*params, *value_params, db, self.directory, *self.where_params]
+
+    def page_sql(self, db: str) -> tuple:
+        """SQL of one page of items (one row more than the limit, to tell has_more); its parameters.
+
+        Cursors name items by hash: the page starts after (and ends before)
+        the position of the item named, in the order asked for, so writes
+        elsewhere in the list do not shift it.
+        """
+        matches, params = self._matches(db)
+        values = "".join(f", files.v{i}" for i in range(len(self.text_leaves)))
+        columns = "files.path, files.size, files.content_type, files.created_at, files.updated_at, files.etag, score"
+        if self.after is None and self.before is None:
+            return (f"SELECT {columns}{values} FROM {matches} ORDER BY {self.order_sql} LIMIT ? OFFSET ?",
+                    [*params, *self.order_params, self.limit + 1, self.offset])
+        ranked = (f"WITH ranked AS (SELECT {columns}{values}, row_number() OVER (ORDER BY {self.order_sql})"
+                  f" AS position FROM {matches})")
+        return (f"{ranked} SELECT {columns.replace('files.', '')}{values.replace('files.', '')} FROM ranked"
+                f" WHERE position > coalesce((SELECT position FROM ranked WHERE aeordb_cursor_hash(path) = ?), 0)"
+                f" AND position < coalesce((SELECT position FROM ranked WHERE aeordb_cursor_hash(path) = ?), 9e18)"
+                f" ORDER BY position LIMIT ? OFFSET ?",
+                [*self.order_params, *params, self.after, self.before, self.limit + 1, self.offset])
+
+    def count_sql(self, db: str) -> tuple:
+        return (f"SELECT count(*) FROM files WHERE db=? AND parent=? AND doc IS NOT NULL AND ({self.where_sql})",
+                [db, self.directory, *self.where_params])
+
+    def answer(self, rows: list, total: Optional[int]) -> dict:
+        """The answer to the query from its page's rows: both SDK generations' keys, and cursors."""
+        items = [self._item(row) for row in rows[:self.limit]]
+        has_more = len(rows) > self.limit
+        answer: dict = {"items": items, "results": items, "has_more": has_more}
+        if total is not None:
+            answer["total"] = total
+        if items and has_more:
+            answer["next_cursor"] = self._cursor(items[-1], rows[len(items) - 1])
+        if items and (self.offset > 0 or self.after is not None):
+            answer["prev_cursor"] = self._cursor(items[0], rows[0])
+        if has_more and not self.limit_given:
+            answer["default_limit_hit"], answer["default_limit"] = True, self.limit
+        return answer
+
+    def _item(self, row: tuple) -> dict:
+        path, size, content_type, created_at, updated_at, _, score, *values = row
+        matched_by = list(self.fields)
+        for (leaf, _), value in zip(self.text_leaves, map(sql_string, values)):
+            if value is not None and leaf.score(value) is not None:
+                matched_by += [label for label in leaf.labels(value) if label not in matched_by]
+        return {"path": path, "size": size, "score": score, "total_size": size, "content_type": content_type,
+                "created_at": created_at, "updated_at": updated_at, "matched_by": matched_by}
+
+    def _cursor(self, item: dict, row: tuple) -> str:
+        metadata = {"@path": item["path"], "@filename": item["path"].rsplit("/", 1)[-1],
+                    "@extension": _extension(item["path"]), "@content_type": item["content_type"],
+                    "@hash": row[5], "@size": item["size"], "@created_at": item["created_at"],
+                    "@updated_at": item["updated_at"], "@score": item["score"]}
+        metadata["@file_name"] = metadata["@filename"]
+        return encode_cursor({field: metadata[field] for field in self.cursor_fields}, item["path"], row[5])
 
     @staticmethod
     def _aggregate(agg: Any) -> dict:
@@ -2253,8 +2941,8 @@ class FileStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            # SQLite's lower() folds ASCII only; 'contains' is case-insensitive for every script.
-            conn.create_function("aeordb_lower", 1, _sql_lower, deterministic=True)
+            for name, (arity, function) in QUERY_FUNCTIONS.items():
+                conn.create_function(name, arity, self._within_deadline(conn, function), deterministic=True)
             # Statements check this thread's deadline as they run (SQLite's
             # progress handler), so no query outlives its time limit.
             conn.set_progress_handler(self._past_deadline, PROGRESS_STEPS)
@@ -2268,6 +2956,16 @@ class FileStore:
         it was part of rolls back.
         """
         self._local.deadline = at
+
+    def _within_deadline(self, conn: sqlite3.Connection, function: Callable) -> Callable:
+        """``function`` for SQL that first checks the deadline: the progress handler only runs
+        between SQLite's own steps, and a query may spend its time in these functions."""
+        def call(*args: Any) -> Any:
+            if self._past_deadline():
+                conn.interrupt()
+                return None
+            return function(*args)
+        return call
 
     def _past_deadline(self) -> bool:
         deadline = getattr(self._local, "deadline", None)
@@ -2559,21 +3257,9 @@ class FileStore:
 
     def query(self, db: str, spec: Any) -> dict:
         plan = QueryPlan(spec, self.settings.query_limit)
-        rows = self._read(
-            f"SELECT path, size, content_type, created_at, updated_at FROM files"
-            f" WHERE db=? AND parent=? AND doc IS NOT NULL AND ({plan.where_sql})"
-            f" ORDER BY {plan.order_sql} LIMIT ? OFFSET ?",
-            (db, plan.directory, *plan.where_params, *plan.order_params, plan.limit + 1, plan.offset))
-        has_more = len(rows) > plan.limit
-        items = [{"path": r[0], "score": 1.0, "total_size": r[1], "content_type": r[2],
-                  "created_at": r[3], "updated_at": r[4], "matched_by": plan.fields}
-                 for r in rows[:plan.limit]]
-        answer = {"items": items, "results": items, "has_more": has_more}
-        if plan.include_total:
-            answer["total"] = self._read(
-                f"SELECT count(*) FROM files WHERE db=? AND parent=? AND doc IS NOT NULL"
-                f" AND ({plan.where_sql})", (db, plan.directory, *plan.where_params))[0][0]
-        return answer
+        rows = self._read(*plan.page_sql(db))
+        total = self._read(*plan.count_sql(db))[0][0] if plan.include_total else None
+        return plan.answer(rows, total)
 
     def aggregate(self, db: str, spec: Any) -> dict:
         plan = QueryPlan(spec, self.settings.query_limit)
@@ -2731,10 +3417,6 @@ def _json_object_text(data: bytes, conn: sqlite3.Connection) -> Optional[str]:
         return None
     kind = conn.execute("SELECT CASE WHEN json_valid(?1) THEN json_type(?1) END", (text,)).fetchone()[0]
     return text if kind == "object" else None
-
-
-def _sql_lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
 
 
 def _sql_json_value(json_type: Optional[str], value: Any) -> Any:
@@ -4019,15 +4701,18 @@ OPENAPI_SCHEMAS = {
                        "aggregate (answered as an AggregateAnswer), else a query (a QueryAnswer).",
         "properties": {
             "path": {"type": "string", "default": "/"},
-            "where": {"description": "one condition {field, op, value, value2?} (op: eq, gt, lt, between, in, "
-                                     "contains), or {and: [...]}, {or: [...]}, {not: node}; a list is an implicit "
-                                     "and; absent, {} or [] match everything",
+            "where": {"description": "one condition {field, op, value, ...} (op: eq, in, gt, lt, between, "
+                                     "contains, similar, phonetic, fuzzy, match; field: a dotted path or an @ "
+                                     "field such as @path, @size), or {and: [...]}, {or: [...]}, {not: node}; a "
+                                     "list is an implicit and; absent, {} or [] match everything",
                       "type": ["object", "array", "null"]},
             "order_by": {"type": "array", "items": {"type": "object", "properties": {
-                "field": {"type": "string", "description": "a dotted path, or @path, @size, @created_at, @updated_at"},
+                "field": {"type": "string", "description": "a dotted path, an @ field, or @score"},
                 "direction": {"enum": ["asc", "desc"]}}}},
             "limit": {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_LIMIT, "default": 100},
             "offset": {"type": "integer", "minimum": 0, "default": 0},
+            "after": {"type": "string", "description": "a cursor: the items after the one it names"},
+            "before": {"type": "string", "description": "a cursor: the items before the one it names"},
             "include_total": {"type": "boolean", "default": False},
             "aggregate": {"type": "object", "properties": {
                 "count": {"type": "boolean"}, "sum": _FIELDS, "avg": _FIELDS, "min": _FIELDS, "max": _FIELDS,
@@ -4039,10 +4724,17 @@ OPENAPI_SCHEMAS = {
         "results": {"type": "array", "items": _schema("QueryItem"), "description": "items again, for older SDKs"},
         "has_more": {"type": "boolean"},
         "total": {**_COUNT, "description": "with include_total"},
-    }, optional=("total",)),
+        "next_cursor": {"type": "string", "description": "names the page's last item, when more follow"},
+        "prev_cursor": {"type": "string", "description": "names the page's first item, after an offset or cursor"},
+        "default_limit_hit": {"const": True, "description": "no limit was given and more items follow"},
+        "default_limit": {**_COUNT, "description": "the limit applied, with default_limit_hit"},
+    }, optional=("total", "next_cursor", "prev_cursor", "default_limit_hit", "default_limit")),
     "QueryItem": _object({
-        "path": _STRING, "score": {"type": "number"}, "total_size": _COUNT, "content_type": _STRING,
-        "created_at": _MS, "updated_at": _MS, "matched_by": _FIELDS,
+        "path": _STRING, "size": _COUNT, "score": {"type": "number"}, "total_size": _COUNT,
+        "content_type": _STRING, "created_at": _MS, "updated_at": _MS,
+        "matched_by": {"type": "array", "items": _STRING,
+                       "description": "the fields of the plain conditions, then the labels of the text "
+                                      "conditions the item met (trigram, soundex, dmetaphone, exact, fuzzy...)"},
     }),
     "AggregateAnswer": _object({
         "count": {**_COUNT, "description": "with aggregate.count"},

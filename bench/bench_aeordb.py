@@ -21,6 +21,9 @@ Parts (issue 5 items 1-5, issue 3's query figures):
   workers  HTTP invoke with --workers 1 and 2 at 16 clients (and 1 at 4) vs the
            bare app in one process; the load generator's CPU; deploy-to-visible
            latency in every worker; resident size of each worker.
+  text     fuzzy (Damerau-Levenshtein and Jaro-Winkler), phonetic, similar and match
+           queries over 10,000 JSON documents vs a naive loop: json.loads of each
+           stored document and the same per-value functions (aeordb.fuzzy_score...).
 
 Everything it measures it starts itself, on 127.0.0.1, in temporary data
 directories, and stops at the end. The load generator is wrk when it is on
@@ -60,7 +63,7 @@ import aeordb  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PARTS = ("http", "invoke", "restart", "echo", "raw", "memory", "query", "workers")
+PARTS = ("http", "invoke", "restart", "echo", "raw", "memory", "query", "text", "workers")
 MiB = 1024 * 1024
 
 
@@ -1053,6 +1056,78 @@ class Bench:
                      ours / base, ">=3x", ours / base >= 3)
         self.row("Q ... insert 10,000 documents in one files.batch()", f"{n / insert:,.0f} docs/s", "", "")
 
+    def part_text(self) -> None:
+        app = self._inprocess_app("text")
+        files = app.config["aeordb.files"]
+        rng = random.Random(16)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiouy"]
+        words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))).capitalize()
+                        for _ in range(3000)})
+
+        def typo(word: str) -> str:
+            at, kind = rng.randrange(len(word)), rng.randrange(4)
+            if kind == 0:
+                return word[:at] + word[at + 1:]
+            if kind == 1:
+                return word[:at] + rng.choice(letters) + word[at:]
+            if kind == 2:
+                return word[:at] + rng.choice(letters) + word[at + 1:]
+            return word[:at] + word[at + 1:at + 2] + word[at:at + 1] + word[at + 2:]
+
+        n = 10000
+        with files.batch():
+            for i in range(n):
+                name = rng.choice(words)
+                name = typo(name) if rng.random() < 0.3 else name
+                doc = {"name": name, "city": rng.choice(words), "n": i}
+                files.write("bench", f"/people/u{i:05d}.json", json.dumps(doc).encode(), "application/json")
+        target = words[len(words) // 2]
+        stored = files._read("SELECT path, doc FROM files WHERE db=? AND parent=?", ("bench", "/people"))
+
+        def naive(score) -> list:
+            """Every document read and parsed, its value scored with the server's own per-value function."""
+            hits = []
+            for path, text in stored:
+                value = json.loads(text).get("name")
+                if isinstance(value, str):
+                    score_of = score(value)
+                    if score_of is not None:
+                        hits.append((-score_of, path))
+            return [path for _, path in sorted(hits)]
+
+        auto = aeordb.auto_fuzziness(target)
+        cases = [
+            (f"fuzzy {target!r} (Damerau-Levenshtein, {auto} edits)", {"op": "fuzzy"},
+             lambda v: aeordb.fuzzy_score(v, target, auto)),
+            (f"fuzzy {target!r} (Jaro-Winkler >= 0.8)", {"op": "fuzzy", "algorithm": "jaro_winkler"},
+             lambda v: aeordb.jaro_winkler_score(v, target, 0.8)),
+            (f"phonetic {target!r}", {"op": "phonetic"},
+             lambda v: 1.0 if aeordb.phonetic_labels(v, target) else None),
+            (f"similar {target!r} (threshold 0.3)", {"op": "similar"},
+             lambda v: aeordb.similar_score(v, target, 0.3)),
+            (f"match {target!r}", {"op": "match"}, lambda v: aeordb.match_parts(v, target)[0] or None),
+        ]
+
+        def best(fn, rounds: int) -> float:
+            times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        rounds = 3 if self.quick else 7
+        for label, leaf, score in cases:
+            query = {"path": "/people", "where": {"field": "name", "value": target, **leaf}, "limit": n}
+            answer, expected = files.query("bench", query), naive(score)
+            if [item["path"] for item in answer["items"]] != expected:
+                raise RuntimeError(f"{label}: the query answered {len(answer['items'])} documents, "
+                                   f"the naive loop {len(expected)}")
+            ours, base = best(lambda: files.query("bench", query), rounds), best(lambda: naive(score), rounds)
+            self.row(f"Q {label}: {len(expected)} hits", f"{ours * 1000:.1f} ms ({n / ours:,.0f} docs/s)",
+                     f"{base * 1000:.1f} ms (naive loop)", base / ours, ">=3x", base / ours >= 3)
+
     # -- output --------------------------------------------------------------------
 
     def table(self) -> str:
@@ -1148,7 +1223,7 @@ def main() -> None:
                 % os.getloadavg()]
         print("\n".join(info), flush=True)
         # In-process parts first, then those that start servers; never two at once.
-        order = ["invoke", "raw", "query", "echo", "http", "workers", "memory", "restart"]
+        order = ["invoke", "raw", "query", "text", "echo", "http", "workers", "memory", "restart"]
         for name in order:
             if name in only:
                 bench.log(f"part {name}")
