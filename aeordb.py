@@ -4263,7 +4263,7 @@ class ApiPlugin:
                 result = answer(**arguments)
                 status = result.status
                 line, headers, body = wsgi_answer(result, request_id)
-            except Exception as exc:
+            except Exception as exc:   # no bottle.HTTPResponse: only a body without a Content-Length raises one
                 error = self.error_response(exc, request_id)
                 error.set_header("X-Request-Id", request_id)
                 status = error.status_code
