@@ -5000,7 +5000,6 @@ def test_lean_invoke_through_a_real_server(real_server, monkeypatch):
     assert status == 401 and json.loads(body) == {"error": "missing or invalid bearer token"}
 
 
-
 # Examples ######################################################################
 #
 # Every committed example plugin (examples/<language>/echo.wasm and notes.wasm,
