@@ -4558,8 +4558,10 @@ class App(bottle.Bottle):
     the answer written as bottle would. Everything else goes to bottle, and
     so do the requests a lean route leaves to it: a path that is not ASCII
     (bottle's UTF-8 check and the segment validation answer it), a body
-    without a Content-Length (bottle reads it). ``wsgi`` is bottle's own
-    dispatch, lean routes included.
+    without a Content-Length (bottle reads it). bottle's hooks do not run on
+    a lean route: refuse_invalid_utf8_path needs no run on an ASCII path, and
+    a new hook must be added to ApiPlugin's steps to reach both paths.
+    ``wsgi`` is bottle's own dispatch, lean routes included.
     """
 
     def __init__(self) -> None:
