@@ -5118,11 +5118,45 @@ def openapi_document(app: bottle.Bottle) -> dict:
 # ``Api`` holds the app's registry, file store and runtime; each route is one
 # of its methods, mounted by ``Api.mount`` with bottle's ``app.route(...,
 # callback=...)``. ``ApiPlugin`` wraps every route: token check, ApiError and
-# dict/list results to JSON. ``create_app`` only wires these together.
+# dict/list results to JSON. ``App`` is bottle's app with a lean dispatch in
+# front of its router for the invoke routes, running the same ApiPlugin steps
+# and the same invocation. ``create_app`` only wires these together.
 
 def _json_response(payload: Any, status: int = 200, headers: Optional[dict] = None) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(json.dumps(payload), status=status,
                                headers={"Content-Type": "application/json", **(headers or {})})
+
+
+_STATUS_LINES = {code: f"{code} {reason}" for code, reason in bottle.HTTP_CODES.items()}
+_NO_BODY = (204, 304)   # the statuses bottle sends without a body (a plugin's are 200-599)
+
+
+def wsgi_answer(answer: PluginAnswer, request_id: str) -> tuple:
+    """(status line, headers, body) for WSGI: what bottle writes for the response Api.invoke sets.
+
+    As bottle does: header names title-cased, a plugin's names differing in
+    case grouped under one, X-Request-Id ours, Content-Length last; the
+    headers bottle drops on 204 and 304 dropped, and no body; values as
+    WSGI's latin-1 strings of their UTF-8 bytes (PEP 3333).
+    """
+    grouped: dict = {}
+    for name, value in answer.headers.items():
+        grouped.setdefault(name.title().replace("_", "-"), []).append(value)
+    grouped["Content-Type"] = [answer.content_type]
+    grouped["X-Request-Id"] = [request_id]
+    grouped["Content-Length"] = [str(len(answer.body))]
+    dropped = bottle.BaseResponse.bad_headers.get(answer.status, ())
+    headers = [(name, value if value.isascii() else value.encode("utf-8").decode("latin-1"))
+               for name, values in grouped.items() if name not in dropped for value in values]
+    line = _STATUS_LINES.get(answer.status) or f"{answer.status} Unknown"
+    return line, headers, [] if answer.status in _NO_BODY else [answer.body]
+
+
+def wsgi_error(error: bottle.HTTPResponse) -> tuple:
+    """(status line, headers, body) for WSGI of a JSON error answer, from bottle's own response object."""
+    body = error.body.encode("utf-8")
+    error.set_header("Content-Length", str(len(body)))
+    return error.status_line, error.headerlist, [body]
 
 
 LARGE_BODY = 1 * MiB   # bodies and answers from this size on count against the memory budget
@@ -5193,6 +5227,7 @@ class ApiPlugin:
     It replaces bottle's JSONPlugin: one wrapper per request instead of two.
     A route's ``scope`` config says what a credential needs (None: public),
     and its ``db`` config the database of a route that names none in its path.
+    ``lean`` runs the same steps around an invoke route served by App.
     """
 
     name = "aeordb-api"
@@ -5226,50 +5261,92 @@ class ApiPlugin:
                      environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), environ.get("REMOTE_ADDR", "?"))
             self._refused, self._refused_logged = 0, now
 
+    # -- the steps of every request, on bottle's routes and on App's lean ones --
+
+    def begin(self, environ: dict) -> tuple:
+        """(when the request started, its id): the id goes into the environ for the routes and the log."""
+        started = time.perf_counter() if self.access_log else 0.0
+        request_id = environ["aeordb.request_id"] = make_request_id(environ)
+        return started, request_id
+
+    def admit(self, environ: dict, scope: Optional[str], db: Optional[str]) -> None:
+        """ApiError 401 or 403 unless the request's credential may use a route of ``scope`` on ``db``."""
+        if scope is None:
+            return
+        principal = self.authenticate(environ.get("HTTP_AUTHORIZATION", ""))
+        if principal is None:
+            self.refused(environ)
+            raise ApiError(401, "missing or invalid bearer token", {"WWW-Authenticate": 'Bearer realm="aeordb"'})
+        refusal = principal.refusal(scope, db)
+        if refusal:
+            raise ApiError(403, refusal)
+        environ["aeordb.principal"] = principal
+
+    def error_response(self, error: Exception, request_id: str) -> bottle.HTTPResponse:
+        """The JSON answer for an error a route raised (called where it was caught)."""
+        if isinstance(error, ApiError):
+            return _json_response({"error": error.message}, error.status, error.headers)
+        log.exception("unexpected error on %s %s (request=%s)", bottle.request.method, bottle.request.path,
+                      request_id)
+        if is_storage_fault(error):
+            return _json_response({"error": storage_error("serving", error).message}, 503)
+        return _json_response({"error": f"internal error: {type(error).__name__}"}, 500)
+
+    def finish(self, environ: dict, rule: str, status: int, started: float, request_id: str) -> None:
+        """The memory budget given back, the request counted and (with --access-log) logged."""
+        self.budget.release(environ)
+        self.activity.http(rule, status)
+        if self.access_log:
+            log.info("%s %s %s %.1fms request=%s", bottle.request.method, bottle.request.path, status,
+                     (time.perf_counter() - started) * 1000, request_id)
+
+    # -- around bottle's routes and App's lean ones ----------------------------
+
     def apply(self, callback: Callable, route: bottle.Route) -> Callable:
         scope, route_db = route.config.get("scope"), route.config.get("db")
         rule = route.rule
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter() if self.access_log else 0.0
             environ = bottle.request.environ
-            request_id = environ["aeordb.request_id"] = make_request_id(environ)
+            started, request_id = self.begin(environ)
             try:
-                if scope is not None:
-                    principal = self.authenticate(environ.get("HTTP_AUTHORIZATION", ""))
-                    if principal is None:
-                        self.refused(environ)
-                        raise ApiError(401, "missing or invalid bearer token",
-                                       {"WWW-Authenticate": 'Bearer realm="aeordb"'})
-                    refusal = principal.refusal(scope, kwargs.get("db", route_db))
-                    if refusal:
-                        raise ApiError(403, refusal)
-                    environ["aeordb.principal"] = principal
+                self.admit(environ, scope, kwargs.get("db", route_db))
                 result = callback(*args, **kwargs)
                 if isinstance(result, (dict, list)):
                     result = _json_response(result)
-            except ApiError as exc:
-                result = _json_response({"error": exc.message}, exc.status, exc.headers)
             except bottle.HTTPResponse:
                 self.budget.release(environ)
                 raise
             except Exception as exc:
-                log.exception("unexpected error on %s %s (request=%s)", bottle.request.method,
-                              bottle.request.path, request_id)
-                if is_storage_fault(exc):
-                    result = _json_response({"error": storage_error("serving", exc).message}, 503)
-                else:
-                    result = _json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
-            self.budget.release(environ)
+                result = self.error_response(exc, request_id)
             status = getattr(result, "status_code", None) or bottle.response.status_code
             (result if isinstance(result, bottle.HTTPResponse) else bottle.response).set_header(
                 "X-Request-Id", request_id)
-            self.activity.http(rule, status)
-            if self.access_log:
-                log.info("%s %s %s %.1fms request=%s", bottle.request.method, bottle.request.path, status,
-                         (time.perf_counter() - started) * 1000, request_id)
+            self.finish(environ, rule, status, started, request_id)
             return result
         return wrapper
+
+    def lean(self, route: bottle.Route, answer: Callable[..., PluginAnswer]) -> Callable[[dict, dict], tuple]:
+        """``wrapper``'s steps for ``route`` served by App: a handler of (environ, the URL's arguments)
+        answering (status line, headers, body) for WSGI, ``answer(**arguments)`` being the route's work."""
+        scope, route_db = route.config.get("scope"), route.config.get("db")
+        rule = route.rule
+
+        def handler(environ: dict, arguments: dict) -> tuple:
+            started, request_id = self.begin(environ)
+            try:
+                self.admit(environ, scope, arguments.get("db", route_db))
+                result = answer(**arguments)
+                status = result.status
+                line, headers, body = wsgi_answer(result, request_id)
+            except Exception as exc:   # no bottle.HTTPResponse: only a body without a Content-Length raises one
+                error = self.error_response(exc, request_id)
+                error.set_header("X-Request-Id", request_id)
+                status = error.status_code
+                line, headers, body = wsgi_error(error)
+            self.finish(environ, rule, status, started, request_id)
+            return line, headers, body
+        return handler
 
 
 def read_body(limit: int, what: str, budget: MemoryBudget) -> bytes:
@@ -5373,6 +5450,12 @@ class Api:
         ]
         for method, route, callback, scope in today:
             app.route(route, method, callback, scope=scope, db=self.settings.default_db)
+
+    def lean_routes(self) -> dict:
+        """The invoke routes App also serves before bottle's router: each POST route's rule, and
+        what answers it from the URL's arguments (finds the plugin, then ``call_plugin``)."""
+        return {"/<db>/<schema>/<table>/<function>/_invoke": self.invoke_answer,
+                "/plugins/<name>/invoke": self.today_invoke_answer}
 
     @staticmethod
     def actor() -> str:
@@ -5522,37 +5605,42 @@ class Api:
         return meta
 
     def invoke(self, db: str, schema: str, table: str, function: str) -> bytes:
+        return self.respond(self.invoke_answer(db, schema, table, function))
+
+    @staticmethod
+    def respond(answer: PluginAnswer) -> bytes:
+        """A plugin's answer as bottle's response: set on it, and the bytes returned (an
+        HTTPResponse would be built, then copied onto the response twice)."""
+        response = bottle.response
+        response.status = answer.status
+        for name, value in answer.headers.items():
+            response.add_header(name, value)   # 'X-A' and 'x-a' both go out, as the plugin said
+        response.content_type = answer.content_type
+        return answer.body
+
+    def invoke_answer(self, db: str, schema: str, table: str, function: str) -> PluginAnswer:
+        """The answer of the plugin /db/schema/table/function/_invoke names (on either path)."""
         check_segments(db, schema, table, function)
         plugin = self.registry.get(f"{db}/{schema}/{table}")
-        return self.run_plugin(plugin, db, {"name": function, "function_name": function,
-                                            "path": f"/{db}/{schema}/{table}/{function}", "plugin_path": plugin.key})
+        return self.call_plugin(plugin, db, {"name": function, "function_name": function,
+                                             "path": f"/{db}/{schema}/{table}/{function}", "plugin_path": plugin.key})
 
-    def run_plugin(self, plugin: Plugin, db: str, route_metadata: dict) -> bytes:
-        """The one invocation sequence of both eras' invoke routes: the body, the envelope's
-        metadata (the route's, then the request's), the runtime, the plugin's answer as the response."""
+    def call_plugin(self, plugin: Plugin, db: str, route_metadata: dict) -> PluginAnswer:
+        """The one invocation of every invoke route (both eras', on bottle's route or App's lean
+        one): the request's body and the envelope's metadata (the route's, then the request's) to
+        the plugin; its answer (a raw one as 200) counted."""
         body = read_body(self.settings.max_request_size, "request body", self.budget)
         environ = bottle.request.environ
         metadata = {**route_metadata, "method": environ["REQUEST_METHOD"],
                     "query_string": environ.get("QUERY_STRING", ""),
-                    "content_type": environ.get("CONTENT_TYPE", ""),
-                    "request_id": environ["aeordb.request_id"]}
+                    "content_type": environ.get("CONTENT_TYPE", ""), "request_id": environ["aeordb.request_id"]}
         invocation = Invocation(db=db, plugin_key=plugin.key, metadata=metadata,
                                 deadline=time.monotonic() + self.settings.timeout)
         answer, raw = self.runtime.invoke(plugin, body, invocation)
         # Counted, never refused: the invocation's writes are committed, and a
         # 503 would invite a retry that repeats them.
         self.budget.reserve(len(raw), "plugin's answer", refuse=False)
-        # Set on bottle's response and return the bytes: an HTTPResponse would
-        # be built, then copied onto the response twice.
-        response = bottle.response
-        if answer is None:
-            response.content_type = DEFAULT_CONTENT_TYPE
-            return raw
-        response.status = answer.status
-        for name, value in answer.headers.items():
-            response.add_header(name, value)   # 'X-A' and 'x-a' both go out, as the plugin said
-        response.content_type = answer.content_type
-        return answer.body
+        return answer or PluginAnswer(200, DEFAULT_CONTENT_TYPE, {}, raw)
 
     def list_plugins(self, db: str) -> list:
         check_segments(db)
@@ -5603,11 +5691,15 @@ class Api:
         return today_meta(meta, self.settings.default_db)
 
     def today_invoke(self, name: str) -> bytes:
+        return self.respond(self.today_invoke_answer(name))
+
+    def today_invoke_answer(self, name: str) -> PluginAnswer:
+        """The answer of the plugin /plugins/{name}/invoke names (on either path)."""
         check_plugin_name(name)
         with self._today_plugin(name):
             plugin = self.registry.get(f"{self.settings.default_db}/{DEFAULT_DB_PLUGINS}/{name}")
-        return self.run_plugin(plugin, self.settings.default_db, {"name": name, "function_name": name,
-                                                                  "path": f"/plugins/{name}", "plugin_path": name})
+        return self.call_plugin(plugin, self.settings.default_db, {"name": name, "function_name": name,
+                                                                   "path": f"/plugins/{name}", "plugin_path": name})
 
     def today_list(self) -> dict:
         default_db = self.settings.default_db
@@ -5619,6 +5711,46 @@ class Api:
         with self._today_plugin(name):
             self._remove(self.settings.default_db, DEFAULT_DB_PLUGINS, name)
         return {"removed": True, "path": name}
+
+
+class App(bottle.Bottle):
+    """bottle's app, whose invoke routes are dispatched before bottle's router.
+
+    bottle's routing, hooks and response object are a large share of an
+    invocation's cost. For a POST on a lean route (a precompiled pattern of
+    its rule), ``__call__`` runs the handler ApiPlugin.lean made for it: the
+    same steps as bottle's route around the same work (``Api.call_plugin``),
+    the answer written as bottle would. Everything else goes to bottle, and
+    so do the requests a lean route leaves to it: a path that is not ASCII
+    (bottle's UTF-8 check and the segment validation answer it), a body
+    without a Content-Length (bottle reads it). bottle's hooks do not run on
+    a lean route: refuse_invalid_utf8_path needs no run on an ASCII path, and
+    a new hook must be added to ApiPlugin's steps to reach both paths.
+    ``wsgi`` is bottle's own dispatch, lean routes included.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lean_routes: list = []   # (pattern, handler(environ, arguments) -> (status line, headers, body))
+
+    def add_lean_route(self, rule: str, handler: Callable[[dict, dict], tuple]) -> None:
+        # bottle's default wildcard: one or more characters other than '/'
+        pattern = "".join(f"(?P<{part[1:-1]}>[^/]+)" if part.startswith("<") else re.escape(part)
+                          for part in re.split(r"(<\w+>)", rule) if part)
+        self.lean_routes.append((re.compile(pattern), handler))
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if (environ["REQUEST_METHOD"] == "POST" and path.isascii()
+                and environ.get("CONTENT_LENGTH", "").isdecimal()):
+            for pattern, handler in self.lean_routes:
+                match = pattern.fullmatch(path)
+                if match:
+                    bottle.request.bind(environ)   # the shared steps read the request through bottle's
+                    line, headers, body = handler(environ, match.groupdict())
+                    start_response(line, headers)
+                    return body
+        return self.wsgi(environ, start_response)
 
 
 def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
@@ -5639,7 +5771,7 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     tune_malloc()
     budget = MemoryBudget(settings.memory_budget)
 
-    app = bottle.Bottle()
+    app = App()
     app.config.update({"aeordb.settings": settings, "aeordb.token": token,
                        "aeordb.token_created": token_created, "aeordb.registry": registry,
                        "aeordb.files": files, "aeordb.runtime": runtime, "aeordb.budget": budget,
@@ -5652,7 +5784,11 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
     app.install(api_plugin)
     app.default_error_handler = json_error_page
     app.add_hook("before_request", refuse_invalid_utf8_path)
-    Api(settings, registry, files, runtime, budget, keys, activity).mount(app)
+    api = Api(settings, registry, files, runtime, budget, keys, activity)
+    api.mount(app)
+    for rule, answer in api.lean_routes().items():
+        route = next(route for route in app.routes if route.rule == rule and route.method == "POST")
+        app.add_lean_route(rule, api_plugin.lean(route, answer))
     return app
 
 

@@ -6031,6 +6031,228 @@ def test_sigkill_under_mixed_load_loses_no_acknowledged_write(tmp_path):
 # Not in the suite: the issue's 5-minute mixed soak with no RSS trend (a soak, not a CI test).
 
 
+# -- the lean invoke path ------------------------------------------------------
+#
+# App serves the invoke route before bottle's router; app.wsgi is bottle's own
+# dispatch of the same route. Each request here goes both ways with the same
+# X-Request-Id and must come back the same, byte for byte, logged and counted
+# the same.
+
+ACCESS_LINE = re.compile(r"(\S+ \S+ \d{3}) [0-9.]+ms (request=\S+)")
+
+
+@dataclasses.dataclass
+class BothPaths:
+    app: aeordb.App
+    lean: webtest.TestApp      # the app as servers call it: the lean path first
+    bottle: webtest.TestApp    # bottle's own dispatch
+    fell_through: list         # paths the lean path left to bottle
+    caplog: pytest.LogCaptureFixture
+
+    def same(self, method: str, path: str, body: bytes = b"", status="*", headers: dict | None = None,
+             lean: bool = True, **kwargs):
+        """Send one request both ways; assert identical answers, access-log lines and counts, and
+        whether the lean path served it (``lean``) or left it to bottle; answer the lean path's answer."""
+        headers = {**AUTH, "X-Request-Id": f"same-{random.getrandbits(32)}", **(headers or {})}
+        answers, logged, counted = [], [], []
+        activity = self.app.config["aeordb.activity"]
+        for client in (self.lean, self.bottle):
+            self.fell_through.clear()
+            records, before = len(self.caplog.records), collections.Counter(activity.http_requests)
+            answers.append(client.request(path, method=method, body=body, headers=headers, status=status,
+                                          **kwargs))
+            logged.append([ACCESS_LINE.fullmatch(r.getMessage()).groups() for r in self.caplog.records[records:]
+                           if r.name == "aeordb" and ACCESS_LINE.fullmatch(r.getMessage())])
+            counted.append(collections.Counter(activity.http_requests) - before)
+            if client is self.lean:
+                assert len(self.fell_through) == (0 if lean else 1), self.fell_through
+        via_lean, via_bottle = answers
+        assert (via_lean.status, via_lean.headerlist, via_lean.body) == (
+            via_bottle.status, via_bottle.headerlist, via_bottle.body)
+        assert logged[0] == logged[1] and counted[0] == counted[1]
+        if lean:   # a routed request: one access line and one count
+            assert len(logged[0]) == 1 and logged[0][0][0] == f"POST {path.split('?')[0]} {via_lean.status_int}"
+            assert sum(counted[0].values()) == 1
+        return via_lean
+
+
+def both_paths(client: webtest.TestApp, app: aeordb.App, monkeypatch, caplog) -> BothPaths:
+    import logging
+    caplog.set_level(logging.INFO, logger="aeordb")
+    fell_through = []
+    bottle_wsgi = app.wsgi
+
+    def counted(environ, start_response):
+        fell_through.append(environ["PATH_INFO"])
+        return bottle_wsgi(environ, start_response)
+    monkeypatch.setattr(app, "wsgi", counted)
+    return BothPaths(app, client, webtest.TestApp(bottle_wsgi), fell_through, caplog)
+
+
+@pytest.fixture
+def both(tmp_path, monkeypatch, caplog):
+    return both_paths(*make_app(tmp_path, max_request_size=64 * 1024, access_log=True), monkeypatch, caplog)
+
+
+def test_create_app_is_a_bottle_app_serving_the_invoke_route_both_ways(both):
+    assert isinstance(both.app, aeordb.bottle.Bottle)
+    assert ("POST", "/<db>/<schema>/<table>/<function>/_invoke") in [(r.method, r.rule) for r in both.app.routes]
+    assert [pattern.pattern for pattern, _ in both.app.lean_routes] == [
+        "/(?P<db>[^/]+)/(?P<schema>[^/]+)/(?P<table>[^/]+)/(?P<function>[^/]+)/_invoke",
+        "/plugins/(?P<name>[^/]+)/invoke"]
+
+
+def test_todays_invoke_route_is_lean_too_and_answers_as_bottle_does(both):
+    assert both.lean.put("/plugins/echo", wat(ECHO_WAT), headers=AUTH).status_int == 200
+    answer = both.same("POST", "/plugins/echo/invoke?x=1", b"hi", status=200)
+    metadata = json.loads(answer.body)["metadata"]
+    assert (metadata["name"], metadata["path"], metadata["plugin_path"], metadata["query_string"]) == (
+        "echo", "/plugins/echo", "echo", "x=1")
+    assert both.same("POST", "/plugins/nothing/invoke", b"", status=404).json == {"error": "Plugin not found: nothing"}
+    assert both.same("POST", "/plugins/.hidden/invoke", b"", status=400).json["error"].startswith("invalid plugin name")
+    key = make_key(both.lean, ["invoke"], ["elsewhere"]).json["key"]
+    assert both.same("POST", "/plugins/echo/invoke", b"", status=403, headers=bearer(key)).status_int == 403
+    key = make_key(both.lean, ["invoke"], ["default"]).json["key"]
+    assert both.same("POST", "/plugins/echo/invoke", b"", status=200, headers=bearer(key)).status_int == 200
+
+
+def test_lean_invoke_answers_as_bottle_does(both):
+    deploy(both.lean, "db/s/echo", wat(ECHO_WAT))
+    answer = both.same("POST", "/db/s/echo/f/_invoke?a=1&b=%20", b"hello", status=200,
+                       content_type="text/plain; charset=utf-8")
+    metadata = json.loads(answer.body)["metadata"]
+    assert (metadata["path"], metadata["plugin_path"], metadata["method"], metadata["query_string"],
+            metadata["content_type"]) == ("/db/s/echo/f", "db/s/echo", "POST", "a=1&b=%20",
+                                          "text/plain; charset=utf-8")
+    assert metadata["request_id"] == answer.headers["X-Request-Id"]
+    assert answer.content_type == aeordb.DEFAULT_CONTENT_TYPE
+    assert answer.headers["Content-Length"] == str(len(answer.body))
+    assert json.loads(both.same("POST", "/db/s/echo/f/_invoke", b"", status=200).body)["arguments"] == []
+
+
+@pytest.mark.parametrize("answer", [
+    {"status_code": 201, "content_type": "text/plain; charset=utf-8", "body": "made"},
+    {"status_code": 200, "body": [111, 107],
+     "headers": {"X-Twice": "first", "x-twice": "second", "x_under": "u", "ETag": '"e"', "vary": "Accept"}},
+    {"status_code": 200, "body": "ok", "headers": {"x-request-id": "the plugin's", "X-Later": "l"}},
+    {"status_code": 200, "body": "ok", "content_type": "text/plain; name=caf\u00e9",
+     "headers": {"x-unicode": "\u00e9t\u00e9 \u2713"}},
+    {"status_code": 204, "body": "dropped", "headers": {"content-language": "en", "x-kept": "k"}},
+    {"status_code": 304, "body": "dropped", "headers": {"content-encoding": "gzip", "ETag": '"v1"',
+                                                        "last-modified": "Wed, 21 Oct 2015 07:28:00 GMT"}},
+    {"status_code": 418, "body": "teapot"},
+    {"status_code": 599, "body": "no reason phrase"},
+], ids=["201", "headers", "plugin-request-id", "unicode", "204", "304", "418", "599"])
+def test_lean_invoke_writes_plugin_answers_as_bottle_does(both, answer):
+    deploy(both.lean, "db/s/answer", answer_module(json.dumps(answer).encode()))
+    got = both.same("POST", "/db/s/answer/f/_invoke", b"x", status=answer["status_code"])
+    if answer["status_code"] in (204, 304):
+        assert got.body == b"" and "Content-Type" not in got.headers and "Content-Length" not in got.headers
+    else:
+        assert got.headers["Content-Length"] == str(len(got.body)) and got.body
+    assert got.headers["X-Request-Id"].startswith("same-")
+
+
+def test_lean_invoke_sends_raw_answers_as_bottle_does(both):
+    deploy(both.lean, "db/s/raw", answer_module(b"not an envelope"))
+    answer = both.same("POST", "/db/s/raw/f/_invoke", b"x", status=200)
+    assert answer.body == b"not an envelope" and answer.content_type == aeordb.DEFAULT_CONTENT_TYPE
+
+
+def test_lean_invoke_errors_are_bottles(both):
+    deploy(both.lean, "db/s/trap", wat(TRAP_WAT))
+    assert "unreachable" in error_of(both.same("POST", "/db/s/trap/f/_invoke", b"x", status=500))
+    assert "no plugin deployed at db/s/none" in error_of(both.same("POST", "/db/s/none/f/_invoke", status=404))
+    assert "invalid schema name '_s'" in error_of(both.same("POST", "/db/_s/t/f/_invoke", status=400))
+    assert "exceeds the limit" in error_of(both.same("POST", "/db/s/trap/f/_invoke", b"x" * (64 * 1024 + 1),
+                                                     status=413))
+
+
+def test_lean_invoke_time_limit_is_bottles(tmp_path, monkeypatch, caplog):
+    both = both_paths(*make_app(tmp_path, timeout=0.2, access_log=True), monkeypatch, caplog)
+    deploy(both.lean, "db/s/loop", wat(LOOP_WAT))
+    assert "time limit" in error_of(both.same("POST", "/db/s/loop/f/_invoke", status=500))
+
+
+def test_lean_invoke_over_the_memory_budget_is_bottles_503(tmp_path, monkeypatch, caplog):
+    both = both_paths(*make_app(tmp_path, access_log=True), monkeypatch, caplog)
+    deploy(both.lean, "db/s/trap", wat(TRAP_WAT))
+    budget = both.app.config["aeordb.budget"]
+    budget.used = budget.capacity   # as if other large requests were in flight
+    try:
+        answer = both.same("POST", "/db/s/trap/f/_invoke", b"x" * aeordb.LARGE_BODY, status=503)
+        assert budget.used == budget.capacity   # nothing left reserved by the refused requests
+    finally:
+        budget.used = 0
+    assert "memory budget" in error_of(answer) and answer.headers["Retry-After"]
+
+
+def test_lean_invoke_unexpected_errors_are_bottles_500(both, monkeypatch):
+    deploy(both.lean, "db/s/trap", wat(TRAP_WAT))
+    monkeypatch.setattr(both.app.config["aeordb.runtime"], "invoke", lambda *args: 1 / 0)
+    answer = both.same("POST", "/db/s/trap/f/_invoke", status=500)
+    assert error_of(answer) == "internal error: ZeroDivisionError"
+    assert sum("unexpected error on POST /db/s/trap/f/_invoke" in r.getMessage() for r in both.caplog.records) == 2
+
+
+def test_lean_invoke_credentials_are_bottles(both):
+    deploy(both.lean, "db/s/echo", wat(ECHO_WAT))
+    deploy(both.lean, "other/s/echo", wat(ECHO_WAT))
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eA=="}):
+        answer = both.same("POST", "/db/s/echo/f/_invoke", headers=headers, status=401)
+        assert answer.headers["WWW-Authenticate"] == 'Bearer realm="aeordb"'
+    reader = make_key(both.lean, ["read"], ["db"]).json["key"]
+    assert "invoke" in error_of(both.same("POST", "/db/s/echo/f/_invoke", headers=bearer(reader), status=403))
+    invoker = make_key(both.lean, ["invoke"], ["db"]).json["key"]
+    assert "other" in error_of(both.same("POST", "/other/s/echo/f/_invoke", headers=bearer(invoker), status=403))
+    answer = both.same("POST", "/db/s/echo/f/_invoke", b"ok", headers=bearer(invoker), status=200)
+    assert json.loads(answer.body)["arguments"] == [111, 107]
+
+
+def test_what_the_lean_path_leaves_to_bottle_is_answered_by_bottle(both):
+    deploy(both.lean, "db/s/echo", wat(ECHO_WAT))
+    for method in ("GET", "HEAD", "PUT", "DELETE"):
+        answer = both.same(method, "/db/s/echo/f/_invoke", status=405, lean=False)
+        assert answer.headers["Allow"] == "POST"
+    assert "not valid UTF-8" in error_of(both.same("POST", "/db/s/echo/f%FF/_invoke", status=400, lean=False))
+    assert "invalid function name" in error_of(both.same("POST", "/db/s/echo/f%C3%A9/_invoke", status=400,
+                                                         lean=False))
+    for path in ("/db/s/echo/_invoke", "/db/s/echo/f/g/_invoke", "/db/s/echo/f/_invoke/"):
+        assert error_of(both.same("POST", path, status=404, lean=False)) == "no such route"
+    # A body without a Content-Length (bottle reads it to its end) goes to bottle too.
+    import io
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/db/s/echo/f/_invoke", "SCRIPT_NAME": "", "QUERY_STRING": "",
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+               "HTTP_AUTHORIZATION": AUTH["Authorization"], "wsgi.input": io.BytesIO(b""), "wsgi.errors": sys.stderr,
+               "wsgi.url_scheme": "http", "wsgi.multithread": False, "wsgi.multiprocess": False, "wsgi.run_once": False}
+    statuses = []
+    body = b"".join(both.app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert statuses == ["200 OK"] and json.loads(body)["arguments"] == [] and both.fell_through == [environ["PATH_INFO"]]
+
+
+def test_lean_invoke_through_a_real_server(real_server, monkeypatch):
+    client, port = real_server
+    app = client.app
+    fell_through = []
+    bottle_wsgi = app.wsgi
+    monkeypatch.setattr(app, "wsgi", lambda environ, start_response: (
+        fell_through.append(environ["PATH_INFO"]), bottle_wsgi(environ, start_response))[1])
+    deploy(client, "db/s/answer", answer_module(b'{"status_code":201,"body":"made","headers":{"x-made":"yes"}}'))
+    fell_through.clear()
+    activity = app.config["aeordb.activity"]
+    before = activity.http_requests[("/<db>/<schema>/<table>/<function>/_invoke", 2)]
+    status, headers, body = http_request(port, "POST", "/db/s/answer/f/_invoke", b"x",
+                                         {"X-Request-Id": "through-waitress"})
+    assert (status, body, headers["x-made"], headers["x-request-id"]) == (201, b"made", "yes", "through-waitress")
+    assert headers["content-type"] == aeordb.DEFAULT_CONTENT_TYPE and headers["content-length"] == "4"
+    assert http_request(port, "GET", "/db/s/answer/f/_invoke")[0] == 405
+    assert fell_through == ["/db/s/answer/f/_invoke"]   # the GET only
+    assert activity.http_requests[("/<db>/<schema>/<table>/<function>/_invoke", 2)] == before + 1
+    status, headers, body = http_request(port, "POST", "/db/s/answer/f/_invoke", b"x",
+                                         {"Authorization": "Bearer wrong"})
+    assert status == 401 and json.loads(body) == {"error": "missing or invalid bearer token"}
+
+
 # Examples ######################################################################
 #
 # Every committed example plugin (examples/<language>/echo.wasm and notes.wasm,
