@@ -1992,6 +1992,21 @@ def _sql_number(value: Any) -> Any:
     return value
 
 
+class QueryClock(threading.local):
+    """The deadline of the statement this thread runs (FileStore.set_deadline sets it). SQLite's
+    progress handler checks it between its own steps; a long comparison in a query function
+    checks it too, and gives up past it (the statement is then interrupted)."""
+
+    deadline: Optional[float] = None
+
+    def past(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+query_clock = QueryClock()
+CLOCK_CELLS = 65_536   # cells of a comparison's table between checks of the query clock
+
+
 # -- text matching: the algorithms of today's AeorDB ---------------------------
 # Exactly as upstream computes them (the facts in AEORDB_TODAY.md 2.5-2.6), so
 # that scores and matches agree; the SQL pre-filters in QueryPlan only ever
@@ -2040,6 +2055,7 @@ def osa_distance(a: str, b: str, bound: Optional[int] = None) -> int:
     if abs(n - m) > limit:
         return limit + 1
     over = limit + 1
+    clock_rows = max(1, CLOCK_CELLS // (2 * limit + 1))
     before, previous = None, [min(j, over) for j in range(m + 1)]
     for i in range(1, n + 1):
         row = [over] * (m + 1)
@@ -2047,6 +2063,8 @@ def osa_distance(a: str, b: str, bound: Optional[int] = None) -> int:
             row[0] = i
         low, high = max(1, i - limit), min(m, i + limit)
         char, last = a[i - 1], a[i - 2] if i > 1 else None
+        if i % clock_rows == 0 and query_clock.past():
+            return over
         for j in range(low, high + 1):
             cost = previous[j - 1] + (char != b[j - 1])
             cell = min(previous[j] + 1, row[j - 1] + 1, cost)
@@ -2066,7 +2084,10 @@ def jaro_winkler(a: str, b: str) -> float:
     window = max(max(len(a), len(b)) // 2 - 1, 0)
     taken = [False] * len(b)
     matched_a = []
+    clock_rows = max(1, CLOCK_CELLS // (2 * window + 1))
     for i, char in enumerate(a):
+        if i % clock_rows == clock_rows - 1 and query_clock.past():
+            return 0.0
         for j in range(max(0, i - window), min(i + window + 1, len(b))):
             if not taken[j] and b[j] == char:
                 taken[j] = True
@@ -2658,15 +2679,17 @@ class QueryPlan:
             threshold = node.get("threshold", DEFAULT_SIMILARITY)
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
                 raise ApiError(400, f"'threshold' of 'similar' on field '{field}' must be a number")
-            return TextLeaf(op, value, float(threshold))
+            # Similarities are 0-1: any threshold outside acts as -1 or 2 would (NaN: nothing matches).
+            return TextLeaf(op, value, float(min(max(threshold, -1), 2)) if threshold == threshold else 2.0)
         if op != "fuzzy":
             return TextLeaf(op, value)
         fuzziness = node.get("fuzziness", "auto")
-        fixed = max(fuzziness, 0) if isinstance(fuzziness, int) and not isinstance(fuzziness, bool) else None
+        # No edit count allows more than 2 ** 31 (no text is that long).
+        fixed = min(max(fuzziness, 0), 2 ** 31) if isinstance(fuzziness, int) and not isinstance(fuzziness, bool) else None
         if node.get("algorithm") == "jaro_winkler":
             threshold = DEFAULT_JARO_WINKLER if fixed is None else 1 - fixed / max(len(value.encode("utf-8")), 1)
             return TextLeaf(op, value, ("jaro_winkler", threshold))
-        return TextLeaf(op, value, auto_fuzziness(value) if fixed is None else min(fixed, 2 ** 31))
+        return TextLeaf(op, value, auto_fuzziness(value) if fixed is None else fixed)
 
     def _text(self, leaf: TextLeaf, operand: _Operand, field: str) -> str:
         if len(self.text_leaves) == MAX_TEXT_CONDITIONS:
@@ -2955,21 +2978,22 @@ class FileStore:
         A statement stopped there raises TimeLimitReached, and a transaction
         it was part of rolls back.
         """
-        self._local.deadline = at
+        query_clock.deadline = at
 
     def _within_deadline(self, conn: sqlite3.Connection, function: Callable) -> Callable:
         """``function`` for SQL that first checks the deadline: the progress handler only runs
         between SQLite's own steps, and a query may spend its time in these functions."""
         def call(*args: Any) -> Any:
-            if self._past_deadline():
+            result = None if query_clock.past() else function(*args)
+            if query_clock.past():   # before or during the call (a long comparison gives up)
                 conn.interrupt()
                 return None
-            return function(*args)
+            return result
         return call
 
-    def _past_deadline(self) -> bool:
-        deadline = getattr(self._local, "deadline", None)
-        return deadline is not None and time.monotonic() > deadline
+    @staticmethod
+    def _past_deadline() -> bool:
+        return query_clock.past()
 
     def _failed(self, exc: sqlite3.Error, action: str) -> Exception:
         """What a statement's failure becomes: its deadline, a storage fault (503), or itself."""
@@ -3066,7 +3090,7 @@ class FileStore:
                                         f"{self._lock_waiters} more writers are waiting: retry", RETRY_SOON)
                 self._lock_waiters += 1
             try:
-                deadline = getattr(self._local, "deadline", None)
+                deadline = query_clock.deadline
                 wait = self.busy_timeout if deadline is None else max(0.0, deadline - time.monotonic())
                 if not self._write_lock.acquire(timeout=wait):
                     if deadline is not None:

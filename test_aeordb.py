@@ -3223,6 +3223,31 @@ def test_a_huge_fuzzy_query_stops_at_its_time_limit(tmp_path):
     assert client.post("/q/_query", json.dumps({"path": "/docs", "limit": 1}), headers=AUTH).json["has_more"]
 
 
+@pytest.mark.parametrize("leaf", [{"op": "fuzzy", "value": "b" * 8000, "fuzziness": 10 ** 9},
+                                  {"op": "fuzzy", "value": "a" * 19999 + "b", "algorithm": "jaro_winkler"}])
+def test_one_long_comparison_stops_at_the_query_time_limit(tmp_path, leaf):
+    client, _ = make_app(tmp_path, query_timeout=0.3)
+    put_file(client, "q", "/d/long.json", json.dumps({"name": "a" * 20000}).encode(), "application/json")
+    spec = {"path": "/d", "where": {"field": "name", **leaf}}
+    assert "time limit of 0.3 s" in error_of(client.post("/q/_query", json.dumps(spec), headers=AUTH, status=400))
+
+
+@pytest.mark.parametrize("leaf, matches", [
+    ({"op": "similar", "value": "Smith", "threshold": -1e999}, ["/d/smith.json", "/d/smyth.json"]),
+    ({"op": "similar", "value": {"text": "Smith", "threshold": -1e400}}, ["/d/smith.json", "/d/smyth.json"]),
+    ({"op": "similar", "value": "Smith", "threshold": 10 ** 400}, []),
+    ({"op": "fuzzy", "value": "Smith", "algorithm": "jaro_winkler", "fuzziness": 10 ** 400},
+     ["/d/smith.json", "/d/smyth.json"]),   # a score of 0 never matches
+    ({"op": "fuzzy", "value": "Smith", "fuzziness": 10 ** 400}, ["/d/other.json", "/d/smith.json", "/d/smyth.json"]),
+])
+def test_text_operator_settings_past_any_range_act_as_their_bound(client, leaf, matches):
+    for name, value in (("smith", "Smith"), ("smyth", "Smyth"), ("other", "Qqqq")):
+        put_file(client, "q", f"/d/{name}.json", json.dumps({"name": value}).encode(), "application/json")
+    spec = {"path": "/d", "where": {"field": "name", **leaf}, "order_by": [{"field": "@path"}]}
+    body = json.dumps(spec).replace("-Infinity", "-1e999")
+    assert [item["path"] for item in client.post("/q/_query", body, headers=AUTH).json["items"]] == matches
+
+
 # HTTP API #####################################################################
 
 def test_health_and_echo_round_trip(client):
