@@ -3839,12 +3839,8 @@ class Activity:
             self.changes += 1
 
     def share(self, folder: Path) -> None:
-        """From now on publish this process's activity to ``folder``, and view every live worker's."""
-        make_dirs(folder)
-        for published in folder.glob("*.json"):
-            if not (published.stem.isdigit() and process_alive(int(published.stem))):
-                with contextlib.suppress(OSError):
-                    published.unlink()
+        """From now on publish this process's activity to ``folder`` (which Workers keeps), and
+        view every live worker's."""
         self.shared = folder
         threading.Thread(target=self._publish, args=(folder / f"{os.getpid()}.json",), name="aeordb-activity",
                          daemon=True).start()
@@ -3888,11 +3884,11 @@ class Activity:
     def snapshot(self) -> dict:
         """Everything this process counted, as JSON, for the other worker processes to add up."""
         with self._lock:
-            return {"plugins": {key: {"since": a.since, "lines": [entry for entry, _ in a.lines], "outcomes": a.outcomes,
-                                      "durations": list(a.durations), "buckets": a.buckets,
-                                      "duration_sum": a.duration_sum, "request_bytes": a.request_bytes,
-                                      "response_bytes": a.response_bytes, "host_calls": a.host_calls,
-                                      "last_error": a.last_error}
+            return {"plugins": {key: {"since": a.since, "lines": [entry for entry, _ in a.lines],
+                                      "outcomes": dict(a.outcomes), "durations": list(a.durations),
+                                      "buckets": list(a.buckets), "duration_sum": a.duration_sum,
+                                      "request_bytes": a.request_bytes, "response_bytes": a.response_bytes,
+                                      "host_calls": dict(a.host_calls), "last_error": a.last_error}
                                 for key, a in self._plugins.items()},
                     "http_requests": [[route, hundreds, count] for (route, hundreds), count in self.http_requests.items()],
                     "deploys": self.deploys, "compile_seconds": self.compile_seconds,
@@ -5786,8 +5782,6 @@ def create_app(settings: Optional[Settings] = None) -> bottle.Bottle:
                        fast=settings.fast_calls, slots=pool_slots(settings.threads))
     files = FileStore(settings)
     activity = Activity()
-    if settings.workers != 1:
-        activity.share(settings.data_dir / "activity")
     runtime = WasmRuntime(settings, files, wasm, activity)
     registry = PluginRegistry(settings, wasm, runtime.new_linker)
     registry.forgotten = activity.forget
@@ -6087,12 +6081,17 @@ class Workers:
     """The parent of ``count`` worker processes, each serving ``app_factory()`` on its socket.
 
     Each worker builds its app, engine and epoch ticker after the fork: a
-    ticker thread does not survive one. The parent starts no thread and keeps
-    the sockets open, so a worker's pending connections wait for its
-    replacement instead of being reset. A worker that dies is replaced (sooner
-    or later, as it keeps dying soon after starting) and the event is logged;
-    one that could not start (status 2) stops them all. SIGTERM or SIGINT
-    reaches every worker, which stops cleanly; the parent waits for them.
+    ticker thread does not survive one. The parent starts no thread. It keeps
+    the sockets open, so the connections pending on a dead worker's socket
+    wait for its replacement instead of being reset; a worker that keeps dying
+    soon after starting is replaced later and later, and meanwhile its socket
+    is closed (new connections go to the others) and bound again for the
+    replacement. A worker of the first start that could not start (status 2)
+    stops them all. SIGTERM or SIGINT reaches every worker, which stops
+    cleanly; the parent waits for them (exit status 1 if it had to kill one).
+
+    The workers share what they observe in ACTIVITY_DIR/<parent pid>/: the
+    parent makes it, removes a dead worker's snapshot, and removes it at the end.
     """
 
     QUICK_DEATH = 1.0     # seconds: a worker that dies sooner is restarted after a growing delay
@@ -6100,21 +6099,22 @@ class Workers:
 
     def __init__(self, settings: Settings, listeners: list, count: int, app_factory: Callable[[], bottle.Bottle]):
         self.settings = settings
-        self.listeners = listeners
+        self.listeners = listeners    # one per worker, or one they share
+        self.address = listeners[0].getsockname()[:2]
         self.count = count
         self.app_factory = app_factory
         self.running: dict = {}       # pid: (worker number, start time)
         self.restarts: dict = {}      # worker number: monotonic time of its restart
+        self.restarted: set = set()   # numbers started more than once
         self.quick_deaths = 0
         self.stopping: Optional[float] = None   # the deadline of a stop once one began
         self.status = 0
         self.parent = os.getpid()
-
-    def listener_of(self, number: int) -> socket.socket:
-        return self.listeners[(number - 1) % len(self.listeners)]
+        self.activity = settings.data_dir / "activity" / str(self.parent)
 
     def run(self) -> int:
         """Start the workers and supervise them until they stopped; answers the exit status."""
+        self._fresh_activity_folder()
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_read, False)
         os.set_blocking(wake_write, False)
@@ -6123,20 +6123,22 @@ class Workers:
         handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the select below
         try:
             for number in range(1, self.count + 1):
-                self._start(number, wake_read, wake_write)
+                if self.stopping is None:
+                    self._start(number, wake_read, wake_write)
             while self.running or (self.restarts and self.stopping is None):
                 self._reap()
                 now = time.monotonic()
                 for number, at in list(self.restarts.items()):
                     if at <= now and self.stopping is None:
                         del self.restarts[number]
+                        self.restarted.add(number)
                         self._start(number, wake_read, wake_write)
                 if self.stopping is not None and now > self.stopping:
                     for pid in self.running:
                         log.warning("worker (pid %d) did not stop in time: killing it", pid)
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
-                    self.stopping = math.inf
+                    self.stopping, self.status = math.inf, self.status or 1
                 waits = [at - now for at in self.restarts.values()]
                 if self.stopping is not None:
                     waits.append(0.05)
@@ -6151,8 +6153,17 @@ class Workers:
             for fd in (wake_read, wake_write):
                 os.close(fd)
             self._close_listeners()
+            shutil.rmtree(self.activity, ignore_errors=True)
         log.info("stopped")
         return self.status
+
+    def _fresh_activity_folder(self) -> None:
+        """This run's folder, empty; those of servers no longer running go (a pid may come again)."""
+        with contextlib.suppress(OSError):
+            for folder in self.activity.parent.iterdir():
+                if folder.name.isdigit() and (folder == self.activity or not process_alive(int(folder.name))):
+                    shutil.rmtree(folder, ignore_errors=True)
+        make_dirs(self.activity)
 
     def stop(self, *_: Any) -> None:
         """Begin a stop (also the signal handler): every worker is asked to stop cleanly."""
@@ -6168,12 +6179,31 @@ class Workers:
         for listener in self.listeners:
             listener.close()
 
+    def _listener(self, number: int) -> socket.socket:
+        """Worker ``number``'s socket, bound again if it was closed while the worker was down."""
+        if len(self.listeners) == 1:
+            return self.listeners[0]
+        listener = self.listeners[number - 1]
+        if listener.fileno() == -1:
+            listener = self.listeners[number - 1] = bind_listener(*self.address, reuse_port=True)
+        return listener
+
     def _start(self, number: int, wake_read: int, wake_write: int) -> None:
+        try:
+            listener = self._listener(number)
+        except StartupError as exc:
+            self._retry(number, f"cannot bind its socket again ({exc})")
+            return
         # Signals wait until the new worker is known: a stop must reach it too.
         blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:   # a process limit, or no memory: the others go on serving
+                self.quick_deaths += 1
+                self._retry(number, f"could not be started ({exc.strerror or exc})")
+                return
             if pid == 0:
                 status = 1
                 try:
@@ -6183,7 +6213,7 @@ class Workers:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
                     os.close(wake_read)
                     os.close(wake_write)
-                    status = self._serve(number)
+                    status = self._serve(number, listener)
                 except BaseException:   # a worker never returns into the parent's code
                     log.exception("worker %d failed", number)
                 finally:
@@ -6195,12 +6225,11 @@ class Workers:
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
-    def _serve(self, number: int) -> int:
+    def _serve(self, number: int, listener: socket.socket) -> int:
         if _prctl is not None:   # Linux: a worker never outlives its parent (SIGKILLed, say)
             _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != self.parent:   # it died before that took effect
                 return 0
-        listener = self.listener_of(number)
         for other in self.listeners:
             if other is not listener:
                 other.close()
@@ -6210,6 +6239,7 @@ class Workers:
         except (StartupError, OSError) as exc:
             print(f"aeordb.py: worker {number} cannot start: {exc}", file=sys.stderr)
             return 2
+        app.config["aeordb.activity"].share(self.activity)
         server.run()
         return 0
 
@@ -6223,21 +6253,29 @@ class Workers:
             if pid == 0:
                 return
             number, started = self.running.pop(pid, (None, 0.0))
+            with contextlib.suppress(OSError):
+                (self.activity / f"{pid}.json").unlink()   # what it counted leaves the sum
             if number is None or self.stopping is not None:
                 continue
             code = os.waitstatus_to_exitcode(status)
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            if code == 2:
+            if code == 2 and number not in self.restarted:
                 log.error("worker %d (pid %d) could not start: stopping", number, pid)
                 self.status = 2
                 self.stop()
                 continue
             lived = time.monotonic() - started
             self.quick_deaths = self.quick_deaths + 1 if lived < self.QUICK_DEATH else 0
-            delay = min(self.MAX_RESTART_DELAY, 0.1 * 2 ** self.quick_deaths) if self.quick_deaths else 0.0
-            log.warning("worker %d (pid %d) %s after %.1f s; starting another%s", number, pid, how, lived,
-                        f" in {delay:.1f} s" if delay else "")
-            self.restarts[number] = time.monotonic() + delay
+            self._retry(number, f"(pid {pid}) {how} after {lived:.1f} s")
+
+    def _retry(self, number: int, what: str) -> None:
+        """Start worker ``number`` again: at once, or later while workers keep failing quickly
+        (its socket closed meanwhile, so that new connections go to the others)."""
+        delay = min(self.MAX_RESTART_DELAY, 0.1 * 2 ** self.quick_deaths) if self.quick_deaths else 0.0
+        if delay and len(self.listeners) > 1:
+            self.listeners[number - 1].close()
+        log.warning("worker %d %s; starting another%s", number, what, f" in {delay:.1f} s" if delay else "")
+        self.restarts[number] = time.monotonic() + delay
 
 
 ###############################################################################

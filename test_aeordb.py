@@ -4892,13 +4892,20 @@ def workers_server(data_dir: Path, workers: int, *extra_args: str, **options):
     """server_process with ``--workers``, once every worker serves (each connection lands on any
     worker that listens, and a worker listens once it has built its app)."""
     with server_process(data_dir, "--workers", str(workers), *extra_args, **options) as (process, port):
-        seen = set()
-
-        def all_serving() -> bool:
-            seen.add(worker_of(http_request(port, "GET", "/_health")[1]))
-            return len(seen) == workers
-        wait_for(all_serving, timeout=30, what=f"{workers} workers serving")
+        wait_until_serving(process, port, workers)
         yield process, port
+
+
+def wait_until_serving(process, port: int, workers: int) -> None:
+    """Until each of the server's ``workers`` worker processes has answered a request."""
+    seen = set()
+
+    def all_serving() -> bool:
+        with contextlib.suppress(ConnectionResetError):   # a worker's socket closed while it waits to restart
+            seen.add(worker_of(http_request(port, "GET", "/_health")[1]))
+        pids = worker_pids(process)   # the request ids of a process start with 6 hex digits, then its pid
+        return len(pids) == workers and {f"{pid:x}" for pid in pids} <= {prefix[6:] for prefix in seen}
+    wait_for(all_serving, timeout=30, what=f"{workers} workers serving")
 
 
 def invoke_answers(port: int, path: str, count: int) -> tuple:
@@ -5055,6 +5062,71 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
         # Nothing holds the port: a new server starts on it.
         with contextlib.closing(aeordb.bind_listener("127.0.0.1", port)) as listener:
             listener.listen()
+
+
+# aeordb.py whose fork fails once (its third call), and whose app cannot be built while a file exists.
+FAILING_STARTS = ("-c", """
+import os, sys
+sys.argv[0] = "aeordb.py"
+import aeordb
+forks, real_fork, real_create_app = [], os.fork, aeordb.create_app
+def fork():
+    forks.append(1)
+    if len(forks) == 3:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    return real_fork()
+def create_app(settings):
+    if os.path.exists(os.environ["BROKEN_MARK"]):
+        raise aeordb.StartupError("broken on purpose")
+    return real_create_app(settings)
+os.fork, aeordb.create_app = fork, create_app
+sys.exit(aeordb.main(sys.argv[1:]))
+""")
+
+
+class OutputLines:
+    """The lines a process writes to its stdout, collected by a thread as they come."""
+
+    def __init__(self, process):
+        self.lines: list = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(process.stdout.readline, b"")),
+                                       daemon=True)
+        self.thread.start()
+
+    def count(self, text: str) -> int:
+        return sum(text in line.decode() for line in list(self.lines))
+
+
+def test_failed_restarts_cost_only_the_worker_being_restarted(tmp_path):
+    broken = tmp_path / "broken"
+    with workers_server(tmp_path / "data", 2, python=FAILING_STARTS, env={"BROKEN_MARK": str(broken)}) as (
+            process, port):
+        output = OutputLines(process)
+        assert http_request(port, "PUT", "/db/s/t/_deploy", answer_module(b"up"))[0] == 200
+        # The replacement's fork fails (a process limit): the other worker serves, and a later fork succeeds.
+        victim = min(worker_pids(process))
+        os.kill(victim, signal.SIGKILL)
+        wait_until_serving(process, port, 2)
+        assert victim not in worker_pids(process)
+        assert output.count("could not be started (Resource temporarily unavailable); starting another in") == 1
+        # A replacement that cannot start is tried again, later and later, and meanwhile its
+        # socket is closed: no new connection waits for it (those it held when it closed are reset).
+        broken.touch()
+        os.kill(min(worker_pids(process)), signal.SIGKILL)
+        wait_for(lambda: output.count("exited with status 2") >= 2, what="two failed replacements")
+
+        def invoked() -> tuple:
+            for _ in range(3):
+                with contextlib.suppress(ConnectionResetError):
+                    return http_request(port, "POST", "/db/s/t/f/_invoke", b"", timeout=5)[:3:2]
+            return "reset three times"
+        for _ in range(30):
+            assert invoked() == (200, b"up")
+        broken.unlink()
+        wait_until_serving(process, port, 2)
+        assert process.poll() is None
+    output.thread.join(timeout=10)
+    assert output.count("cannot start: broken on purpose") >= 2
 
 
 def test_a_looping_plugin_is_stopped_at_its_limit_in_every_worker(tmp_path):
