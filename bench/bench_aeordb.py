@@ -228,6 +228,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def best(fn, rounds: int) -> float:
+    """The shortest of ``rounds`` runs of ``fn``, in seconds."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def child_pids(pid: int) -> list:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -1040,14 +1050,6 @@ class Bench:
                 got[c][0] != expected_agg[c][0] or abs(got[c][1] - expected_agg[c][1]) > 1e-9 for c in got):
             raise RuntimeError(f"aggregate answered {got}, naive loop {expected_agg}")
 
-        def best(fn, rounds: int) -> float:
-            times = []
-            for _ in range(rounds):
-                started = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - started)
-            return min(times)
-
         rounds = 3 if self.quick else 7
         for label, ours_fn, naive_fn in (
                 (f"filtered query (age gt 40 and city eq Paris: {len(expected)} hits, total)",
@@ -1111,14 +1113,6 @@ class Bench:
              lambda v: aeordb.similar_score(v, target, 0.3)),
             (f"match {target!r}", {"op": "match"}, lambda v: aeordb.match_parts(v, target)[0] or None),
         ]
-
-        def best(fn, rounds: int) -> float:
-            times = []
-            for _ in range(rounds):
-                started = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - started)
-            return min(times)
 
         rounds = 3 if self.quick else 7
         for label, leaf, score in cases:
