@@ -2968,7 +2968,7 @@ class FileStore:
                 conn.create_function(name, arity, self._within_deadline(conn, function), deterministic=True)
             # Statements check this thread's deadline as they run (SQLite's
             # progress handler), so no query outlives its time limit.
-            conn.set_progress_handler(self._past_deadline, PROGRESS_STEPS)
+            conn.set_progress_handler(query_clock.past, PROGRESS_STEPS)
             self._local.conn = conn
         return conn
 
@@ -2991,13 +2991,9 @@ class FileStore:
             return result
         return call
 
-    @staticmethod
-    def _past_deadline() -> bool:
-        return query_clock.past()
-
     def _failed(self, exc: sqlite3.Error, action: str) -> Exception:
         """What a statement's failure becomes: its deadline, a storage fault (503), or itself."""
-        if isinstance(exc, sqlite3.OperationalError) and "interrupted" in str(exc) and self._past_deadline():
+        if isinstance(exc, sqlite3.OperationalError) and "interrupted" in str(exc) and query_clock.past():
             return TimeLimitReached()
         if is_storage_fault(exc):
             return storage_error(action, exc)
