@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import http.client
 import itertools
@@ -6744,19 +6745,26 @@ def test_memory_limits_past_2_gib_are_refused():
     assert aeordb.parse_settings(["--memory-limit", str(2 * aeordb.GiB)], environ={}).memory_limit == 2 * aeordb.GiB
 
 
-def test_a_stopped_server_gives_the_signal_handlers_back(tmp_path):
+def test_a_server_on_another_thread_leaves_the_heap_to_its_host(real_server):
+    _, port = real_server
+    assert http_request(port, "GET", "/_health")[0] == 200
+    assert gc.get_freeze_count() == 0   # the test process's objects stay collectable
+
+
+def test_a_server_on_the_main_thread_takes_the_signals_and_freezes_the_heap_and_gives_both_back(tmp_path):
     script = f"""
-import signal, threading, aeordb, pathlib
+import gc, signal, threading, aeordb, pathlib
 before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)   # SIGINT is ignored under `cmd &`
 app = aeordb.create_app(aeordb.Settings(data_dir=pathlib.Path({str(tmp_path)!r}), token="x" * 16))
 server = aeordb.Server(app, app.config["aeordb.settings"], aeordb.bind_listener("127.0.0.1", 0))
 during = []
 def stop():
-    during.append(signal.getsignal(signal.SIGTERM))
+    during.append((signal.getsignal(signal.SIGTERM), gc.get_freeze_count() > 1000))
     server.stop()
 threading.Timer(0.3, stop).start()
 server.run()
-assert during == [server.stop], during
+assert during == [(server.stop, True)], during   # the server's handler, the heap frozen
+assert gc.get_freeze_count() == 0
 assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 print("restored")
 """
