@@ -638,6 +638,9 @@ def load_or_create_token(settings: Settings) -> tuple:
 # requirements.txt pins wasmtime to one major version (<51).
 
 EPOCH_TICK = 0.01   # seconds per epoch tick: the granularity of the time limit
+# Epoch ticks a guest may run with the GIL held before its call is started over with it
+# released: between one and two ticks of guest time, so at least one whole tick.
+HOLD_TICKS = 2
 WASM_PAGE = 65536   # bytes in a page of linear memory
 # What one invocation's Store may create (a plugin is one instance; the rest is headroom).
 STORE_INSTANCES, STORE_TABLES, STORE_MEMORIES = 4, 4, 2
@@ -987,9 +990,14 @@ class GuestFailure(Exception):
         self.memory_in_use = memory_in_use   # bytes, when the guest's memory was reached
 
 
+def interrupted(error: Exception) -> bool:
+    """Whether a trap stopped the guest at its epoch deadline (or Wasm.interrupt did)."""
+    return getattr(getattr(error, "trap_code", None), "name", None) == "INTERRUPT"
+
+
 def run_guest(ops: "GuestOps", engine: wasmtime.Engine, limits: GuestLimits, target: Any, request: bytes, *,
               has_alloc: bool, quick_instantiate: bool = False, entry: str = "handle",
-              initialize: bool = False, wasi: Optional[wasmtime.WasiConfig] = None) -> bytes:
+              initialize: bool = False, wasi: Optional[wasmtime.WasiConfig] = None, hold: bool = False) -> bytes:
     """The one sequence of an invocation's guest work: the answer bytes of entry(request).
 
     A fresh Store with the limits (and ``wasi``, for a module importing
@@ -998,9 +1006,10 @@ def run_guest(ops: "GuestOps", engine: wasmtime.Engine, limits: GuestLimits, tar
     ``handle_raw``), bounds-check and read the answer, drop the Store.
     ``target`` is the plugin's InstancePre, or (public API only) a callable
     making (instance, memory) in a Store, for a module importing env.memory.
+    ``hold``: the guest code runs with the GIL held (where ``ops.can_hold``).
     Raises GuestFailure when the guest traps, ApiError for a bad pointer.
     """
-    call = ops.begin(engine, limits, wasi)
+    call = ops.begin(engine, limits, wasi, hold)
     try:
         ops.instantiate(call, target, quick_instantiate, entry)
         if initialize:
@@ -1060,10 +1069,15 @@ class _PublicCall:
 
 
 class GuestOps:
-    """The primitives of ``run_guest`` on wasmtime-py's public API."""
+    """The primitives of ``run_guest`` on wasmtime-py's public API.
+
+    wasmtime-py releases the GIL around every call, so guest code never runs with it held here.
+    """
+
+    can_hold = False
 
     def begin(self, engine: wasmtime.Engine, limits: GuestLimits,
-              wasi: Optional[wasmtime.WasiConfig] = None) -> _PublicCall:
+              wasi: Optional[wasmtime.WasiConfig] = None, hold: bool = False) -> _PublicCall:
         store = wasmtime.Store(engine)
         store.set_limits(memory_size=limits.memory, table_elements=limits.table_elements,
                          instances=STORE_INSTANCES, tables=STORE_TABLES, memories=STORE_MEMORIES)
@@ -1135,12 +1149,16 @@ class FastGuestOps(GuestOps):
     ctypes releases the GIL around every foreign call, and under load each
     release hands the GIL to another thread and waits to get it back (README,
     Performance): short calls that run no guest code are bound through PyDLL
-    and keep it; calls that run guest code (alloc, handle, and instantiation
+    and keep it. Calls that run guest code (alloc, handle, and instantiation
     unless ``quick``) release it, so an endless loop never stalls other
-    requests. ``available()`` tries to build it: anything missing from the
-    installed wasmtime-py means the public API. Traps surface as
-    wasmtime-py's own ``Trap``. Its targets are InstancePre only.
+    requests; in a call begun with ``hold`` they keep it too, and the Store's
+    epoch deadline (HOLD_TICKS, set by the caller) bounds how long.
+    ``available()`` tries to build it: anything missing from the installed
+    wasmtime-py means the public API. Traps surface as wasmtime-py's own
+    ``Trap``. Its targets are InstancePre only.
     """
+
+    can_hold = True
 
     _NEEDS = ("wasmtime_func_call", "wasmtime_val_t", "WASMTIME_I32", "wasmtime_instance_export_get",
               "wasmtime_instance_pre_instantiate", "wasmtime_instance_t", "wasmtime_extern_t",
@@ -1195,7 +1213,8 @@ class FastGuestOps(GuestOps):
         self.memory_data_size = bind(holding, "wasmtime_memory_data_size")
         self.instantiate_holding = bind(holding, "wasmtime_instance_pre_instantiate")
         self.instantiate_releasing = bind(releasing, "wasmtime_instance_pre_instantiate")
-        self.func_call = bind(releasing, "wasmtime_func_call")   # always releases: it runs guest code
+        self.func_call = bind(releasing, "wasmtime_func_call")
+        self.func_call_holding = bind(holding, "wasmtime_func_call")
         # ctypes.memmove is a CFUNCTYPE and so releases the GIL too; libc's,
         # bound through PyDLL, copies without that hand-off.
         self.copy = ctypes.PyDLL(None).memmove
@@ -1206,13 +1225,14 @@ class FastGuestOps(GuestOps):
         _CallSlots(ffi)   # fails here, not on a first request, if a struct is not as expected
 
     def begin(self, engine: wasmtime.Engine, limits: GuestLimits,
-              wasi: Optional[wasmtime.WasiConfig] = None) -> "_CallSlots":
+              wasi: Optional[wasmtime.WasiConfig] = None, hold: bool = False) -> "_CallSlots":
         call = getattr(self._local, "slots", None)
         if call is None:
             call = self._local.slots = _CallSlots(self.ffi)
         if call.busy:   # a run inside a run on this thread: its own slots, not the outer call's
             call = _CallSlots(self.ffi)
         call.busy, call.has_memory = True, False
+        call.hold, call.func_call = hold, self.func_call_holding if hold else self.func_call
         call.store = self.store_new(engine.ptr(), None, self.no_finalizer)
         call.context = self.store_context(call.store)
         if not limits.in_pool:   # else the pool's slots hold no more than this anyway
@@ -1231,7 +1251,7 @@ class FastGuestOps(GuestOps):
         call.busy = False
 
     def instantiate(self, call: "_CallSlots", target: wasmtime.InstancePre, quick: bool, entry: str) -> None:
-        instantiate = self.instantiate_holding if quick else self.instantiate_releasing
+        instantiate = self.instantiate_holding if quick or call.hold else self.instantiate_releasing
         error = instantiate(target.ptr(), call.context, call.instance_ref, call.trap_ref)
         if error or call.trap:
             self._raise(error, call)
@@ -1241,7 +1261,7 @@ class FastGuestOps(GuestOps):
 
     def call_initialize(self, call: "_CallSlots") -> None:
         self._export(call, _EXPORT_NAMES["_initialize"], call.alloc, call.alloc_extern_ref, self.extern_func)
-        error = self.func_call(call.context, call.alloc_ref, None, _ZERO, None, _ZERO, call.trap_ref)
+        error = call.func_call(call.context, call.alloc_ref, None, _ZERO, None, _ZERO, call.trap_ref)
         if error or call.trap:
             self._raise(error, call)
 
@@ -1266,7 +1286,7 @@ class FastGuestOps(GuestOps):
     def call_alloc(self, call: "_CallSlots", size: int) -> int:
         self._export(call, _EXPORT_NAMES["alloc"], call.alloc, call.alloc_extern_ref, self.extern_func)
         call.params[0].of.i32 = size
-        error = self.func_call(call.context, call.alloc_ref, call.params, _ONE, call.results, _ONE, call.trap_ref)
+        error = call.func_call(call.context, call.alloc_ref, call.params, _ONE, call.results, _ONE, call.trap_ref)
         if error or call.trap:
             self._raise(error, call)
         return call.results[0].of.i32
@@ -1275,7 +1295,7 @@ class FastGuestOps(GuestOps):
         params = call.params
         params[0].of.i32 = pointer
         params[1].of.i32 = length
-        error = self.func_call(call.context, call.handle_ref, params, _TWO, call.results, _ONE, call.trap_ref)
+        error = call.func_call(call.context, call.handle_ref, params, _TWO, call.results, _ONE, call.trap_ref)
         if error or call.trap:
             self._raise(error, call)
         return call.results[0].of.i64
@@ -1324,8 +1344,8 @@ class _CallSlots:
         self.params = (ffi.wasmtime_val_t * 2)()
         self.params[0].kind = self.params[1].kind = ffi.WASMTIME_I32.value
         self.results = (ffi.wasmtime_val_t * 1)()
-        self.busy = self.has_memory = False
-        self.store = self.context = None
+        self.busy = self.has_memory = self.hold = False
+        self.store = self.context = self.func_call = None   # func_call: how this call runs guest code
         self.new_trap_slot()
 
     def new_trap_slot(self) -> None:
@@ -1570,6 +1590,7 @@ class Plugin:
     module: wasmtime.Module
     shape: ModuleShape
     pre: Optional[wasmtime.InstancePre] = None   # None when the module imports env.memory
+    holds_gil: bool = True   # False once a call of it ran past HOLD_TICKS (see WasmRuntime.invoke)
 
     @property
     def key(self) -> str:
@@ -4025,6 +4046,20 @@ class Invocation:
     wasi_started: float = 0.0         # when its WASI context was made: the origin of WASI's monotonic clock
     # Host calls by function, counted here (one thread) and handed to Activity once, at the end.
     host_calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # Log lines (level, text) kept back while the guest runs with the GIL held, as its call
+    # may be started over; None: written as they come.
+    held_lines: Optional[list] = None
+    hold_expired: bool = False   # the hold ran out in an alloc a host function called
+
+    def start_over(self) -> None:
+        """Forget what a call that is started over did: its lines were held back, its writes rolled back."""
+        fresh = Invocation(self.db, self.plugin_key, self.metadata, self.deadline)
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(fresh, field.name))
+
+
+class HoldExpired(Exception):
+    """A guest running with the GIL held reached HOLD_TICKS: its call starts over with the GIL released."""
 
 
 _TRAP_MESSAGES = {
@@ -4052,6 +4087,15 @@ class WasmRuntime:
     One invocation is: its transaction (for a plugin that can write), the
     request envelope, ``run_guest``, the answer envelope; a host function's
     failure fails the invocation with its reason.
+
+    Guest code runs with the GIL held where the fast call path allows it:
+    releasing it hands it to another thread under load, which costs more
+    than most plugins' whole call (README, Performance). So that a slow or
+    endless guest stalls the other requests only briefly, the held call's
+    Store has an epoch deadline of HOLD_TICKS: a guest that reaches it is
+    started over with the GIL released and its full time limit, its writes
+    rolled back and its log lines never written, and that plugin's calls
+    release the GIL from then on.
     """
 
     def __init__(self, settings: Settings, files: FileStore, wasm: Wasm, activity: Activity):
@@ -4063,6 +4107,9 @@ class WasmRuntime:
         self.limits = GuestLimits(memory=settings.memory_limit, table_elements=settings.table_limit,
                                   deadline_ticks=max(1, math.ceil(settings.timeout / EPOCH_TICK)),
                                   max_answer=settings.max_response_size, in_pool=wasm.pooling)
+        self.held_limits = dataclasses.replace(self.limits, deadline_ticks=HOLD_TICKS)
+        # A time limit within the hold leaves nothing to start over for.
+        self.may_hold = wasm.ops.can_hold and self.limits.deadline_ticks > HOLD_TICKS
         self._current = threading.local()
         self._no_batch = contextlib.nullcontext()   # reusable, unlike files.batch()
         self.time_limit_reason = f"time limit of {settings.timeout:g} s exceeded"
@@ -4118,14 +4165,22 @@ class WasmRuntime:
         plugin's statistics, and a failure to the log and the plugin's ring.
         """
         started = time.perf_counter()
+        raw_entry = plugin.shape.entry == "handle_raw"   # the body as it is, the answer as it is
+        # Not with WASI: wasmtime's WASI hands stdout to its Python callback from another thread,
+        # which would wait for the GIL this one holds.
+        hold = self.may_hold and plugin.holds_gil and plugin.pre is not None and not plugin.shape.wasi
         try:
-            with self.files.batch() if plugin.shape.writes_files else self._no_batch:
-                if plugin.shape.entry == "handle_raw":   # the body as it is, the answer as it is
-                    raw = self._run(plugin, body, invocation)
-                    answer = plugin_answer(invocation.response or {"status_code": 200}, raw)
-                else:
-                    raw = self._run(plugin, build_request_envelope(body, invocation.metadata), invocation)
-                    answer = parse_response_envelope(raw, self.codec)
+            request = body if raw_entry else build_request_envelope(body, invocation.metadata)
+            while True:
+                try:
+                    with self.files.batch() if plugin.shape.writes_files else self._no_batch:
+                        raw = self._run(plugin, request, invocation, hold)
+                        answer = (plugin_answer(invocation.response or {"status_code": 200}, raw) if raw_entry
+                                  else parse_response_envelope(raw, self.codec))
+                    break
+                except HoldExpired:
+                    plugin.holds_gil = hold = False
+                    invocation.start_over()
         except ApiError as exc:
             self._failed(plugin, invocation, exc, time.perf_counter() - started, len(body))
             raise
@@ -4143,7 +4198,8 @@ class WasmRuntime:
                     "request=%s cause=%s", plugin.key, invocation.metadata.get("function_name", "-"),
                     error.status, outcome, seconds * 1000, request_id, error.message)
 
-    def _run(self, plugin: Plugin, request: bytes, invocation: Invocation) -> bytes:
+    def _run(self, plugin: Plugin, request: bytes, invocation: Invocation, hold: bool = False) -> bytes:
+        """The guest's answer to ``request``; HoldExpired when a call with the GIL ``hold`` ran past HOLD_TICKS."""
         if plugin.pre is not None:
             ops, target = self.wasm.ops, plugin.pre
         else:
@@ -4152,12 +4208,20 @@ class WasmRuntime:
         shape = plugin.shape
         self._current.invocation = invocation
         self.files.set_deadline(invocation.deadline)   # host functions' queries stop there too
+        invocation.held_lines = [] if hold else None
+        expired = False
         try:
-            answer = run_guest(ops, self.wasm.engine, self.limits, target, request,
+            answer = run_guest(ops, self.wasm.engine, self.held_limits if hold else self.limits, target, request,
                                has_alloc=shape.has_alloc, quick_instantiate=shape.quick_instantiate,
                                entry=shape.entry, initialize=shape.initialize,
-                               wasi=self._sealed_wasi(invocation) if shape.wasi else None)
+                               wasi=self._sealed_wasi(invocation) if shape.wasi else None, hold=hold)
+            if invocation.hold_expired:   # the guest went on after the host function's failed alloc
+                expired = True
+                raise HoldExpired()
         except GuestFailure as failure:
+            if hold and (invocation.hold_expired or interrupted(failure.error) and not invocation.failure):
+                expired = True
+                raise HoldExpired() from None
             if no_memory_left(failure.error):
                 raise ApiError(503, "no memory left for the plugin's instance right now: "
                                     f"{_first_line(failure.error)}", RETRY_SOON) from None
@@ -4173,6 +4237,9 @@ class WasmRuntime:
             if invocation.output:
                 for stream in invocation.output:
                     self._wasi_output(invocation, stream, b"", flush=True)
+            held_lines, invocation.held_lines = invocation.held_lines, None
+            for level, text in () if expired else held_lines or ():
+                self._write_line(invocation, level, text)
         if invocation.failure:   # a host function's reason comes first
             raise ApiError(invocation.failure_status, f"plugin invocation failed: {invocation.failure}")
         return answer
@@ -4247,6 +4314,11 @@ class WasmRuntime:
             except ApiError as exc:
                 return self._fail(caller, invocation, exc.message)
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:   # the guest's alloc trapped
+                if (invocation is not None and invocation.held_lines is not None and invocation.failure is None
+                        and interrupted(exc)):   # the hold ran out: not a failure, the call starts over
+                    invocation.hold_expired = True
+                    Wasm.interrupt(caller)
+                    return 0
                 in_use = None
                 with contextlib.suppress(Exception):
                     in_use = self._guest_memory(caller, invocation).data_len(caller)
@@ -4303,6 +4375,12 @@ class WasmRuntime:
             invocation.log_bytes += min(len(message), room)
         # One plugin line is one log line: a plugin must not forge others.
         text = text.replace("\r", "\\r").replace("\n", "\\n")
+        if invocation.held_lines is not None:
+            invocation.held_lines.append((level, text))
+        else:
+            self._write_line(invocation, level, text)
+
+    def _write_line(self, invocation: Invocation, level: int, text: str) -> None:
         request_id = invocation.metadata.get("request_id", "-")
         plugin_log.log(level, "[%s request=%s] %s", invocation.plugin_key, request_id, text)
         self.activity.line(invocation.plugin_key, logging.getLevelName(level), request_id, text)
@@ -5829,6 +5907,7 @@ SHUTDOWN_SETTLE = 0.2  # seconds a stop reads from its connections before it jud
 GUARD_INTERVAL = 0.5   # seconds between checks of the connections' head deadlines
 CROWDED = 0.9          # share of --connection-limit from which slow connections are shed first
 FILES_BESIDE_CONNECTIONS = 64   # descriptors the server needs besides one per connection
+SEND_BUFFER = 64 * KiB   # bytes of an answer waitress buffers before a worker thread sends them itself
 
 
 def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -5999,6 +6078,12 @@ class Server:
             channel_timeout=max(1, int(settings.idle_timeout)),
             cleanup_interval=max(1, int(settings.idle_timeout / 4)))
         self.waitress.channel_class = GuardedChannel
+        # waitress sends each piece of an answer (head, then body) from the worker thread as
+        # it is written: two sends, each a hand-off of the GIL under load (README,
+        # Performance). Buffered, an answer goes out in one send from the serving loop, which
+        # wakes for the finished request anyway. Where waitress has no such knob, as it sends.
+        if hasattr(self.waitress.adj, "send_bytes"):
+            self.waitress.adj.send_bytes = SEND_BUFFER
         app.config["aeordb.activity"].busy_workers = lambda: self.waitress.task_dispatcher.active_count
         self._stopping = threading.Event()
 

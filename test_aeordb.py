@@ -133,6 +133,9 @@ def write_step(path: str, data: bytes, content_type: str | None = None) -> tuple
     return ("aeordb_write_file", json_args(args))
 
 
+SPIN_ROUNDS = 1 << 28   # rounds of an empty loop: far past aeordb.HOLD_TICKS, far within 30 s
+
+
 def sequence_module(steps, *, alloc: bool = True, tail="return") -> bytes:
     """A module whose handle runs host calls in order, then ends as ``tail`` says.
 
@@ -140,6 +143,7 @@ def sequence_module(steps, *, alloc: bool = True, tail="return") -> bytes:
     ("log_message", level_bytes, message_bytes). Arguments live in data segments
     (above the request, which lands at 0 without ``alloc``). ``tail``: "return"
     (the last host answer), "trap" (unreachable), "bad_pointer", "loop" (endless),
+    "spin" (the last host answer after SPIN_ROUNDS rounds of an empty loop),
     "offset0" (the last answer's length at pointer 0: proves a module without
     alloc got it there) or "check_alloc" (traps unless the last answer came from
     the module's alloc).
@@ -176,6 +180,9 @@ def sequence_module(steps, *, alloc: bool = True, tail="return") -> bytes:
         end = "(i64.const 0x7FFF000000000064)"   # 100 bytes at 2 GiB: far outside memory
     elif tail == "loop":
         end = "(loop $forever (br $forever)) (i64.const 0)"
+    elif tail == "spin":
+        end = (f"(block $done (loop $round (br_if $done (i64.ge_u (local.get $i) (i64.const {SPIN_ROUNDS})))"
+               " (local.set $i (i64.add (local.get $i) (i64.const 1))) (br $round))) (local.get $r)")
     elif tail == "offset0":
         end = "(i64.and (local.get $r) (i64.const 0xFFFFFFFF))"
     else:
@@ -189,7 +196,7 @@ def sequence_module(steps, *, alloc: bool = True, tail="return") -> bytes:
   {ALLOC_WAT if alloc else ''}
   {' '.join(segments)}
   (func (export "handle") (param i32 i32) (result i64)
-    (local $r i64)
+    (local $r i64) (local $i i64)
     {' '.join(body)}
     {end}))
 """)
@@ -1523,6 +1530,71 @@ def test_looping_guest_never_holds_the_gil(tmp_path, options, where):
         watcher.join()
     assert "time limit" in response.json["error"]
     assert gaps[0] < 0.4, f"another thread stood still for {gaps[0]:.2f} s while the guest ran"
+
+
+def counting_held_calls(app, monkeypatch) -> list:
+    """A list that grows by one at every guest call made with the GIL held."""
+    ops, held = app.config["aeordb.runtime"].wasm.ops, []
+    holding = ops.func_call_holding
+
+    def counted(*args):
+        held.append(1)
+        return holding(*args)
+    monkeypatch.setattr(ops, "func_call_holding", counted)
+    return held
+
+
+def test_a_quick_guest_runs_with_the_gil_held(tmp_path, monkeypatch):
+    client, app = make_app(tmp_path)
+    held = counting_held_calls(app, monkeypatch)
+    deploy(client, "db/s/echo", wat(ECHO_WAT))
+    deploy(client, "db/s/wasi", wasi_module(imports=FD_WRITE, body="(i64.const 0)"))
+    for _ in range(20):
+        assert invoke(client, "db/s/echo/f", b"hi").status_int == 200
+    assert len(held) == 20 and app.config["aeordb.registry"].get("db/s/echo").holds_gil
+    # wasmtime's WASI calls back into Python from another thread: never with the GIL held.
+    assert invoke(client, "db/s/wasi/f", b"hi").status_int == 200 and len(held) == 20
+    # The public API cannot hold it, and a time limit within the hold leaves no room to.
+    assert not make_app(tmp_path / "public", options={"fast_calls": False})[1].config["aeordb.runtime"].may_hold
+    assert not make_app(tmp_path / "brief", timeout=aeordb.HOLD_TICKS * aeordb.EPOCH_TICK)[1].config[
+        "aeordb.runtime"].may_hold
+
+
+def test_a_guest_past_the_hold_starts_over_with_the_gil_released(tmp_path, monkeypatch):
+    """Its first call runs with the GIL held until HOLD_TICKS, then starts over: one write, one
+    log line, one set of host calls counted; the other threads stood still no longer than the hold."""
+    client, app = make_app(tmp_path, timeout=30)
+    held = counting_held_calls(app, monkeypatch)
+    module = sequence_module([write_step("/slow.txt", b"once"), ("log_message", b"info", b"spun")], tail="spin",
+                             alloc=False)
+    deploy(client, "db/s/slow", module)
+    watching, done, gaps = threading.Event(), threading.Event(), [0.0]
+
+    def watch() -> None:   # another thread of the server, as it were: it needs the GIL to go on
+        last = time.monotonic()
+        watching.set()
+        while not done.is_set():
+            now = time.monotonic()
+            gaps[0], last = max(gaps[0], now - last), now
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert watching.wait(10)
+    try:
+        assert invoke(client, "db/s/slow/f", b"x").status_int == 200
+    finally:
+        done.set()
+        watcher.join()
+    assert len(held) == 1 and not app.config["aeordb.registry"].get("db/s/slow").holds_gil
+    assert gaps[0] < 0.3, f"another thread stood still for {gaps[0]:.2f} s"
+    assert client.get("/db/_files/slow.txt", headers=AUTH).body == b"once"
+    lines = client.get("/db/s/slow/_logs", headers=AUTH).json["lines"]
+    assert [line["message"] for line in lines] == ["spun"], lines
+    assert client.get("/db/s/slow/_stats", headers=AUTH).json["invocations"] == 1
+    metrics = client.get("/_metrics", headers=AUTH).text
+    host_calls = re.findall(r'^aeordb_host_calls_total\{.*table="slow".*function="(\w+)".*\} (\S+)$', metrics, re.M)
+    assert dict(host_calls) == {"aeordb_write_file": "1"}, metrics
+    # From now on its calls release the GIL from the start.
+    assert invoke(client, "db/s/slow/f", b"x").status_int == 200 and len(held) == 1
 
 
 # Envelope #####################################################################
@@ -5843,6 +5915,33 @@ def test_pipelined_requests_are_answered_in_order(tmp_path):
             assert sock.recv(10) == b""
         assert http_request(port, "GET", "/db/_files/p")[2] == b"second"
         assert http_request(port, "GET", "/db/_files/q")[0] == 404
+
+
+@pytest.mark.parametrize("send_buffer", [aeordb.SEND_BUFFER, 1], ids=["buffered", "as-waitress-sends"])
+def test_answers_around_the_send_buffer_arrive_whole_and_in_order(tmp_path, monkeypatch, send_buffer):
+    """An answer within the send buffer goes out from the serving loop, a larger one from the worker
+    thread as it is written (as waitress sends every answer by default): each arrives whole, in order."""
+    monkeypatch.setattr(aeordb, "SEND_BUFFER", send_buffer)
+    client, app = make_app(tmp_path)
+    deploy(client, "db/s/raw", wat(RAW_ECHO_WAT))
+    server = aeordb.Server(app, app.config["aeordb.settings"], aeordb.bind_listener("127.0.0.1", 0))
+    assert server.waitress.adj.send_bytes == send_buffer
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        port = server.waitress.socket.getsockname()[1]
+        wait_until_healthy(port)
+        sizes = sorted({0, 100, max(0, aeordb.SEND_BUFFER - 300), aeordb.SEND_BUFFER + 1, 1 << 20})
+        bodies = [random.Random(size).randbytes(size) for size in sizes]
+        auth = f"Authorization: {AUTH['Authorization']}\r\n".encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"".join(b"POST /db/s/raw/f/_invoke HTTP/1.1\r\nHost: x\r\n" + auth
+                                  + b"Content-Length: %d\r\n\r\n" % len(body) + body for body in bodies))
+            answers = read_responses(sock, len(bodies))
+        assert [(status, body) for status, _, body in answers] == [(200, body) for body in bodies]
+    finally:
+        server.stop()
+        thread.join(timeout=20)
 
 
 def test_two_thousand_concurrent_connections_are_all_served(tmp_path):
