@@ -293,7 +293,7 @@ answer = b'{"status_code":200,"body":[104,101,108,108,111]}'
 settings = aeordb.Settings(data_dir=data_dir, token=token, threads=threads)
 app = aeordb.create_app(settings)
 runtime = app.config["aeordb.runtime"]
-runtime._run = lambda plugin, request, invocation: answer
+runtime._run = lambda plugin, request, invocation, hold=False: answer
 if stage == "route":
     parsed = aeordb.parse_response_envelope(answer, runtime.codec)
     aeordb.build_request_envelope = lambda body, metadata: b""
@@ -1205,7 +1205,7 @@ def profile(bench: Bench) -> None:
     parsed = aeordb.parse_response_envelope(answer, runtime.codec)
     saved = (runtime._run, aeordb.build_request_envelope, aeordb.parse_response_envelope)
     try:
-        runtime._run = lambda plugin, request, invocation: answer
+        runtime._run = lambda plugin, request, invocation, hold=False: answer
         aeordb.build_request_envelope = lambda body, metadata: b""
         aeordb.parse_response_envelope = lambda raw, codec: parsed
         stages.append(("aeordb invoke route, WASM + envelopes stubbed out", timed(app, "POST", invoke_path)))
