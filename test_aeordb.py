@@ -1501,6 +1501,28 @@ GUEST_LOOPS = {
 }
 
 
+@contextlib.contextmanager
+def longest_stall():
+    """Yields a list whose item, once the block ended, is the longest time (s) another thread
+    of this process, one that needs the GIL to go on as a server's threads do, stood still."""
+    watching, done, stall = threading.Event(), threading.Event(), [0.0]
+
+    def watch() -> None:
+        last = time.monotonic()
+        watching.set()
+        while not done.is_set():
+            now = time.monotonic()
+            stall[0], last = max(stall[0], now - last), now
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert watching.wait(10)
+    try:
+        yield stall
+    finally:
+        done.set()
+        watcher.join()
+
+
 @pytest.mark.parametrize("options", [path for path in RUNTIME_PATHS if path.id in ("fast-pooled", "fast-ondemand")])
 @pytest.mark.parametrize("where", sorted(GUEST_LOOPS))
 def test_looping_guest_never_holds_the_gil(tmp_path, options, where):
@@ -1512,24 +1534,10 @@ def test_looping_guest_never_holds_the_gil(tmp_path, options, where):
     """
     client, app = make_app(tmp_path, options=options, timeout=1)
     deploy(client, "db/s/spin", wat(GUEST_LOOPS[where]))
-    watching, done, gaps = threading.Event(), threading.Event(), [0.0]
-
-    def watch() -> None:   # another thread of the server, as it were: it needs the GIL to go on
-        last = time.monotonic()
-        watching.set()
-        while not done.is_set():
-            now = time.monotonic()
-            gaps[0], last = max(gaps[0], now - last), now
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    assert watching.wait(10)
-    try:
+    with longest_stall() as stall:
         response = invoke(client, "db/s/spin/f", b"x", status=500)
-    finally:
-        done.set()
-        watcher.join()
     assert "time limit" in response.json["error"]
-    assert gaps[0] < 0.4, f"another thread stood still for {gaps[0]:.2f} s while the guest ran"
+    assert stall[0] < 0.4, f"another thread stood still for {stall[0]:.2f} s while the guest ran"
 
 
 def counting_held_calls(app, monkeypatch) -> list:
@@ -1568,24 +1576,10 @@ def test_a_guest_past_the_hold_starts_over_with_the_gil_released(tmp_path, monke
     module = sequence_module([write_step("/slow.txt", b"once"), ("log_message", b"info", b"spun")], tail="spin",
                              alloc=False)
     deploy(client, "db/s/slow", module)
-    watching, done, gaps = threading.Event(), threading.Event(), [0.0]
-
-    def watch() -> None:   # another thread of the server, as it were: it needs the GIL to go on
-        last = time.monotonic()
-        watching.set()
-        while not done.is_set():
-            now = time.monotonic()
-            gaps[0], last = max(gaps[0], now - last), now
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    assert watching.wait(10)
-    try:
+    with longest_stall() as stall:
         assert invoke(client, "db/s/slow/f", b"x").status_int == 200
-    finally:
-        done.set()
-        watcher.join()
     assert len(held) == 1 and not app.config["aeordb.registry"].get("db/s/slow").holds_gil
-    assert gaps[0] < 0.3, f"another thread stood still for {gaps[0]:.2f} s"
+    assert stall[0] < 0.3, f"another thread stood still for {stall[0]:.2f} s"
     assert client.get("/db/_files/slow.txt", headers=AUTH).body == b"once"
     lines = client.get("/db/s/slow/_logs", headers=AUTH).json["lines"]
     assert [line["message"] for line in lines] == ["spun"], lines
