@@ -638,8 +638,8 @@ def load_or_create_token(settings: Settings) -> tuple:
 # requirements.txt pins wasmtime to one major version (<51).
 
 EPOCH_TICK = 0.01   # seconds per epoch tick: the granularity of the time limit
-# Epoch ticks a guest may run with the GIL held before its call is started over with it
-# released: between one and two ticks of guest time, so at least one whole tick.
+# Epoch ticks a call may take with the GIL held (wall clock, host functions included)
+# before it is started over with the GIL released: at least one whole tick, at most two.
 HOLD_TICKS = 2
 WASM_PAGE = 65536   # bytes in a page of linear memory
 # What one invocation's Store may create (a plugin is one instance; the rest is headroom).
@@ -770,7 +770,9 @@ class Wasm:
     def __init__(self, engine: wasmtime.Engine, mode: str, fast: bool, ticker: str = "thread"):
         self.engine = engine
         self.mode = mode
-        self.ticker = ticker   # "timer" or "thread": what advances the epoch
+        # "timer" or "thread": what advances the epoch. Only the timer ticks while a guest
+        # holds the GIL, so only then may one (WasmRuntime.invoke).
+        self.ticker = ticker
         self.public_ops = GuestOps()
         self.ops = FastGuestOps() if fast and FastGuestOps.available() else self.public_ops
         version = importlib.metadata.version("wasmtime")
@@ -828,10 +830,9 @@ class Wasm:
                  "as configured" if mode == chosen else "the fastest that fits this process",
                  cls.planned_reservation(chosen, memory_limit, table_limit, slots) // GiB)
         engine = wasmtime.Engine(cls._config(chosen, memory_limit, table_limit, slots))
-        ticker = "timer" if fast and cls._start_epoch_timer(engine) else "thread"
-        threading.Thread(target=cls._tick, args=(engine, ticker == "timer"), name="aeordb-epoch",
-                         daemon=True).start()
-        return cls(engine, chosen, fast, ticker=ticker)
+        wasm = cls(engine, chosen, fast, ticker="timer" if fast and cls._start_epoch_timer(engine) else "thread")
+        threading.Thread(target=wasm._tick, name="aeordb-epoch", daemon=True).start()
+        return wasm
 
     @staticmethod
     def _config(mode: str, memory_limit: int, table_limit: int, slots: int) -> wasmtime.Config:
@@ -867,15 +868,15 @@ class Wasm:
             ffi.wasmtime_pooling_allocation_config_delete(pool)
         return config
 
-    @staticmethod
-    def _tick(engine: wasmtime.Engine, behind_timer: bool = False) -> None:
+    def _tick(self) -> None:
         """Advance the epoch every EPOCH_TICK; behind the epoch timer, only watch it.
 
         glibc starts a thread for each timer tick and silently drops the tick
         when it cannot (a full pid limit): should the timer stop for three
         checks in a row, this thread takes over, so a deadline is never lost.
         """
-        if behind_timer:
+        engine = self.engine
+        if self.ticker == "timer":
             probe = wasmtime.Store(engine)
             empty = wasmtime.Instance(probe, wasmtime.Module(engine, '(module (func (export "f")))'),
                                       []).exports(probe)["f"]
@@ -888,6 +889,7 @@ class Wasm:
                     misses += 1
                 except wasmtime.Trap:             # interrupted: the epoch moved on
                     misses = 0
+            self.ticker = "thread"   # which cannot tick while a guest holds the GIL
             log.error("the epoch timer stopped ticking; a thread ticks the epoch from now on")
         while True:
             time.sleep(EPOCH_TICK)
@@ -4051,9 +4053,10 @@ class Invocation:
     held_lines: Optional[list] = None
     hold_expired: bool = False   # the hold ran out in an alloc a host function called
 
-    def start_over(self) -> None:
-        """Forget what a call that is started over did: its lines were held back, its writes rolled back."""
-        fresh = Invocation(self.db, self.plugin_key, self.metadata, self.deadline)
+    def start_over(self, deadline: float) -> None:
+        """Forget what a call that is started over did (its lines were held back, its writes rolled
+        back); it must end by ``deadline``."""
+        fresh = Invocation(self.db, self.plugin_key, self.metadata, deadline)
         for field in dataclasses.fields(self):
             setattr(self, field.name, getattr(fresh, field.name))
 
@@ -4168,7 +4171,9 @@ class WasmRuntime:
         raw_entry = plugin.shape.entry == "handle_raw"   # the body as it is, the answer as it is
         # Not with WASI: wasmtime's WASI hands stdout to its Python callback from another thread,
         # which would wait for the GIL this one holds.
-        hold = self.may_hold and plugin.holds_gil and plugin.pre is not None and not plugin.shape.wasi
+        # And only while the epoch timer ticks: a ticker thread would wait for the GIL as well.
+        hold = (self.may_hold and plugin.holds_gil and plugin.pre is not None and not plugin.shape.wasi
+                and self.wasm.ticker == "timer")
         try:
             request = body if raw_entry else build_request_envelope(body, invocation.metadata)
             while True:
@@ -4178,9 +4183,9 @@ class WasmRuntime:
                         answer = (plugin_answer(invocation.response or {"status_code": 200}, raw) if raw_entry
                                   else parse_response_envelope(raw, self.codec))
                     break
-                except HoldExpired:
+                except HoldExpired:   # with the time limit afresh
                     plugin.holds_gil = hold = False
-                    invocation.start_over()
+                    invocation.start_over(time.monotonic() + self.settings.timeout)
         except ApiError as exc:
             self._failed(plugin, invocation, exc, time.perf_counter() - started, len(body))
             raise
@@ -4209,28 +4214,26 @@ class WasmRuntime:
         self._current.invocation = invocation
         self.files.set_deadline(invocation.deadline)   # host functions' queries stop there too
         invocation.held_lines = [] if hold else None
-        expired = False
+        answer = b""
         try:
             answer = run_guest(ops, self.wasm.engine, self.held_limits if hold else self.limits, target, request,
                                has_alloc=shape.has_alloc, quick_instantiate=shape.quick_instantiate,
                                entry=shape.entry, initialize=shape.initialize,
                                wasi=self._sealed_wasi(invocation) if shape.wasi else None, hold=hold)
-            if invocation.hold_expired:   # the guest went on after the host function's failed alloc
-                expired = True
-                raise HoldExpired()
         except GuestFailure as failure:
-            if hold and (invocation.hold_expired or interrupted(failure.error) and not invocation.failure):
-                expired = True
-                raise HoldExpired() from None
-            if no_memory_left(failure.error):
-                raise ApiError(503, "no memory left for the plugin's instance right now: "
-                                    f"{_first_line(failure.error)}", RETRY_SOON) from None
-            raise ApiError(500, "plugin invocation failed: "
-                           + self._explain(failure.error, invocation, failure.memory_in_use)) from None
+            if hold and interrupted(failure.error) and not invocation.failure:
+                invocation.hold_expired = True
+            elif not invocation.hold_expired:
+                if no_memory_left(failure.error):
+                    raise ApiError(503, "no memory left for the plugin's instance right now: "
+                                        f"{_first_line(failure.error)}", RETRY_SOON) from None
+                raise ApiError(500, "plugin invocation failed: "
+                               + self._explain(failure.error, invocation, failure.memory_in_use)) from None
         except ApiError:
-            if not invocation.failure:
+            # The hold ran out in a host function's alloc (whatever the guest did then), or a
+            # host function's reason comes first.
+            if not invocation.hold_expired and not invocation.failure:
                 raise
-            answer = b""
         finally:
             self._current.invocation = None
             self.files.set_deadline(None)
@@ -4238,8 +4241,10 @@ class WasmRuntime:
                 for stream in invocation.output:
                     self._wasi_output(invocation, stream, b"", flush=True)
             held_lines, invocation.held_lines = invocation.held_lines, None
-            for level, text in () if expired else held_lines or ():
+            for level, text in () if invocation.hold_expired else held_lines or ():
                 self._write_line(invocation, level, text)
+        if invocation.hold_expired:
+            raise HoldExpired()
         if invocation.failure:   # a host function's reason comes first
             raise ApiError(invocation.failure_status, f"plugin invocation failed: {invocation.failure}")
         return answer
@@ -6070,6 +6075,14 @@ class Server:
         class GuardedChannel(channel.HTTPChannel):
             parser_class = GuardedParser
             error_task_class = JsonErrorTask
+
+            def service(self) -> None:
+                super().service()
+                # With a pipelined request behind this one, waitress would keep this answer
+                # until SEND_BUFFER bytes wait (see below): send it now, unless the next one
+                # is being written (its task sends both then).
+                if self.requests and self.total_outbufs_len:
+                    self._flush_exception(self._flush_some_if_lockable, do_close=False)
 
         self.waitress = server.create_server(
             app, sockets=[listener], threads=settings.threads, ident="aeordb.py",
