@@ -4169,9 +4169,8 @@ class WasmRuntime:
         """
         started = time.perf_counter()
         raw_entry = plugin.shape.entry == "handle_raw"   # the body as it is, the answer as it is
-        # Not with WASI: wasmtime's WASI hands stdout to its Python callback from another thread,
-        # which would wait for the GIL this one holds.
-        # And only while the epoch timer ticks: a ticker thread would wait for the GIL as well.
+        # Never with WASI (wasmtime's WASI hands stdout to its Python callback from another
+        # thread) nor with a ticker thread: either would wait for the GIL this thread holds.
         hold = (self.may_hold and plugin.holds_gil and plugin.pre is not None and not plugin.shape.wasi
                 and self.wasm.ticker == "timer")
         try:
