@@ -4179,6 +4179,7 @@ class WasmRuntime:
                 try:
                     with self.files.batch() if plugin.shape.writes_files else self._no_batch:
                         raw = self._run(plugin, request, invocation, hold)
+                        request = b""   # four times the body as an envelope: gone before the answer is parsed
                         answer = (plugin_answer(invocation.response or {"status_code": 200}, raw) if raw_entry
                                   else parse_response_envelope(raw, self.codec))
                     break
