@@ -4963,18 +4963,24 @@ def worker_pids(server) -> set:
     """The pids of a ``--workers`` server's running worker processes (its children that are not
     zombies; /proc/<pid>/task/<pid>/children may miss some, says the kernel's documentation)."""
     pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
-            if int(parent) == server.pid and state != "Z":
-                pids.add(int(stat.parent.name))
+            state, parent = process_state(int(entry.name))
+            if parent == server.pid and state != "Z":
+                pids.add(int(entry.name))
     return pids
+
+
+def process_state(pid: int) -> tuple:
+    """(state letter, parent pid) of process ``pid``, from /proc; FileNotFoundError once it is gone."""
+    state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    return state, int(parent)
 
 
 def running(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return process_state(pid)[0] != "Z"
     except FileNotFoundError:
         return False
 

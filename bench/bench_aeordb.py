@@ -615,7 +615,10 @@ class Bench:
             medians = {label: {key: statistics.median(r[key] for r in runs[label]) for key in ("rps", "p50", "p99", "cpu")}
                        for label in labels}
             ours, base = medians["aeordb"], medians["bare"]
-            ratio = statistics.median(a["rps"] / b["rps"] for a, b in zip(runs["aeordb"], runs["bare"]))
+
+            def to_bare(label: str) -> float:   # the median of the rounds' ratios
+                return statistics.median(a["rps"] / b["rps"] for a, b in zip(runs[label], runs["bare"]))
+            ratio = to_bare("aeordb")
             goal, met = ("", None)
             if clients in (4, 16):   # issue 15's goal (issue 5's at 4 clients was 0.6x)
                 goal, met = ">=0.85x (0.95x stretch)", ratio >= 0.85
@@ -626,10 +629,8 @@ class Bench:
                       "envelopes": "real server, WASM stubbed out (envelopes real)"}
             for label in labels:
                 if label in detail:
-                    other = medians[label]
-                    other_ratio = statistics.median(a["rps"] / b["rps"] for a, b in zip(runs[label], runs["bare"]))
-                    self.row(f"1 ... {detail[label]}, {clients} clients", f"{other['rps']:,.0f} req/s",
-                             f"{base['rps']:,.0f} req/s (bare)", other_ratio)
+                    self.row(f"1 ... {detail[label]}, {clients} clients", f"{medians[label]['rps']:,.0f} req/s",
+                             f"{base['rps']:,.0f} req/s (bare)", to_bare(label))
             self.row(f"1 HTTP latency p50/p99, {clients} client(s)",
                      f"{ours['p50'] * 1e3:.2f} / {ours['p99'] * 1e3:.2f} ms",
                      f"{base['p50'] * 1e3:.2f} / {base['p99'] * 1e3:.2f} ms",
